@@ -1,0 +1,383 @@
+"""Typed config sections, loaded from YAML plus dotted `key=value` overrides.
+
+Every section is a plain dataclass; each field's `help` metadata is its documentation and
+becomes `privdpo <command> --help`. Loading checks every key and value against the
+dataclass types and reports *all* problems at once (unknown keys come with the closest
+valid key), so a user fixes a config in one pass instead of one error per run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+from privdpo.errors import ConfigError, UserError
+
+
+def opt(default: Any, help: str) -> Any:
+    """A config field with a default and its documentation."""
+    if isinstance(default, list | dict):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+def sub(cls: type, help: str) -> Any:
+    """A nested config section."""
+    return field(default_factory=cls, metadata={"help": help})
+
+
+# ---------------------------------------------------------------------------------------
+# Sections
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class LoraConfig:
+    """LoRA adapters (through peft); off means full fine-tuning."""
+
+    enabled: bool = opt(False, "train LoRA adapters instead of all weights")
+    r: int = opt(8, "LoRA rank")
+    alpha: float = opt(16.0, "LoRA scaling numerator (scale = alpha / r)")
+    dropout: float = opt(0.0, "dropout on the LoRA input")
+    target_modules: list[str] = opt(
+        ["q_proj", "k_proj", "v_proj", "o_proj"],
+        "names of the linear modules that get adapters, or ['all-linear']",
+    )
+
+
+@dataclass
+class ModelConfig:
+    """The model to fine-tune: a local Hugging Face directory or a built-in preset."""
+
+    path: str | None = opt(
+        None, "local directory of a Hugging Face model (config.json, safetensors, tokenizer)"
+    )
+    preset: str | None = opt(
+        None, "built-in random-init model for tests and demos instead of `path` (e.g. tiny)"
+    )
+    dtype: Literal["float32", "bfloat16"] = opt("float32", "parameter and compute dtype")
+    trust_remote_code: bool = opt(
+        False, "run Python code shipped in the model directory (off: only built-in archs)"
+    )
+    gradient_checkpointing: bool = opt(False, "recompute activations to save memory")
+    lora: LoraConfig = sub(LoraConfig, "LoRA adapters")
+
+
+@dataclass
+class DataConfig:
+    """Training data: local files, their format, tokenization and validation."""
+
+    train: str | None = opt(
+        None, "training data file (.jsonl .json .parquet .csv) or datasets.save_to_disk dir"
+    )
+    eval: str | None = opt(None, "held-out file; if unset, `eval_fraction` of train is held out")
+    eval_fraction: float = opt(0.1, "fraction of training rows held out when `eval` is unset")
+    format: Literal["auto", "prompt_completion", "messages", "text"] = opt(
+        "auto", "row format; auto detects it from the columns of the first row"
+    )
+    max_length: int = opt(512, "maximum tokens per sequence (prompt + completion)")
+    truncation: Literal["keep_start", "keep_end"] = opt(
+        "keep_start",
+        "for a too-long sequence keep its first (keep_start) or last (keep_end) tokens",
+    )
+    on_bad_row: Literal["error", "drop"] = opt(
+        "error",
+        "a bad row stops the run (error) or is dropped, counted and listed in data_summary.json",
+    )
+    boundary_mismatch: Literal["split", "error", "drop"] = opt(
+        "split",
+        "when tokenizing prompt+completion changes the prompt's tokens: tokenize the two"
+        " separately and concatenate (split, counted), stop (error), or drop the row",
+    )
+    append_eos: bool = opt(
+        True, "append the EOS token to plain-text completions (chat templates end turns)"
+    )
+    user_id_column: str = opt("user_id", "column that names the user a row came from")
+
+
+@dataclass
+class TrainConfig:
+    """The optimization loop shared by every recipe."""
+
+    seed: int = opt(0, "seed for init, data order, dropout and sampling")
+    epochs: int = opt(1, "passes over the training data (ignored when max_steps is set)")
+    max_steps: int | None = opt(None, "optimizer steps to run; overrides epochs")
+    batch_size: int = opt(8, "rows per optimizer step (the logical batch)")
+    micro_batch_size: int = opt(8, "rows per forward/backward pass; must divide batch_size")
+    lr: float = opt(1e-4, "peak learning rate")
+    weight_decay: float = opt(0.0, "AdamW weight decay")
+    adam_betas: list[float] = opt([0.9, 0.999], "AdamW betas")
+    adam_eps: float = opt(1e-8, "AdamW epsilon")
+    schedule: Literal["cosine", "linear", "constant"] = opt(
+        "cosine", "learning-rate decay after warmup"
+    )
+    warmup_steps: int = opt(0, "steps of linear warmup from 0 to lr")
+    max_grad_norm: float | None = opt(1.0, "clip the gradient norm to this (null: no clip)")
+    eval_every: int | None = opt(None, "evaluate every N steps (null: only at the end)")
+    save_every: int | None = opt(None, "checkpoint every N steps (null: only at the end)")
+    keep_checkpoints: int = opt(2, "how many of the newest checkpoints to keep on disk")
+    log_every: int = opt(1, "write metrics every N steps")
+    device: str = opt("auto", "auto (cuda if present), cpu, cuda or cuda:N")
+
+
+@dataclass
+class SFTConfig:
+    """Supervised fine-tuning."""
+
+    completion_only_loss: bool = opt(
+        True, "loss only on completion/assistant tokens (false: on every token)"
+    )
+
+
+@dataclass
+class OutputConfig:
+    """Where the run directory goes and what is exported."""
+
+    dir: str | None = opt(None, "run directory: config, metrics, checkpoints, exported model")
+    overwrite: bool = opt(False, "replace an existing run directory instead of failing")
+    merge_lora: bool = opt(
+        False, "LoRA only: also export merged full weights to model/ beside adapter/"
+    )
+    progress_bar: bool = opt(True, "show a progress bar")
+
+
+@dataclass
+class SFTRunConfig:
+    """`privdpo sft`."""
+
+    model: ModelConfig = sub(ModelConfig, "the model")
+    data: DataConfig = sub(DataConfig, "the data")
+    train: TrainConfig = sub(TrainConfig, "the training loop")
+    sft: SFTConfig = sub(SFTConfig, "SFT options")
+    output: OutputConfig = sub(OutputConfig, "the run directory")
+
+    def check(self) -> list[str]:
+        return check_common(self)
+
+
+def check_common(cfg: Any) -> list[str]:
+    """Cross-field checks that the types alone cannot express."""
+    problems = []
+    m, d, t = cfg.model, cfg.data, cfg.train
+    if (m.path is None) == (m.preset is None):
+        problems.append(
+            "model: set exactly one of model.path (a local Hugging Face directory)"
+            " or model.preset (e.g. tiny)"
+        )
+    if d.train is None:
+        problems.append("data.train: required; set it to a local data file")
+    if cfg.output.dir is None:
+        problems.append("output.dir: required; set it to the run directory to create")
+    if not 0.0 <= d.eval_fraction < 1.0:
+        problems.append(f"data.eval_fraction: must be in [0, 1), got {d.eval_fraction}")
+    if d.max_length < 2:
+        problems.append(f"data.max_length: must be at least 2, got {d.max_length}")
+    for key in ("batch_size", "micro_batch_size", "epochs", "keep_checkpoints", "log_every"):
+        if getattr(t, key) < 1:
+            problems.append(f"train.{key}: must be at least 1, got {getattr(t, key)}")
+    for key in ("max_steps", "eval_every", "save_every"):
+        value = getattr(t, key)
+        if value is not None and value < 1:
+            problems.append(f"train.{key}: must be at least 1 or null, got {value}")
+    if t.micro_batch_size >= 1 and t.batch_size % t.micro_batch_size:
+        problems.append(
+            f"train.micro_batch_size: {t.micro_batch_size} does not divide train.batch_size"
+            f" {t.batch_size}; pick a divisor"
+        )
+    if t.lr <= 0:
+        problems.append(f"train.lr: must be positive, got {t.lr}")
+    if len(t.adam_betas) != 2:
+        problems.append(f"train.adam_betas: needs two numbers, got {t.adam_betas}")
+    if m.lora.enabled and m.lora.r < 1:
+        problems.append(f"model.lora.r: must be at least 1, got {m.lora.r}")
+    if not (t.device in ("auto", "cpu", "cuda") or t.device.startswith("cuda:")):
+        problems.append(f"train.device: must be auto, cpu, cuda or cuda:N, got {t.device!r}")
+    return problems
+
+
+# ---------------------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------------------
+
+
+def load_config(cls: type, path: str | Path | None, overrides: list[str]) -> Any:
+    """Build `cls` from a YAML file and `key=value` overrides; raise ConfigError listing
+    every problem (unknown keys with suggestions, wrong types, failed checks)."""
+    raw: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise UserError(f"config file {path} not found; pass the path of a YAML config")
+        try:
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except yaml.YAMLError as e:
+            raise UserError(f"config file {path} is not valid YAML: {e}") from None
+        except UnicodeDecodeError as e:
+            raise UserError(f"config file {path} is not UTF-8 text: {e}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise UserError(f"config file {path}: the top level must be a mapping of sections")
+        raw = loaded
+
+    problems: list[str] = []
+    for item in overrides:
+        key, eq, text = item.partition("=")
+        if not eq or not key:
+            problems.append(f"override {item!r}: write overrides as section.key=value")
+            continue
+        try:
+            value = yaml.safe_load(text) if text else ""
+        except yaml.YAMLError:
+            value = text
+        _set_dotted(raw, key.split("."), value, problems, item)
+
+    cfg = _build(cls, raw, "", problems)
+    if not problems:
+        problems.extend(cfg.check())
+    if problems:
+        raise ConfigError(problems)
+    return cfg
+
+
+def _set_dotted(raw: dict, keys: list[str], value: Any, problems: list[str], item: str) -> None:
+    node = raw
+    for k in keys[:-1]:
+        child = node.setdefault(k, {})
+        if not isinstance(child, dict):
+            problems.append(f"override {item!r}: {k} is a value, not a section")
+            return
+        node = child
+    node[keys[-1]] = value
+
+
+def _build(cls: type, raw: Any, prefix: str, problems: list[str]) -> Any:
+    if not isinstance(raw, dict):
+        problems.append(f"{prefix.rstrip('.') or 'config'}: expected a mapping of keys")
+        return cls()
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in raw.items():
+        name = f"{prefix}{key}"
+        if key not in fields:
+            problems.append(_unknown_key(name, key, list(fields), prefix))
+            continue
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            kwargs[key] = _build(hint, value if value is not None else {}, f"{name}.", problems)
+            continue
+        ok, coerced = _coerce(value, hint)
+        if ok:
+            kwargs[key] = coerced
+        else:
+            problems.append(f"{name}: expected {_describe(hint)}, got {value!r}")
+    return cls(**kwargs)
+
+
+def _unknown_key(name: str, key: str, valid: list[str], prefix: str) -> str:
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    hint = f"; did you mean '{prefix}{close[0]}'?" if close else f"; valid keys: {', '.join(valid)}"
+    return f"{name}: unknown key{hint}"
+
+
+def _coerce(value: Any, hint: Any) -> tuple[bool, Any]:
+    """Check `value` against a type hint; ints are accepted where floats are expected."""
+    origin = typing.get_origin(hint)
+    if origin in (Union, types.UnionType):
+        for arm in typing.get_args(hint):
+            ok, coerced = _coerce(value, arm)
+            if ok:
+                return True, coerced
+        return False, None
+    if origin is Literal:
+        return (value in typing.get_args(hint)), value
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        if not isinstance(value, list):
+            return False, None
+        out = []
+        for v in value:
+            ok, c = _coerce(v, item)
+            if not ok:
+                return False, None
+            out.append(c)
+        return True, out
+    if hint is type(None):
+        return value is None, None
+    if hint is bool:
+        return isinstance(value, bool), value
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool), value
+    if hint is float:
+        if isinstance(value, bool):
+            return False, None
+        if isinstance(value, int | float):
+            return True, float(value)
+        if isinstance(value, str):  # YAML reads 1e-4 (no dot) as a string
+            try:
+                return True, float(value)
+            except ValueError:
+                return False, None
+        return False, None
+    if hint is str:
+        return isinstance(value, str), value
+    if hint is Any:
+        return True, value
+    raise TypeError(f"config type {hint} not supported")
+
+
+def _describe(hint: Any) -> str:
+    origin = typing.get_origin(hint)
+    if origin in (Union, types.UnionType):
+        return " or ".join(_describe(a) for a in typing.get_args(hint))
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(hint))
+    if origin is list:
+        return f"a list ({_describe(typing.get_args(hint)[0])} each)"
+    return {
+        bool: "true or false",
+        int: "an integer",
+        float: "a number",
+        str: "a string",
+        type(None): "null",
+    }.get(hint, str(hint))
+
+
+# ---------------------------------------------------------------------------------------
+# Saving and documenting
+# ---------------------------------------------------------------------------------------
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def dump_yaml(cfg: Any) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=None)
+
+
+def describe_config(cls: type, prefix: str = "") -> str:
+    """The `--help` text: every section and key with its type, default and doc."""
+    lines = []
+    defaults = cls()
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        hint = hints[f.name]
+        if dataclasses.is_dataclass(hint):
+            lines.append(f"\n{prefix}{f.name}:  {hint.__doc__.strip().splitlines()[0]}")
+            lines.append(describe_config(hint, f"{prefix}{f.name}."))
+            continue
+        default = getattr(defaults, f.name)
+        lines.append(
+            f"  {prefix}{f.name} = {yaml.safe_dump(default, default_flow_style=True).strip().removesuffix('...').strip()}"
+            f"  ({_describe(hint)})\n      {f.metadata.get('help', '')}"
+        )
+    return "\n".join(lines)

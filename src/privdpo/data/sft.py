@@ -1,0 +1,227 @@
+"""SFT data: format detection, row validation, tokenization and the train/eval split.
+
+Row formats (`data.format`, or detected from the first readable row):
+- `prompt_completion`: `prompt` and `completion`, both text (joined as is) or both lists of
+  chat messages (rendered with the tokenizer's chat template);
+- `messages`: a chat, a list of `{role, content}`; loss on the assistant turns;
+- `text`: plain text; loss on every token.
+An optional user id column (`data.user_id_column`) is kept for user-level privacy.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+from transformers import PreTrainedTokenizerBase
+
+from privdpo.config import DataConfig
+from privdpo.data.readers import Row, read_rows
+from privdpo.data.summary import DataSummary
+from privdpo.data.tokenize import BadRow, Segment, tokenize_segments, truncate
+from privdpo.errors import DataError
+
+FORMAT_COLUMNS = {
+    "messages": ("messages",),
+    "prompt_completion": ("prompt", "completion"),
+    "text": ("text",),
+}
+
+
+@dataclass
+class Example:
+    input_ids: list[int]
+    labels: list[int]
+    where: str
+    user_id: str | None
+
+
+def detect_format(rows: list[Row], path: str) -> str:
+    for row in rows:
+        if row.fields is None:
+            continue
+        for name, columns in FORMAT_COLUMNS.items():
+            if all(c in row.fields for c in columns):
+                return name
+        raise DataError(
+            f"{row.where}: cannot tell the data format from the columns"
+            f" {sorted(row.fields)}; SFT rows need prompt+completion, messages, or text"
+            " (or set data.format)"
+        )
+    raise DataError(f"{path}: no readable row to detect the format from")
+
+
+def _text_field(fields: dict, key: str) -> str:
+    if key not in fields or fields[key] is None:
+        raise BadRow("missing_field", f"missing required field {key!r}")
+    value = fields[key]
+    if not isinstance(value, str):
+        raise BadRow(
+            "wrong_type", f"field {key!r} must be text, got {type(value).__name__}"
+        )
+    if not value.strip():
+        raise BadRow("empty_field", f"field {key!r} is empty")
+    return value
+
+
+def _messages(value, key: str) -> list[dict]:
+    if not isinstance(value, list) or not value:
+        raise BadRow(
+            "wrong_type" if value else "empty_field",
+            f"field {key!r} must be a non-empty list of {{role, content}} messages",
+        )
+    for i, m in enumerate(value):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+            raise BadRow("bad_message", f"{key}[{i}] must be an object with a text 'role'")
+        if not isinstance(m.get("content"), str):
+            raise BadRow("bad_message", f"{key}[{i}].content must be text")
+    return [{"role": m["role"], "content": m["content"]} for m in value]
+
+
+def chat_segments(tokenizer: PreTrainedTokenizerBase, messages: list[dict], loss_on_all: bool):
+    """Segments for a chat: assistant turns trainable, the rest (and each turn's header)
+    not. The template is rendered on growing prefixes of the chat, which must each be a text
+    prefix of the whole; a template that rewrites earlier turns is an error for the row."""
+    if tokenizer.chat_template is None:
+        raise DataError(
+            "the tokenizer has no chat template, so chat-format rows cannot be rendered; use"
+            " a model directory whose tokenizer_config.json has one, or plain-text rows"
+        )
+    if not any(m["role"] == "assistant" for m in messages):
+        raise BadRow("no_assistant_turn", "the chat has no assistant turn to learn from")
+
+    def render(msgs, generation_prompt=False):
+        return tokenizer.apply_chat_template(
+            msgs, tokenize=False, add_generation_prompt=generation_prompt
+        )
+
+    full = render(messages)
+    cuts = []  # (end offset in `full`, trainable)
+    for i, m in enumerate(messages):
+        if m["role"] == "assistant":
+            cuts.append((render(messages[:i], generation_prompt=True), False))
+        cuts.append((render(messages[: i + 1]), m["role"] == "assistant"))
+    segments, start = [], 0
+    for text, trainable in cuts:
+        if not full.startswith(text) or len(text) < start:
+            raise BadRow(
+                "template_not_prefix",
+                "the chat template renders this chat's earlier turns differently once later"
+                " turns are added, so assistant tokens cannot be located exactly",
+            )
+        if len(text) > start:
+            segments.append(Segment(text[start:], trainable or loss_on_all))
+            start = len(text)
+    if start < len(full):
+        segments.append(Segment(full[start:], loss_on_all))
+    return segments
+
+
+def row_to_example(
+    row: Row,
+    fmt: str,
+    cfg: DataConfig,
+    tokenizer: PreTrainedTokenizerBase,
+    completion_only_loss: bool,
+    summary: DataSummary,
+) -> Example:
+    f = row.fields
+    if fmt == "text":
+        segments, templated = [Segment(_text_field(f, "text"), True)], False
+    elif fmt == "messages":
+        messages = _messages(f.get("messages"), "messages")
+        segments, templated = chat_segments(tokenizer, messages, not completion_only_loss), True
+    else:
+        if isinstance(f.get("prompt"), list) or isinstance(f.get("completion"), list):
+            prompt = _messages(f.get("prompt"), "prompt")
+            completion = _messages(f.get("completion"), "completion")
+            segments = chat_segments(tokenizer, prompt + completion, not completion_only_loss)
+            templated = True
+        else:
+            prompt, completion = _text_field(f, "prompt"), _text_field(f, "completion")
+            segments = [Segment(prompt, not completion_only_loss), Segment(completion, True)]
+            templated = False
+    tok = tokenize_segments(
+        tokenizer,
+        segments,
+        templated=templated,
+        append_eos=cfg.append_eos and not templated,
+        boundary_mismatch=cfg.boundary_mismatch,
+        where=row.where,
+        summary=summary,
+    )
+    tok = truncate(tok, cfg.max_length, cfg.truncation, row.where, summary)
+    return Example(tok.input_ids, tok.labels, row.where, user_id_of(f, cfg.user_id_column))
+
+
+def user_id_of(fields: dict, column: str) -> str | None:
+    value = fields.get(column)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, str | int):
+        raise BadRow("wrong_type", f"{column!r} must be text or an integer, got {value!r}")
+    return str(value)
+
+
+def read_examples(
+    path: str,
+    cfg: DataConfig,
+    tokenizer: PreTrainedTokenizerBase,
+    completion_only_loss: bool,
+    summary: DataSummary,
+) -> list[Example]:
+    rows = list(read_rows(path))
+    fmt = cfg.format if cfg.format != "auto" else detect_format(rows, path)
+    examples = []
+    for row in rows:
+        summary.read(path)
+        if row.fields is None:
+            summary.bad_row(row.where, row.reason, row.problem)
+            continue
+        try:
+            examples.append(
+                row_to_example(row, fmt, cfg, tokenizer, completion_only_loss, summary)
+            )
+        except BadRow as e:
+            summary.bad_row(row.where, e.reason, f"{e} (or set data.on_bad_row=drop to skip such rows)")
+    return examples
+
+
+def split_eval(examples: list, fraction: float, seed: int) -> tuple[list, list]:
+    """Hold out `fraction` of the examples (at least one when fraction > 0), seeded."""
+    if fraction == 0 or len(examples) < 2:
+        return examples, []
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    n_eval = max(1, round(fraction * len(examples)))
+    held = set(order[:n_eval])
+    train = [e for i, e in enumerate(examples) if i not in held]
+    evals = [e for i, e in enumerate(examples) if i in held]
+    return train, evals
+
+
+def load_sft_data(
+    cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, completion_only_loss: bool, seed: int
+) -> tuple[list[Example], list[Example], DataSummary]:
+    summary = DataSummary(cfg.on_bad_row)
+    train = read_examples(cfg.train, cfg, tokenizer, completion_only_loss, summary)
+    if cfg.eval is not None:
+        evals = read_examples(cfg.eval, cfg, tokenizer, completion_only_loss, summary)
+    else:
+        train, evals = split_eval(train, cfg.eval_fraction, seed)
+    if not train:
+        raise DataError(
+            f"{cfg.train}: no usable training rows left"
+            f" ({summary.total_dropped} dropped; see the data summary above)"
+        )
+    summary.kept["train"] = len(train)
+    summary.kept["eval"] = len(evals)
+    return train, evals, summary
+
+
+def sample_data_path() -> Path:
+    """The small SFT sample that ships with the package (used by the demo)."""
+    from importlib import resources
+
+    return Path(str(resources.files("privdpo").joinpath("assets/sample_sft.jsonl")))

@@ -1,0 +1,219 @@
+"""Loading local models and tokenizers, the built-in presets, and LoRA.
+
+privdpo never downloads: a model is a local directory in Hugging Face format with
+safetensors weights, or a preset built here from a config (random init) with a tokenizer
+trained here on a small public text that ships with the package.
+"""
+
+from __future__ import annotations
+
+import re
+from importlib import resources
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+)
+
+from privdpo.config import LoraConfig, ModelConfig
+from privdpo.errors import UserError
+
+# Presets are plain data: Qwen2 shapes (the architecture of the benchmark models) scaled
+# down. `vocab_size` is the size the local tokenizer is trained to.
+PRESETS: dict[str, dict] = {
+    "tiny": dict(
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+    ),
+    "small": dict(
+        vocab_size=2048,
+        hidden_size=256,
+        intermediate_size=704,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        max_position_embeddings=2048,
+    ),
+}
+
+# ChatML, the template of the Qwen family; turns end with <|im_end|>.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+SPECIAL_TOKENS = ["<|endoftext|>", "<|pad|>", "<|im_start|>", "<|im_end|>"]
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def build_tiny_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer trained on the packaged public corpus (deterministic).
+
+    Trained on a fixed public text rather than the user's data: a tokenizer fit to private
+    rows would itself carry information about them outside any privacy guarantee.
+    """
+    corpus = resources.files("privdpo").joinpath("assets/tiny_corpus.txt").read_text("utf-8")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(corpus.splitlines(), trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token="<|endoftext|>",
+        pad_token="<|pad|>",
+        additional_special_tokens=["<|im_start|>", "<|im_end|>"],
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def build_preset(name: str, dtype: torch.dtype = torch.float32):
+    """Random-init model and local tokenizer for a preset (seed torch first)."""
+    if name not in PRESETS:
+        raise UserError(f"model.preset: unknown preset {name!r}; choose one of {list(PRESETS)}")
+    shape = PRESETS[name]
+    tokenizer = build_tiny_tokenizer(shape["vocab_size"])
+    config = Qwen2Config(
+        **{**shape, "vocab_size": len(tokenizer)},
+        tie_word_embeddings=True,
+        bos_token_id=None,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.generation_config.eos_token_id = [
+        tokenizer.eos_token_id,
+        tokenizer.convert_tokens_to_ids("<|im_end|>"),
+    ]
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer
+
+
+def check_local_model_dir(path_text: str) -> Path:
+    """Fail clearly on a hub id, a missing path, or a directory without safetensors."""
+    path = Path(path_text).expanduser()
+    if not path.exists():
+        if _HUB_ID.match(path_text):
+            raise UserError(
+                f"model.path: {path_text!r} is not a local directory; it looks like a Hugging"
+                " Face Hub id. privdpo works offline and never downloads. On a connected"
+                f" machine run `hf download {path_text} --local-dir DIR`, copy DIR here and"
+                " set model.path=DIR (or use model.preset=tiny for a test model)."
+            )
+        raise UserError(
+            f"model.path: {path_text} does not exist; set it to a local directory holding"
+            " config.json, *.safetensors weights and the tokenizer files"
+        )
+    if not path.is_dir() or not (path / "config.json").is_file():
+        raise UserError(
+            f"model.path: {path} is not a Hugging Face model directory (no config.json);"
+            " point it at the folder written by save_pretrained"
+        )
+    if not any(path.glob("*.safetensors")):
+        found = sorted(p.name for p in path.glob("*.bin")) or ["no weights"]
+        raise UserError(
+            f"model.path: {path} has no .safetensors weights (found: {', '.join(found)});"
+            " privdpo loads only safetensors, never pickle. Convert once with"
+            " `model.save_pretrained(DIR, safe_serialization=True)` on a trusted machine."
+        )
+    return path
+
+
+def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
+    path = check_local_model_dir(cfg.path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            path, local_files_only=True, trust_remote_code=cfg.trust_remote_code
+        )
+    except (OSError, ValueError) as e:
+        raise UserError(f"model.path: could not load the tokenizer from {path}: {e}") from None
+    return tokenizer
+
+
+def load_model_and_tokenizer(cfg: ModelConfig, seed: int = 0):
+    """The model (base, before LoRA) and tokenizer the config asks for."""
+    dtype = DTYPES[cfg.dtype]
+    torch.manual_seed(seed)
+    if cfg.preset is not None:
+        model, tokenizer = build_preset(cfg.preset, dtype)
+    else:
+        tokenizer = load_tokenizer(cfg)
+        path = check_local_model_dir(cfg.path)
+        try:
+            AutoConfig.from_pretrained(
+                path, local_files_only=True, trust_remote_code=cfg.trust_remote_code
+            )
+            model = AutoModelForCausalLM.from_pretrained(
+                path,
+                dtype=dtype,
+                local_files_only=True,
+                use_safetensors=True,
+                trust_remote_code=cfg.trust_remote_code,
+            )
+        except (OSError, ValueError) as e:
+            hint = (
+                " If you trust the code in that directory, set model.trust_remote_code=true."
+                if "trust_remote_code" in str(e)
+                else ""
+            )
+            raise UserError(f"model.path: could not load a causal LM from {path}: {e}{hint}") from None
+    if tokenizer.pad_token_id is None:
+        # Padding positions are masked out of attention and loss, so any id works.
+        tokenizer.pad_token = tokenizer.eos_token
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    return model, tokenizer
+
+
+def add_lora(model: PreTrainedModel, cfg: LoraConfig):
+    """Wrap `model` with trainable LoRA adapters; every other weight is frozen."""
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    targets = cfg.target_modules
+    peft_cfg = PeftLoraConfig(
+        r=cfg.r,
+        lora_alpha=cfg.alpha,
+        lora_dropout=cfg.dropout,
+        target_modules=targets[0] if targets == ["all-linear"] else targets,
+        task_type="CAUSAL_LM",
+    )
+    try:
+        return get_peft_model(model, peft_cfg)
+    except ValueError as e:
+        linear = sorted(
+            {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+        )
+        raise UserError(
+            f"model.lora.target_modules: {targets} do not match this model ({e});"
+            f" its linear modules are {linear}"
+        ) from None
+
+
+def trainable_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}

@@ -1,0 +1,143 @@
+"""Supervised fine-tuning: `privdpo sft CONFIG [key=value ...] [--resume]`.
+
+One explicit loop: setup, then for each optimizer step the logical batch is split into
+micro-batches whose losses are accumulated, the gradient norm is clipped, the optimizer
+and schedule step, and metrics, evaluation and checkpoints follow on their intervals.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from privdpo.checkpoint import export_model, list_checkpoints, load_checkpoint, save_checkpoint
+from privdpo.config import SFTRunConfig
+from privdpo.data.batching import pad_batch
+from privdpo.data.sft import Example, load_sft_data
+from privdpo.logprobs import token_logps
+from privdpo.losses import sft_loss
+from privdpo.metrics import MetricsLogger
+from privdpo.models import add_lora, load_model_and_tokenizer
+from privdpo.training import (
+    batch_indices,
+    make_optimizer,
+    make_scheduler,
+    micro_batches,
+    pick_device,
+    planned_steps,
+    prepare_run_dir,
+)
+
+
+def _to(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def micro_batch_loss(model, batch: dict, num_tokens: int) -> torch.Tensor:
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    logps, mask = token_logps(logits, batch["labels"])
+    return sft_loss(logps, mask, num_tokens)
+
+
+def count_label_tokens(examples: list[Example]) -> int:
+    # Labels are shifted by one inside the loss: the first token is never a target.
+    return sum(sum(1 for label in e.labels[1:] if label != -100) for e in examples)
+
+
+@torch.no_grad()
+def evaluate(model, examples: list[Example], cfg: SFTRunConfig, pad_id: int, device) -> dict:
+    """Token-mean NLL over the held-out split (dropout off)."""
+    was_training = model.training
+    model.eval()
+    total_nll, total_tokens = 0.0, count_label_tokens(examples)
+    for chunk in micro_batches(examples, cfg.train.micro_batch_size):
+        batch = _to(pad_batch(chunk, pad_id), device)
+        total_nll += micro_batch_loss(model, batch, 1).item()
+    model.train(was_training)
+    loss = total_nll / max(1, total_tokens)
+    return {"eval/loss": loss, "eval/perplexity": float(torch.tensor(loss).exp())}
+
+
+def run_sft(cfg: SFTRunConfig, resume: bool = False) -> dict[str, Path]:
+    # ---- setup -----------------------------------------------------------------------
+    run_dir = prepare_run_dir(cfg, resume)
+    device = pick_device(cfg.train.device)
+    model, tokenizer = load_model_and_tokenizer(cfg.model, cfg.train.seed)
+    train, evals, summary = load_sft_data(
+        cfg.data, tokenizer, cfg.sft.completion_only_loss, cfg.train.seed
+    )
+    summary.save(run_dir / "data_summary.json")
+    print(summary.table())
+    if cfg.model.lora.enabled:
+        model = add_lora(model, cfg.model.lora)
+    model.to(device)
+    model.train()
+    optimizer = make_optimizer(model, cfg.train)
+    total_steps = planned_steps(len(train), cfg.train)
+    scheduler = make_scheduler(optimizer, cfg.train, total_steps)
+    pad_id = tokenizer.pad_token_id
+
+    step = 0
+    if resume:
+        last = list_checkpoints(run_dir)[-1]
+        step = load_checkpoint(last, model, optimizer, scheduler)["step"]
+        print(f"resuming from {last} (step {step} of {total_steps})")
+    logger = MetricsLogger(run_dir, resume_step=step if resume else None)
+    bar = tqdm(
+        total=total_steps, initial=step, disable=not cfg.output.progress_bar, desc="sft"
+    )
+
+    # ---- train -----------------------------------------------------------------------
+    while step < total_steps:
+        started = time.perf_counter()
+        examples = [train[i] for i in batch_indices(step, len(train), cfg.train)]
+        num_tokens = count_label_tokens(examples)
+        loss_sum, seen_tokens = 0.0, 0
+        for chunk in micro_batches(examples, cfg.train.micro_batch_size):
+            batch = _to(pad_batch(chunk, pad_id), device)
+            loss = micro_batch_loss(model, batch, max(1, num_tokens))
+            loss.backward()
+            loss_sum += loss.item()  # a CPU-GPU sync per micro-batch; fine at this size
+            seen_tokens += int(batch["attention_mask"].sum())
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        max_norm = cfg.train.max_grad_norm if cfg.train.max_grad_norm is not None else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, max_norm)
+        lr = scheduler.get_last_lr()[0]
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        seconds = time.perf_counter() - started
+
+        if step % cfg.train.log_every == 0 or step == total_steps:
+            logger.log(
+                step,
+                {
+                    "loss": loss_sum,
+                    "grad_norm": grad_norm.item(),
+                    "learning_rate": lr,
+                    "tokens_per_second": seen_tokens / seconds,
+                    "epoch": step * cfg.train.batch_size / len(train),
+                },
+            )
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss_sum:.4f}", tok_s=f"{seen_tokens / seconds:.0f}")
+        if evals and (
+            (cfg.train.eval_every and step % cfg.train.eval_every == 0) or step == total_steps
+        ):
+            logger.log(step, evaluate(model, evals, cfg, pad_id, device))
+        if (cfg.train.save_every and step % cfg.train.save_every == 0) or step == total_steps:
+            save_checkpoint(
+                run_dir, step, model, optimizer, scheduler, {}, cfg.train.keep_checkpoints
+            )
+    bar.close()
+    logger.close()
+
+    # ---- export ----------------------------------------------------------------------
+    exported = export_model(model, tokenizer, run_dir, cfg.output.merge_lora)
+    for kind, path in exported.items():
+        print(f"exported {kind}: {path}")
+    return exported

@@ -1,0 +1,134 @@
+"""The machinery every recipe shares: run directory, device, optimizer, schedule, data order.
+
+Recipes stay explicit loops; these are the small pieces they would otherwise copy.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import shutil
+from pathlib import Path
+
+import torch
+import yaml
+
+from privdpo.checkpoint import list_checkpoints
+from privdpo.config import TrainConfig, dump_yaml, to_dict
+from privdpo.errors import UserError
+
+# Keys that may differ between a run and its resume: they do not change the result.
+RESUME_MAY_DIFFER = {"output.progress_bar"}
+
+
+def prepare_run_dir(cfg, resume: bool) -> Path:
+    """Create the run directory (or check it for `--resume`) and save the resolved config."""
+    run_dir = Path(cfg.output.dir)
+    if resume:
+        saved = run_dir / "config.yaml"
+        if not saved.is_file():
+            raise UserError(
+                f"--resume: {run_dir} holds no run (no config.yaml); drop --resume to start one"
+            )
+        if not list_checkpoints(run_dir):
+            raise UserError(
+                f"--resume: {run_dir} has no checkpoint yet; start again without --resume"
+                " and output.overwrite=true"
+            )
+        before = _flatten(yaml.safe_load(saved.read_text(encoding="utf-8")))
+        now = _flatten(to_dict(cfg))
+        changed = sorted(
+            k for k in before.keys() | now.keys()
+            if before.get(k) != now.get(k) and k not in RESUME_MAY_DIFFER
+        )
+        if changed:
+            diffs = "; ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in changed)
+            raise UserError(
+                f"--resume: the config differs from the run's saved config.yaml ({diffs});"
+                " a resumed run must use the same settings to continue exactly"
+            )
+        return run_dir
+    if run_dir.exists() and any(run_dir.iterdir()):
+        if not cfg.output.overwrite:
+            raise UserError(
+                f"output.dir: {run_dir} already holds files; pass --resume to continue that"
+                " run, choose another output.dir, or set output.overwrite=true to replace it"
+            )
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(dump_yaml(cfg), encoding="utf-8")
+    return run_dir
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"train.device: {name} asked for, but no CUDA GPU is visible")
+    return torch.device(name)
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.AdamW(
+        params,
+        lr=cfg.lr,
+        betas=tuple(cfg.adam_betas),
+        eps=cfg.adam_eps,
+        weight_decay=cfg.weight_decay,
+    )
+
+
+def lr_factor(step: int, warmup: int, total: int, schedule: str) -> float:
+    """Multiplier of the peak lr at `step` (0-based): linear warmup, then decay to 0."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    progress = (step - warmup) / max(1, total - warmup)
+    if schedule == "linear":
+        return max(0.0, 1.0 - progress)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def make_scheduler(optimizer, cfg: TrainConfig, total_steps: int):
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, cfg.warmup_steps, total_steps, cfg.schedule)
+    )
+
+
+def steps_per_epoch(num_units: int, batch_size: int) -> int:
+    return math.ceil(num_units / batch_size)
+
+
+def planned_steps(num_units: int, cfg: TrainConfig) -> int:
+    if cfg.max_steps is not None:
+        return cfg.max_steps
+    return cfg.epochs * steps_per_epoch(num_units, cfg.batch_size)
+
+
+def batch_indices(step: int, num_units: int, cfg: TrainConfig) -> list[int]:
+    """The units of optimizer step `step`: a seeded shuffle per epoch, cut in batches.
+
+    A pure function of (seed, step), so a resumed run reads exactly the same batches. The
+    last batch of an epoch may be smaller; no unit is skipped.
+    """
+    per_epoch = steps_per_epoch(num_units, cfg.batch_size)
+    epoch, index = divmod(step, per_epoch)
+    order = list(range(num_units))
+    random.Random(f"privdpo-data-order-{cfg.seed}-{epoch}").shuffle(order)
+    return order[index * cfg.batch_size : (index + 1) * cfg.batch_size]
+
+
+def micro_batches(items: list, size: int) -> list[list]:
+    return [items[i : i + size] for i in range(0, len(items), size)]
