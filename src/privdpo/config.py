@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -166,14 +167,14 @@ def check_common(cfg: Any) -> list[str]:
     """Cross-field checks that the types alone cannot express."""
     problems = []
     m, d, t = cfg.model, cfg.data, cfg.train
-    if (m.path is None) == (m.preset is None):
+    if (not m.path) == (not m.preset):
         problems.append(
             "model: set exactly one of model.path (a local Hugging Face directory)"
             " or model.preset (e.g. tiny)"
         )
-    if d.train is None:
+    if not d.train:
         problems.append("data.train: required; set it to a local data file")
-    if cfg.output.dir is None:
+    if not cfg.output.dir:
         problems.append("output.dir: required; set it to the run directory to create")
     if not 0.0 <= d.eval_fraction < 1.0:
         problems.append(f"data.eval_fraction: must be in [0, 1), got {d.eval_fraction}")
@@ -191,7 +192,7 @@ def check_common(cfg: Any) -> list[str]:
             f"train.micro_batch_size: {t.micro_batch_size} does not divide train.batch_size"
             f" {t.batch_size}; pick a divisor"
         )
-    if t.lr <= 0:
+    if not (t.lr > 0 and math.isfinite(t.lr)):
         problems.append(f"train.lr: must be positive, got {t.lr}")
     if len(t.adam_betas) != 2:
         problems.append(f"train.adam_betas: needs two numbers, got {t.adam_betas}")
@@ -240,8 +241,15 @@ def load_config(cls: type, path: str | Path | None, overrides: list[str]) -> Any
         _set_dotted(raw, key.split("."), value, problems, item)
 
     cfg = _build(cls, raw, "", problems)
-    if not problems:
-        problems.extend(cfg.check())
+    # Cross-field checks too, except on keys already reported (their value is a default).
+    reported = [p.split(":")[0] for p in problems]
+
+    def related(a: str, b: str) -> bool:
+        return a == b or a.startswith(b + ".") or b.startswith(a + ".")
+
+    problems.extend(
+        p for p in cfg.check() if not any(related(p.split(":")[0], r) for r in reported)
+    )
     if problems:
         raise ConfigError(problems)
     return cfg
@@ -250,7 +258,9 @@ def load_config(cls: type, path: str | Path | None, overrides: list[str]) -> Any
 def _set_dotted(raw: dict, keys: list[str], value: Any, problems: list[str], item: str) -> None:
     node = raw
     for k in keys[:-1]:
-        child = node.setdefault(k, {})
+        if node.get(k) is None:  # absent, or an empty section in the YAML
+            node[k] = {}
+        child = node[k]
         if not isinstance(child, dict):
             problems.append(f"override {item!r}: {k} is a value, not a section")
             return
@@ -282,8 +292,8 @@ def _build(cls: type, raw: Any, prefix: str, problems: list[str]) -> Any:
     return cls(**kwargs)
 
 
-def _unknown_key(name: str, key: str, valid: list[str], prefix: str) -> str:
-    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+def _unknown_key(name: str, key, valid: list[str], prefix: str) -> str:
+    close = difflib.get_close_matches(str(key), valid, n=1, cutoff=0.5)
     hint = f"; did you mean '{prefix}{close[0]}'?" if close else f"; valid keys: {', '.join(valid)}"
     return f"{name}: unknown key{hint}"
 

@@ -7,20 +7,21 @@ trained here on a small public text that ships with the package.
 
 from __future__ import annotations
 
+import json
 import re
 from importlib import resources
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
     PreTrainedModel,
     PreTrainedTokenizerBase,
-    PreTrainedTokenizerFast,
     Qwen2Config,
+    Qwen2Tokenizer,
 )
 
 from privdpo.config import LoraConfig, ModelConfig
@@ -63,32 +64,38 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
-def build_tiny_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
+def build_tiny_tokenizer(vocab_size: int) -> PreTrainedTokenizerBase:
     """A byte-level BPE tokenizer trained on the packaged public corpus (deterministic).
 
     Trained on a fixed public text rather than the user's data: a tokenizer fit to private
-    rows would itself carry information about them outside any privacy guarantee.
+    rows would itself carry information about them outside any privacy guarantee. It is a
+    `Qwen2Tokenizer` (the presets are Qwen2 models) trained with that class's own
+    normalizer and pre-tokenizer: `AutoTokenizer` rebuilds a saved qwen2 tokenizer with
+    them, so anything else would tokenize differently once exported and reloaded.
     """
     corpus = resources.files("privdpo").joinpath("assets/tiny_corpus.txt").read_text("utf-8")
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    probe = Qwen2Tokenizer()  # only to borrow its normalizer and pre-tokenizer
+    trainee = Tokenizer(models.BPE())
+    trainee.normalizer = probe.backend_tokenizer.normalizer
+    trainee.pre_tokenizer = probe.backend_tokenizer.pre_tokenizer
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
         special_tokens=SPECIAL_TOKENS,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(corpus.splitlines(), trainer=trainer)
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
+    trainee.train_from_iterator(corpus.splitlines(), trainer=trainer)
+    merges = json.loads(trainee.to_str())["model"]["merges"]
+    tokenizer = Qwen2Tokenizer(
+        vocab=trainee.get_vocab(),
+        merges=[tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in merges],
+        unk_token=None,
         eos_token="<|endoftext|>",
         pad_token="<|pad|>",
-        additional_special_tokens=["<|im_start|>", "<|im_end|>"],
+        extra_special_tokens=["<|im_start|>", "<|im_end|>"],
     )
-    fast.chat_template = CHAT_TEMPLATE
-    return fast
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
 
 
 def build_preset(name: str, dtype: torch.dtype = torch.float32):
@@ -180,7 +187,9 @@ def load_model_and_tokenizer(cfg: ModelConfig, seed: int = 0):
                 if "trust_remote_code" in str(e)
                 else ""
             )
-            raise UserError(f"model.path: could not load a causal LM from {path}: {e}{hint}") from None
+            raise UserError(
+                f"model.path: could not load a causal LM from {path}: {e}{hint}"
+            ) from None
     if tokenizer.pad_token_id is None:
         # Padding positions are masked out of attention and loss, so any id works.
         tokenizer.pad_token = tokenizer.eos_token
@@ -207,7 +216,11 @@ def add_lora(model: PreTrainedModel, cfg: LoraConfig):
         return get_peft_model(model, peft_cfg)
     except ValueError as e:
         linear = sorted(
-            {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+            {
+                n.rsplit(".", 1)[-1]
+                for n, m in model.named_modules()
+                if isinstance(m, torch.nn.Linear)
+            }
         )
         raise UserError(
             f"model.lora.target_modules: {targets} do not match this model ({e});"

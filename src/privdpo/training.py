@@ -21,8 +21,10 @@ from privdpo.errors import UserError
 RESUME_MAY_DIFFER = {"output.progress_bar"}
 
 
-def prepare_run_dir(cfg, resume: bool) -> Path:
-    """Create the run directory (or check it for `--resume`) and save the resolved config."""
+def check_run_dir(cfg, resume: bool) -> Path:
+    """Check the run directory before anything is loaded or written: a fresh run needs a
+    free (or overwritable) directory, a resumed one a run with a checkpoint and the same
+    config."""
     run_dir = Path(cfg.output.dir)
     if resume:
         saved = run_dir / "config.yaml"
@@ -38,7 +40,8 @@ def prepare_run_dir(cfg, resume: bool) -> Path:
         before = _flatten(yaml.safe_load(saved.read_text(encoding="utf-8")))
         now = _flatten(to_dict(cfg))
         changed = sorted(
-            k for k in before.keys() | now.keys()
+            k
+            for k in before.keys() | now.keys()
             if before.get(k) != now.get(k) and k not in RESUME_MAY_DIFFER
         )
         if changed:
@@ -48,14 +51,30 @@ def prepare_run_dir(cfg, resume: bool) -> Path:
                 " a resumed run must use the same settings to continue exactly"
             )
         return run_dir
-    if run_dir.exists() and any(run_dir.iterdir()):
+    if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
         if not cfg.output.overwrite:
             raise UserError(
                 f"output.dir: {run_dir} already holds files; pass --resume to continue that"
                 " run, choose another output.dir, or set output.overwrite=true to replace it"
             )
+        if not (run_dir / "config.yaml").is_file() or run_dir.resolve() == Path.cwd():
+            # Overwrite deletes a directory: only ever one that a privdpo run wrote.
+            raise UserError(
+                f"output.dir: {run_dir} is not a privdpo run directory (no config.yaml);"
+                " output.overwrite only replaces earlier runs. Choose another output.dir"
+            )
+    return run_dir
+
+
+def create_run_dir(cfg, resume: bool) -> Path:
+    """Make the (checked) run directory, replacing an old run if asked, and save the
+    resolved config."""
+    run_dir = Path(cfg.output.dir)
+    if resume:
+        return run_dir
+    if run_dir.exists():
         shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir.mkdir(parents=True)
     (run_dir / "config.yaml").write_text(dump_yaml(cfg), encoding="utf-8")
     return run_dir
 

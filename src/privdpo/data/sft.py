@@ -37,19 +37,21 @@ class Example:
     user_id: str | None
 
 
-def detect_format(rows: list[Row], path: str) -> str:
-    for row in rows:
-        if row.fields is None:
-            continue
+def detect_format(rows: list[Row], path: str) -> str | None:
+    """The format of the first readable row that has a known set of columns; None when no
+    row is readable (each is then reported as a bad row)."""
+    readable = [row for row in rows if row.fields is not None]
+    for row in readable:
         for name, columns in FORMAT_COLUMNS.items():
             if all(c in row.fields for c in columns):
                 return name
-        raise DataError(
-            f"{row.where}: cannot tell the data format from the columns"
-            f" {sorted(row.fields)}; SFT rows need prompt+completion, messages, or text"
-            " (or set data.format)"
-        )
-    raise DataError(f"{path}: no readable row to detect the format from")
+    if not readable:
+        return None
+    raise DataError(
+        f"{path}: cannot tell the data format: no row has the columns of a known format"
+        f" (first row {readable[0].where} has {sorted(readable[0].fields)}); SFT rows need"
+        " prompt+completion, messages, or text (or set data.format)"
+    )
 
 
 def _text_field(fields: dict, key: str) -> str:
@@ -57,15 +59,15 @@ def _text_field(fields: dict, key: str) -> str:
         raise BadRow("missing_field", f"missing required field {key!r}")
     value = fields[key]
     if not isinstance(value, str):
-        raise BadRow(
-            "wrong_type", f"field {key!r} must be text, got {type(value).__name__}"
-        )
+        raise BadRow("wrong_type", f"field {key!r} must be text, got {type(value).__name__}")
     if not value.strip():
         raise BadRow("empty_field", f"field {key!r} is empty")
     return value
 
 
 def _messages(value, key: str) -> list[dict]:
+    if value is None:
+        raise BadRow("missing_field", f"missing required field {key!r}")
     if not isinstance(value, list) or not value:
         raise BadRow(
             "wrong_type" if value else "empty_field",
@@ -180,11 +182,10 @@ def read_examples(
             summary.bad_row(row.where, row.reason, row.problem)
             continue
         try:
-            examples.append(
-                row_to_example(row, fmt, cfg, tokenizer, completion_only_loss, summary)
-            )
+            examples.append(row_to_example(row, fmt, cfg, tokenizer, completion_only_loss, summary))
         except BadRow as e:
-            summary.bad_row(row.where, e.reason, f"{e} (or set data.on_bad_row=drop to skip such rows)")
+            fix = "" if e.policy else " (or set data.on_bad_row=drop to skip such rows)"
+            summary.bad_row(row.where, e.reason, f"{e}{fix}", e.policy)
     return examples
 
 

@@ -27,9 +27,11 @@ class DataSummary:
     def read(self, file: str) -> None:
         self.rows_read[file] += 1
 
-    def bad_row(self, where: str, reason: str, problem: str) -> None:
-        """Stop on a bad row, or count it as dropped when the config allows dropping."""
-        if self.on_bad_row == "error":
+    def bad_row(self, where: str, reason: str, problem: str, policy: str | None = None) -> None:
+        """Stop on a bad row, or count it as dropped when the config allows dropping.
+        `policy` ("error" or "drop") overrides `data.on_bad_row` for reasons that have a
+        setting of their own (e.g. `data.boundary_mismatch`)."""
+        if (policy or self.on_bad_row) == "error":
             raise DataError(f"{where}: {problem}")
         self._add(self.dropped, reason, where, problem)
 

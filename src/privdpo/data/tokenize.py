@@ -36,10 +36,13 @@ class Tokenized:
 
 
 class BadRow(Exception):
-    """A row that cannot be used; `reason` is the summary key, the message the fix."""
+    """A row that cannot be used; `reason` is the summary key, the message the fix.
+    `policy` ("error"/"drop") is set when a config key of its own decides, overriding
+    `data.on_bad_row`."""
 
-    def __init__(self, reason: str, problem: str):
+    def __init__(self, reason: str, problem: str, policy: str | None = None):
         self.reason = reason
+        self.policy = policy
         super().__init__(problem)
 
 
@@ -76,6 +79,7 @@ def tokenize_segments(
                         "tokenizing the text across a prompt/response boundary changes the"
                         " prompt's tokens; set data.boundary_mismatch=split to tokenize the"
                         " parts separately",
+                        policy=boundary_mismatch,
                     )
                 split = True
                 summary.note(
@@ -87,7 +91,11 @@ def tokenize_segments(
             new = tokenizer(seg.text, add_special_tokens=False)["input_ids"]
         ids += new
         labels += new if seg.trainable else [IGNORE] * len(new)
-    if append_eos and tokenizer.eos_token_id is not None and (not ids or ids[-1] != tokenizer.eos_token_id):
+    if (
+        append_eos
+        and tokenizer.eos_token_id is not None
+        and (not ids or ids[-1] != tokenizer.eos_token_id)
+    ):
         ids.append(tokenizer.eos_token_id)
         labels.append(tokenizer.eos_token_id if segments[-1].trainable else IGNORE)
     return Tokenized(ids, labels)
@@ -98,16 +106,16 @@ def truncate(
 ) -> Tokenized:
     """Cut to `max_length` tokens keeping the start or the end; a row with no label left is
     too long to keep."""
-    if len(tok.input_ids) > max_length:
-        summary.note(
-            "truncated", where, f"longer than data.max_length={max_length}; cut ({side})"
-        )
-        cut = slice(0, max_length) if side == "keep_start" else slice(-max_length, None)
-        tok = Tokenized(tok.input_ids[cut], tok.labels[cut])
-    if all(label == IGNORE for label in tok.labels):
+    if len(tok.input_ids) <= max_length:
+        return tok
+    cut = slice(0, max_length) if side == "keep_start" else slice(-max_length, None)
+    tok = Tokenized(tok.input_ids[cut], tok.labels[cut])
+    # Labels are shifted inside the loss, so the first token is never a target.
+    if all(label == IGNORE for label in tok.labels[1:]):
         raise BadRow(
             "too_long",
             f"no response token left within data.max_length={max_length} (the prompt fills"
             " it); raise data.max_length, set data.truncation=keep_end, or shorten the prompt",
         )
+    summary.note("truncated", where, f"longer than data.max_length={max_length}; cut ({side})")
     return tok

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
+from transformers.utils import logging as hf_logging
 
 from privdpo.checkpoint import export_model, list_checkpoints, load_checkpoint, save_checkpoint
 from privdpo.config import SFTRunConfig
@@ -23,12 +24,14 @@ from privdpo.metrics import MetricsLogger
 from privdpo.models import add_lora, load_model_and_tokenizer
 from privdpo.training import (
     batch_indices,
+    check_run_dir,
+    create_run_dir,
     make_optimizer,
     make_scheduler,
     micro_batches,
     pick_device,
     planned_steps,
-    prepare_run_dir,
+    steps_per_epoch,
 )
 
 
@@ -63,12 +66,16 @@ def evaluate(model, examples: list[Example], cfg: SFTRunConfig, pad_id: int, dev
 
 def run_sft(cfg: SFTRunConfig, resume: bool = False) -> dict[str, Path]:
     # ---- setup -----------------------------------------------------------------------
-    run_dir = prepare_run_dir(cfg, resume)
+    # Everything that can fail on a user mistake runs before the run directory is written.
+    check_run_dir(cfg, resume)
+    if not cfg.output.progress_bar:
+        hf_logging.disable_progress_bar()
     device = pick_device(cfg.train.device)
     model, tokenizer = load_model_and_tokenizer(cfg.model, cfg.train.seed)
     train, evals, summary = load_sft_data(
         cfg.data, tokenizer, cfg.sft.completion_only_loss, cfg.train.seed
     )
+    run_dir = create_run_dir(cfg, resume)
     summary.save(run_dir / "data_summary.json")
     print(summary.table())
     if cfg.model.lora.enabled:
@@ -86,9 +93,7 @@ def run_sft(cfg: SFTRunConfig, resume: bool = False) -> dict[str, Path]:
         step = load_checkpoint(last, model, optimizer, scheduler)["step"]
         print(f"resuming from {last} (step {step} of {total_steps})")
     logger = MetricsLogger(run_dir, resume_step=step if resume else None)
-    bar = tqdm(
-        total=total_steps, initial=step, disable=not cfg.output.progress_bar, desc="sft"
-    )
+    bar = tqdm(total=total_steps, initial=step, disable=not cfg.output.progress_bar, desc="sft")
 
     # ---- train -----------------------------------------------------------------------
     while step < total_steps:
@@ -120,7 +125,7 @@ def run_sft(cfg: SFTRunConfig, resume: bool = False) -> dict[str, Path]:
                     "grad_norm": grad_norm.item(),
                     "learning_rate": lr,
                     "tokens_per_second": seen_tokens / seconds,
-                    "epoch": step * cfg.train.batch_size / len(train),
+                    "epoch": step / steps_per_epoch(len(train), cfg.train.batch_size),
                 },
             )
         bar.update(1)
