@@ -40,22 +40,41 @@ def _demo(args: argparse.Namespace) -> None:
         "data.max_length=128",
         f"output.dir={args.output}",
         "output.overwrite=true",
-        "train.epochs=3",
+        "train.epochs=12",
         "train.batch_size=16",
         "train.micro_batch_size=16",
         "train.lr=3e-3",
         "train.warmup_steps=10",
-        "train.eval_every=25",
-        "train.save_every=25",
+        "train.eval_every=50",
+        "train.save_every=100",
     ]
     cfg = load_config(SFTRunConfig, None, overrides + args.overrides)
     print("privdpo demo: SFT of the built-in tiny model on the bundled sample reviews (offline)")
     exported = run_sft(cfg)
+    _show_samples(exported["model"])
     print(f"\ndemo finished. The trained model is in {exported['model']}")
     print(
         "Load it with: AutoModelForCausalLM.from_pretrained"
         f"('{exported['model']}') (plain transformers, no privdpo needed)"
     )
+
+
+def _show_samples(model_dir) -> None:
+    """Greedy completions of two sample prompts by the exported model, loaded back with
+    plain transformers as a user would."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    print("\nsamples from the exported model (greedy):")
+    for prompt in (
+        "Write a short positive review of a movie.\n",
+        "Write a short negative review of a phone.\n",
+    ):
+        ids = tokenizer(prompt, return_tensors="pt").input_ids
+        out = model.generate(ids, max_new_tokens=40, do_sample=False)
+        completion = tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+        print(f"  {prompt.strip()!r} -> {completion.strip()!r}")
 
 
 def build_parser() -> argparse.ArgumentParser:

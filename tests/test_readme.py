@@ -1,0 +1,105 @@
+"""The README's promises: every command in its ```sh blocks runs and succeeds, and the
+shipped example configs all train."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import REPO
+from privdpo.cli import main
+
+README = REPO / "README.md"
+BIN = Path(sys.executable).parent
+
+
+def readme_commands() -> list[str]:
+    blocks = re.findall(r"```sh\n(.*?)```", README.read_text(encoding="utf-8"), re.S)
+    return [line.strip() for block in blocks for line in block.splitlines() if line.strip()]
+
+
+def run(command: str, cwd: Path, timeout: int) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    return subprocess.run(
+        command, shell=True, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def test_quickstart_is_exactly_make_demo_and_make_test():
+    text = README.read_text(encoding="utf-8")
+    quickstart = text.split("## Quickstart", 1)[1].split("\n## ", 1)[0]
+    block = re.search(r"```sh\n(.*?)```", quickstart, re.S).group(1)
+    assert block.split() == ["make", "demo", "make", "test"]
+
+
+def test_make_test_is_what_ci_runs():
+    # `make test` cannot run inside the suite it starts; CI runs it on every submission.
+    assert "make test" in readme_commands()
+    assert re.search(r"^make test$", (REPO / ".ci" / "run").read_text(), re.M)
+
+
+def test_make_demo_trains_and_exports_a_model():
+    result = run("make demo", REPO, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "demo finished. The trained model is in runs/demo/model" in result.stdout
+    assert (REPO / "runs" / "demo" / "model" / "model.safetensors").is_file()
+    samples = re.findall(r"-> '(.*)'", result.stdout)
+    assert len(samples) == 2 and all(len(s.split()) >= 5 for s in samples)
+
+
+def test_the_privdpo_commands_in_the_readme_run(tmp_path):
+    commands = [c for c in readme_commands() if c.startswith("privdpo ")]
+    assert len(commands) >= 5
+    # Run them literally, in order, in a scratch directory holding the files they name.
+    shutil.copytree(REPO / "examples", tmp_path / "examples")
+    shutil.copytree(REPO / "src" / "privdpo" / "assets", tmp_path / "src" / "privdpo" / "assets")
+    for command in commands:
+        result = run(command, tmp_path, timeout=600)
+        assert result.returncode == 0, f"{command}\n{result.stderr[-3000:]}"
+    assert (tmp_path / "runs" / "sft-tiny" / "model" / "model.safetensors").is_file()
+    assert (tmp_path / "runs" / "sft-lora" / "adapter" / "adapter_model.safetensors").is_file()
+    assert (tmp_path / "runs" / "sft-lora" / "model" / "model.safetensors").is_file()
+
+
+@pytest.fixture(scope="module")
+def local_model_dir(tmp_path_factory) -> Path:
+    """A model directory as a user would have it: the tiny preset saved in HF format."""
+    from privdpo.models import build_preset
+
+    directory = tmp_path_factory.mktemp("local-model")
+    model, tokenizer = build_preset("tiny")
+    model.save_pretrained(directory, safe_serialization=True)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+@pytest.mark.parametrize("config", sorted((REPO / "examples").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_example_config_trains(config, tmp_path, local_model_dir):
+    overrides = [
+        f"output.dir={tmp_path / 'run'}",
+        "output.progress_bar=false",
+        "train.max_steps=2",
+        "train.eval_every=1",
+        "train.save_every=1",
+    ]
+    if yaml.safe_load(config.read_text())["model"].get("path"):  # the template for your own model
+        overrides += [
+            f"model.path={local_model_dir}",
+            f"data.train={REPO / 'src/privdpo/assets/sample_sft.jsonl'}",
+            "data.max_length=128",
+        ]
+    cwd = os.getcwd()
+    os.chdir(REPO)  # example paths are relative to the repository root
+    try:
+        assert main(["sft", str(config), *overrides]) == 0
+    finally:
+        os.chdir(cwd)
+    exported = [p for p in ("model", "adapter") if (tmp_path / "run" / p).is_dir()]
+    assert exported
