@@ -153,6 +153,23 @@ def load_trainable(path: Path, model: torch.nn.Module) -> None:
             p.copy_(saved[name])
 
 
+BEST = "best"
+
+
+def save_best(run_dir: Path, step: int, model: torch.nn.Module, metric: dict) -> Path:
+    """Keep the trainable weights of the best evaluation so far in `checkpoints/best/`."""
+
+    def write(d: Path) -> None:
+        params = {n: p.detach().contiguous().cpu() for n, p in trainable_parameters(model).items()}
+        save_file(params, d / "trainable.safetensors")
+        _write_json(d / "best.json", {"step": step, **metric})
+
+    target = run_dir / CHECKPOINTS / BEST
+    target.parent.mkdir(parents=True, exist_ok=True)
+    _atomic_dir(target, write)
+    return target
+
+
 def _atomic_dir(target: Path, write) -> None:
     tmp = target.with_name(f".tmp-{target.name}")
     if tmp.exists():

@@ -16,7 +16,7 @@ for _var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
     os.environ[_var] = "1"
 os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
 
-from privdpo.config import SFTRunConfig, describe_config, load_config  # noqa: E402
+from privdpo.config import DPORunConfig, SFTRunConfig, describe_config, load_config  # noqa: E402
 from privdpo.errors import UserError  # noqa: E402
 
 DEMO_DIR = "runs/demo"
@@ -27,6 +27,13 @@ def _sft(args: argparse.Namespace) -> None:
 
     cfg = load_config(SFTRunConfig, args.config, args.overrides)
     run_sft(cfg, resume=args.resume)
+
+
+def _dpo(args: argparse.Namespace) -> None:
+    from privdpo.recipes.dpo import run_dpo
+
+    cfg = load_config(DPORunConfig, args.config, args.overrides)
+    run_dpo(cfg, resume=args.resume)
 
 
 def _demo(args: argparse.Namespace) -> None:
@@ -96,6 +103,19 @@ def build_parser() -> argparse.ArgumentParser:
     sft.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides")
     sft.add_argument("--resume", action="store_true", help="continue the run in output.dir")
     sft.set_defaults(func=_sft)
+
+    dpo = commands.add_parser(
+        "dpo",
+        help="preference optimization (DPO, IPO, cDPO, robust, hinge, RPO, SimPO, ORPO)",
+        description="Preference optimization of a local model on local preference pairs.",
+        epilog="config keys (YAML sections; override any as section.key=value):\n"
+        + describe_config(DPORunConfig),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    dpo.add_argument("config", help="YAML config file")
+    dpo.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides")
+    dpo.add_argument("--resume", action="store_true", help="continue the run in output.dir")
+    dpo.set_defaults(func=_dpo)
 
     demo = commands.add_parser(
         "demo",

@@ -101,6 +101,12 @@ class DataConfig:
         True, "append the EOS token to plain-text completions (chat templates end turns)"
     )
     user_id_column: str = opt("user_id", "column that names the user a row came from")
+    max_prompt_length: int | None = opt(
+        None, "DPO: cap on prompt tokens (the prompt's end is kept); null: only max_length"
+    )
+    identical_pairs: Literal["drop", "error"] = opt(
+        "drop", "DPO: a pair whose chosen equals its rejected is dropped and counted, or stops"
+    )
 
 
 @dataclass
@@ -126,6 +132,13 @@ class TrainConfig:
     keep_checkpoints: int = opt(2, "how many of the newest checkpoints to keep on disk")
     log_every: int = opt(1, "write metrics every N steps")
     device: str = opt("auto", "auto (cuda if present), cpu, cuda or cuda:N")
+    early_stopping_patience: int | None = opt(
+        None, "stop after this many evaluations without improvement (null: never stop early)"
+    )
+    early_stopping_metric: str | None = opt(
+        None, "eval metric watched (null: eval/rewards/accuracies for DPO, eval/loss for SFT)"
+    )
+    early_stopping_min_delta: float = opt(0.0, "smallest change that counts as an improvement")
 
 
 @dataclass
@@ -134,6 +147,39 @@ class SFTConfig:
 
     completion_only_loss: bool = opt(
         True, "loss only on completion/assistant tokens (false: on every token)"
+    )
+
+
+@dataclass
+class DPOConfig:
+    """Preference optimization: the loss, its parameters and the reference policy."""
+
+    loss: Literal[
+        "sigmoid", "cdpo", "robust", "ipo", "hinge", "dpo_norm", "rpo", "simpo", "orpo"
+    ] = opt("sigmoid", "preference loss (sigmoid = DPO); simpo and orpo need no reference")
+    beta: float = opt(0.1, "inverse temperature of the implicit reward (IPO: its tau)")
+    label_smoothing: float = opt(0.0, "cdpo/robust: assumed rate of flipped labels, in [0, 0.5)")
+    rpo_alpha: float = opt(1.0, "rpo: weight of the NLL term on chosen responses")
+    simpo_gamma: float = opt(0.5, "simpo: target reward margin gamma")
+    orpo_lambda: float = opt(0.1, "orpo: weight lambda of the odds-ratio term")
+    reference: Literal["auto", "copy", "adapter_disabled", "path"] = opt(
+        "auto",
+        "reference policy: a frozen copy of the initial model, the LoRA model with adapters"
+        " disabled (no second copy), or a model at reference_path; auto = adapter_disabled"
+        " with LoRA, else copy",
+    )
+    reference_path: str | None = opt(
+        None, "local model directory of the reference (reference=path)"
+    )
+    precompute_reference: bool = opt(
+        False, "compute reference log-probs once before training and cache them on disk"
+    )
+    reference_cache_dir: str = opt(
+        "~/.cache/privdpo/reference-logps",
+        "where precomputed reference log-probs are cached, keyed by model, data and tokenization",
+    )
+    disable_dropout: bool = opt(
+        True, "turn dropout off in the policy (its log-probs are then deterministic, like TRL)"
     )
 
 
@@ -163,6 +209,38 @@ class SFTRunConfig:
         return check_common(self)
 
 
+@dataclass
+class DPORunConfig:
+    """`privdpo dpo`."""
+
+    model: ModelConfig = sub(ModelConfig, "the policy model")
+    data: DataConfig = sub(DataConfig, "the preference data")
+    train: TrainConfig = sub(TrainConfig, "the training loop")
+    dpo: DPOConfig = sub(DPOConfig, "preference optimization")
+    output: OutputConfig = sub(OutputConfig, "the run directory")
+
+    def check(self) -> list[str]:
+        problems = check_common(self)
+        d = self.dpo
+        if d.reference == "path" and not d.reference_path:
+            problems.append("dpo.reference_path: required when dpo.reference=path")
+        if d.reference_path and d.reference != "path":
+            problems.append("dpo.reference_path: set, but dpo.reference is not 'path'; set both")
+        if d.reference == "adapter_disabled" and not self.model.lora.enabled:
+            problems.append(
+                "dpo.reference: adapter_disabled needs LoRA (model.lora.enabled=true);"
+                " use copy or path for full fine-tuning"
+            )
+        if not 0.0 <= d.label_smoothing < 0.5:
+            problems.append(f"dpo.label_smoothing: must be in [0, 0.5), got {d.label_smoothing}")
+        for key in ("rpo_alpha", "orpo_lambda", "simpo_gamma"):
+            if not getattr(d, key) >= 0:
+                problems.append(f"dpo.{key}: must be at least 0, got {getattr(d, key)}")
+        if not (d.beta > 0 and math.isfinite(d.beta)):
+            problems.append(f"dpo.beta: must be positive, got {d.beta}")
+        return problems
+
+
 def check_common(cfg: Any) -> list[str]:
     """Cross-field checks that the types alone cannot express."""
     problems = []
@@ -178,12 +256,22 @@ def check_common(cfg: Any) -> list[str]:
         problems.append("output.dir: required; set it to the run directory to create")
     if not 0.0 <= d.eval_fraction < 1.0:
         problems.append(f"data.eval_fraction: must be in [0, 1), got {d.eval_fraction}")
+    if t.early_stopping_patience is not None and not d.eval and d.eval_fraction == 0:
+        problems.append(
+            "train.early_stopping_patience: needs a held-out split (data.eval or"
+            " data.eval_fraction > 0)"
+        )
+    if d.max_prompt_length is not None and not 1 <= d.max_prompt_length < d.max_length:
+        problems.append(
+            f"data.max_prompt_length: must be between 1 and data.max_length - 1, got"
+            f" {d.max_prompt_length}"
+        )
     if d.max_length < 2:
         problems.append(f"data.max_length: must be at least 2, got {d.max_length}")
     for key in ("batch_size", "micro_batch_size", "epochs", "keep_checkpoints", "log_every"):
         if getattr(t, key) < 1:
             problems.append(f"train.{key}: must be at least 1, got {getattr(t, key)}")
-    for key in ("max_steps", "eval_every", "save_every"):
+    for key in ("max_steps", "eval_every", "save_every", "early_stopping_patience"):
         value = getattr(t, key)
         if value is not None and value < 1:
             problems.append(f"train.{key}: must be at least 1 or null, got {value}")

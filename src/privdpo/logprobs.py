@@ -24,3 +24,15 @@ def token_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tenso
     # log_softmax then gather: the same numbers as cross-entropy, one token at a time.
     logps = torch.log_softmax(logits, dim=-1).gather(-1, safe.unsqueeze(-1)).squeeze(-1)
     return logps * mask, mask
+
+
+def sequence_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed response log-prob and response length of every sequence in `batch`.
+
+    batch: `input_ids`, `attention_mask`, `labels` [N, T]. Returns (logps [N] float32,
+    num_tokens [N] float32): the log-probability of each sequence's label tokens given
+    everything before them, summed over the sequence.
+    """
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    logps, mask = token_logps(logits, batch["labels"])
+    return logps.sum(-1), mask.sum(-1).float()

@@ -151,3 +151,57 @@ def batch_indices(step: int, num_units: int, cfg: TrainConfig) -> list[int]:
 
 def micro_batches(items: list, size: int) -> list[list]:
     return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+class EarlyStopping:
+    """Stop when an eval metric has not improved by more than `min_delta` for `patience`
+    evaluations. Higher is better unless the metric's name says loss or perplexity."""
+
+    def __init__(self, metric: str, patience: int | None, min_delta: float):
+        self.metric = metric
+        self.patience = patience
+        self.min_delta = min_delta
+        self.lower_is_better = "loss" in metric or "perplexity" in metric
+        self.best: float | None = None
+        self.best_step: int | None = None
+        self.bad_evals = 0
+
+    def update(self, step: int, metrics: dict) -> bool:
+        """Record an evaluation; True when it is the best so far."""
+        if self.metric not in metrics:
+            raise UserError(
+                f"train.early_stopping_metric: {self.metric!r} is not an eval metric; choose"
+                f" one of {sorted(k for k in metrics if k.startswith('eval/'))}"
+            )
+        value = metrics[self.metric]
+        if self.best is None:
+            improved = True
+        else:
+            gain = self.best - value if self.lower_is_better else value - self.best
+            improved = gain > self.min_delta
+        if improved:
+            self.best, self.best_step, self.bad_evals = value, step, 0
+            return True
+        self.bad_evals += 1
+        return False
+
+    @property
+    def should_stop(self) -> bool:
+        return self.patience is not None and self.bad_evals >= self.patience
+
+    def reason(self) -> str:
+        return (
+            f"early stopping: {self.metric} did not improve by more than"
+            f" {self.min_delta} for {self.bad_evals} evaluations; best {self.best:.6g}"
+            f" at step {self.best_step}"
+        )
+
+    def state(self) -> dict:
+        return {"best": self.best, "best_step": self.best_step, "bad_evals": self.bad_evals}
+
+    def load(self, state: dict) -> None:
+        self.best, self.best_step, self.bad_evals = (
+            state["best"],
+            state["best_step"],
+            state["bad_evals"],
+        )

@@ -26,3 +26,26 @@ def pad_batch(examples: list, pad_id: int) -> dict[str, torch.Tensor]:
         labels[i, :n] = torch.tensor(e.labels)
         attention_mask[i, :n] = 1
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def pair_batch(pairs: list, pad_id: int) -> dict[str, torch.Tensor]:
+    """Chosen and rejected sequences of `pairs` in one padded batch, for one forward pass.
+
+    Rows 0..B-1 are prompt+chosen, rows B..2B-1 prompt+rejected (the order TRL uses), with
+    labels only on the response tokens. Returns `input_ids`, `attention_mask`, `labels`,
+    each [2B, T].
+    """
+    sequences = [
+        _Seq(p.prompt_ids + response, [IGNORE] * len(p.prompt_ids) + response)
+        for responses in ([p.chosen_ids for p in pairs], [p.rejected_ids for p in pairs])
+        for p, response in zip(pairs, responses, strict=True)
+    ]
+    return pad_batch(sequences, pad_id)
+
+
+class _Seq:
+    __slots__ = ("input_ids", "labels")
+
+    def __init__(self, input_ids: list[int], labels: list[int]):
+        self.input_ids = input_ids
+        self.labels = labels

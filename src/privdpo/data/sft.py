@@ -54,7 +54,7 @@ def detect_format(rows: list[Row], path: str) -> str | None:
     )
 
 
-def _text_field(fields: dict, key: str) -> str:
+def text_field(fields: dict, key: str) -> str:
     if key not in fields or fields[key] is None:
         raise BadRow("missing_field", f"missing required field {key!r}")
     value = fields[key]
@@ -65,7 +65,7 @@ def _text_field(fields: dict, key: str) -> str:
     return value
 
 
-def _messages(value, key: str) -> list[dict]:
+def messages_field(value, key: str) -> list[dict]:
     if value is None:
         raise BadRow("missing_field", f"missing required field {key!r}")
     if not isinstance(value, list) or not value:
@@ -81,16 +81,21 @@ def _messages(value, key: str) -> list[dict]:
     return [{"role": m["role"], "content": m["content"]} for m in value]
 
 
-def chat_segments(tokenizer: PreTrainedTokenizerBase, messages: list[dict], loss_on_all: bool):
-    """Segments for a chat: assistant turns trainable, the rest (and each turn's header)
-    not. The template is rendered on growing prefixes of the chat, which must each be a text
+def chat_segments(
+    tokenizer: PreTrainedTokenizerBase,
+    messages: list[dict],
+    loss_on_all: bool,
+    train_from: int = 0,
+):
+    """Segments for a chat: assistant turns from message `train_from` on are trainable, the
+    rest (and each turn's header) not. The template is rendered on growing prefixes of the chat, which must each be a text
     prefix of the whole; a template that rewrites earlier turns is an error for the row."""
     if tokenizer.chat_template is None:
         raise DataError(
             "the tokenizer has no chat template, so chat-format rows cannot be rendered; use"
             " a model directory whose tokenizer_config.json has one, or plain-text rows"
         )
-    if not any(m["role"] == "assistant" for m in messages):
+    if not any(m["role"] == "assistant" for m in messages[train_from:]):
         raise BadRow("no_assistant_turn", "the chat has no assistant turn to learn from")
 
     def render(msgs, generation_prompt=False):
@@ -101,9 +106,10 @@ def chat_segments(tokenizer: PreTrainedTokenizerBase, messages: list[dict], loss
     full = render(messages)
     cuts = []  # (end offset in `full`, trainable)
     for i, m in enumerate(messages):
-        if m["role"] == "assistant":
+        learn = m["role"] == "assistant" and i >= train_from
+        if learn:
             cuts.append((render(messages[:i], generation_prompt=True), False))
-        cuts.append((render(messages[: i + 1]), m["role"] == "assistant"))
+        cuts.append((render(messages[: i + 1]), learn))
     segments, start = [], 0
     for text, trainable in cuts:
         if not full.startswith(text) or len(text) < start:
@@ -130,18 +136,18 @@ def row_to_example(
 ) -> Example:
     f = row.fields
     if fmt == "text":
-        segments, templated = [Segment(_text_field(f, "text"), True)], False
+        segments, templated = [Segment(text_field(f, "text"), True)], False
     elif fmt == "messages":
-        messages = _messages(f.get("messages"), "messages")
+        messages = messages_field(f.get("messages"), "messages")
         segments, templated = chat_segments(tokenizer, messages, not completion_only_loss), True
     else:
         if isinstance(f.get("prompt"), list) or isinstance(f.get("completion"), list):
-            prompt = _messages(f.get("prompt"), "prompt")
-            completion = _messages(f.get("completion"), "completion")
+            prompt = messages_field(f.get("prompt"), "prompt")
+            completion = messages_field(f.get("completion"), "completion")
             segments = chat_segments(tokenizer, prompt + completion, not completion_only_loss)
             templated = True
         else:
-            prompt, completion = _text_field(f, "prompt"), _text_field(f, "completion")
+            prompt, completion = text_field(f, "prompt"), text_field(f, "completion")
             segments = [Segment(prompt, not completion_only_loss), Segment(completion, True)]
             templated = False
     tok = tokenize_segments(

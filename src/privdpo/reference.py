@@ -1,0 +1,151 @@
+"""The reference policy of DPO: a frozen copy, the LoRA model with its adapters disabled,
+a separate local model, or log-probs precomputed once and cached on disk.
+
+The cache key covers everything that changes the numbers: the reference model's identity
+(a preset's name, seed and dtype, or the hash of a directory's weight files), the tokenized
+pairs (so data and tokenization settings are both covered), and the dtype. A changed input
+gives a new key, so a stale cache is never read.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from privdpo.config import DPORunConfig, ModelConfig
+from privdpo.data.batching import pair_batch
+from privdpo.logprobs import sequence_logps
+from privdpo.losses import REFERENCE_FREE
+from privdpo.models import load_model_and_tokenizer
+from privdpo.training import micro_batches
+
+
+def reference_kind(cfg: DPORunConfig) -> str:
+    """`none`, `copy`, `adapter_disabled` or `path`, resolving `auto`."""
+    if cfg.dpo.loss in REFERENCE_FREE:
+        return "none"
+    if cfg.dpo.reference != "auto":
+        return cfg.dpo.reference
+    return "adapter_disabled" if cfg.model.lora.enabled else "copy"
+
+
+class Reference:
+    """Gives reference log-probs for a batch of pairs, however the reference is held."""
+
+    def __init__(self, kind: str, model=None, policy=None):
+        self.kind = kind
+        self.model = model  # copy / path: a frozen model; adapter_disabled: None
+        self.policy = policy  # adapter_disabled: the LoRA policy itself
+        self.cache: dict[str, torch.Tensor] | None = None  # precomputed: where -> [2]
+
+    @torch.no_grad()
+    def logps(self, pairs, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ref_chosen [B], ref_rejected [B]) for `pairs`, whose padded `batch` is given."""
+        if self.cache is not None:
+            both = torch.stack([self.cache[p.where] for p in pairs])
+            return both[:, 0].to(batch["input_ids"].device), both[:, 1].to(
+                batch["input_ids"].device
+            )
+        if self.kind == "adapter_disabled":
+            was_training = self.policy.training
+            self.policy.eval()  # the reference has no dropout
+            with self.policy.disable_adapter():
+                logps, _ = sequence_logps(self.policy, batch)
+            self.policy.train(was_training)
+        else:
+            logps, _ = sequence_logps(self.model, batch)
+        return logps.chunk(2)
+
+
+def _frozen(model):
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def build_reference(cfg: DPORunConfig, base_model, device) -> Reference:
+    """The reference for `cfg`, built from the initial (pre-LoRA) `base_model` when it is a
+    copy. Call before LoRA wraps the model."""
+    kind = reference_kind(cfg)
+    if kind == "copy":
+        return Reference(kind, _frozen(copy.deepcopy(base_model)).to(device))
+    if kind == "path":
+        ref_cfg = ModelConfig(
+            path=cfg.dpo.reference_path,
+            dtype=cfg.model.dtype,
+            trust_remote_code=cfg.model.trust_remote_code,
+        )
+        model, _ = load_model_and_tokenizer(ref_cfg, cfg.train.seed)
+        return Reference(kind, _frozen(model).to(device))
+    return Reference(kind)
+
+
+def model_identity(model_cfg: ModelConfig, seed: int) -> str:
+    """A string that changes whenever the model's initial weights would."""
+    if model_cfg.preset:
+        return f"preset={model_cfg.preset};seed={seed};dtype={model_cfg.dtype}"
+    digest = hashlib.sha256()
+    root = Path(model_cfg.path)
+    for f in sorted(root.glob("*.safetensors")) + [root / "config.json"]:
+        digest.update(f.name.encode())
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 24), b""):
+                digest.update(block)
+    return f"weights={digest.hexdigest()};dtype={model_cfg.dtype}"
+
+
+def cache_key(cfg: DPORunConfig, kind: str, pairs) -> str:
+    if kind == "path":
+        ref_cfg = ModelConfig(path=cfg.dpo.reference_path, dtype=cfg.model.dtype)
+        identity = model_identity(ref_cfg, cfg.train.seed)
+    else:
+        identity = model_identity(cfg.model, cfg.train.seed)
+    digest = hashlib.sha256(identity.encode())
+    for p in pairs:
+        digest.update(json.dumps([p.where, p.prompt_ids, p.chosen_ids, p.rejected_ids]).encode())
+    return digest.hexdigest()[:32]
+
+
+def precompute(
+    reference: Reference, cfg: DPORunConfig, pairs, pad_id: int, device, batch_size: int
+) -> tuple[Path, bool]:
+    """Fill `reference.cache` for `pairs`, from disk if this exact input was computed
+    before. Returns (cache file, whether it was reused). Frees a held reference model."""
+    key = cache_key(cfg, reference.kind, pairs)
+    root = Path(cfg.dpo.reference_cache_dir).expanduser()
+    path = root / f"{key}.safetensors"
+    if path.is_file():
+        stored = load_file(path)
+        reference.cache = dict(zip(json.loads(_read_index(path)), stored["logps"], strict=True))
+        reused = True
+    else:
+        wheres, rows = [], []
+        for chunk in micro_batches(pairs, batch_size):
+            batch = {k: v.to(device) for k, v in pair_batch(chunk, pad_id).items()}
+            chosen, rejected = reference.logps(chunk, batch)
+            rows.append(torch.stack([chosen, rejected], dim=1).float().cpu())
+            wheres += [p.where for p in chunk]
+        logps = torch.cat(rows)
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        save_file({"logps": logps}, tmp, metadata={"index": json.dumps(wheres)})
+        tmp.replace(path)
+        reference.cache = dict(zip(wheres, logps, strict=True))
+        reused = False
+    reference.model = None  # the frozen copy is no longer needed: free its memory
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return path, reused
+
+
+def _read_index(path: Path) -> str:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return f.metadata()["index"]
