@@ -128,6 +128,7 @@ class TrainConfig:
     warmup_steps: int = opt(0, "steps of linear warmup from 0 to lr")
     max_grad_norm: float | None = opt(1.0, "clip the gradient norm to this (null: no clip)")
     eval_every: int | None = opt(None, "evaluate every N steps (null: only at the end)")
+    eval_at_start: bool = opt(True, "also evaluate before the first step, as a baseline")
     save_every: int | None = opt(None, "checkpoint every N steps (null: only at the end)")
     keep_checkpoints: int = opt(2, "how many of the newest checkpoints to keep on disk")
     log_every: int = opt(1, "write metrics every N steps")

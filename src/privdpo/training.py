@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from privdpo.checkpoint import list_checkpoints
+from privdpo.checkpoint import BEST, CHECKPOINTS, list_checkpoints, load_trainable, save_best
 from privdpo.config import TrainConfig, dump_yaml, to_dict
 from privdpo.errors import UserError
 
@@ -204,4 +204,23 @@ class EarlyStopping:
             state["best"],
             state["best_step"],
             state["bad_evals"],
+        )
+
+
+def record_eval(step: int, metrics: dict, logger, stopper: EarlyStopping, run_dir, model):
+    """Log an evaluation and do the early-stopping bookkeeping: keep the best weights
+    (only when early stopping is on) and return the reason to stop, or None."""
+    logger.log(step, metrics)
+    if stopper.update(step, metrics) and stopper.patience is not None:
+        save_best(run_dir, step, model, {stopper.metric: stopper.best})
+    return stopper.reason() if stopper.should_stop else None
+
+
+def restore_best(stopper: EarlyStopping, step: int, run_dir: Path, model) -> None:
+    """With early stopping on, the model to export is the best evaluation's, not the last."""
+    if stopper.patience is not None and stopper.best_step not in (None, step):
+        load_trainable(run_dir / CHECKPOINTS / BEST, model)
+        print(
+            f"exporting the best checkpoint: step {stopper.best_step},"
+            f" {stopper.metric}={stopper.best:.6g}"
         )

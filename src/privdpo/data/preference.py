@@ -53,6 +53,12 @@ def split_implicit_prompt(chosen, rejected):
     n = 0
     while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
         n += 1
+    if n == min(len(chosen), len(rejected)):
+        raise BadRow(
+            "empty_field",
+            "one response is the beginning of the other, so it has no text of its own after"
+            " the shared prompt; add a 'prompt' column",
+        )
     while n > 0 and not chosen[n - 1 : n].isspace() and not chosen[n : n + 1].isspace():
         n -= 1
     if n > 0 and chosen[n - 1].isspace():
@@ -149,7 +155,6 @@ def row_to_pair(
             if fields.get(key) is None:
                 raise BadRow("missing_field", f"missing required field {key!r}")
         chosen, rejected = fields["chosen"], fields["rejected"]
-        _refuse_identical(chosen, rejected, cfg)
         if isinstance(chosen, list):
             chosen, rejected = (
                 messages_field(chosen, "chosen"),
@@ -157,6 +162,7 @@ def row_to_pair(
             )
         else:
             chosen, rejected = text_field(fields, "chosen"), text_field(fields, "rejected")
+        _refuse_identical(chosen, rejected, cfg)
         prompt, chosen, rejected = split_implicit_prompt(chosen, rejected)
         if not prompt:
             raise BadRow(

@@ -20,8 +20,6 @@ from privdpo.checkpoint import (
     export_model,
     list_checkpoints,
     load_checkpoint,
-    load_trainable,
-    save_best,
     save_checkpoint,
 )
 from privdpo.config import DPORunConfig
@@ -42,6 +40,8 @@ from privdpo.training import (
     micro_batches,
     pick_device,
     planned_steps,
+    record_eval,
+    restore_best,
     steps_per_epoch,
 )
 
@@ -164,6 +164,9 @@ def run_dpo(cfg: DPORunConfig, resume: bool = False) -> dict[str, Path]:
     logger = MetricsLogger(run_dir, resume_step=step if resume else None)
     bar = tqdm(total=total_steps, initial=step, disable=not cfg.output.progress_bar, desc="dpo")
     stop_reason = None
+    if evals and cfg.train.eval_at_start and step == 0:
+        eval_metrics = evaluate(model, reference, evals, cfg, pad_id, device)
+        record_eval(0, eval_metrics, logger, stopper, run_dir, model)
 
     # ---- train -----------------------------------------------------------------------
     while step < total_steps and stop_reason is None:
@@ -206,11 +209,7 @@ def run_dpo(cfg: DPORunConfig, resume: bool = False) -> dict[str, Path]:
             (cfg.train.eval_every and step % cfg.train.eval_every == 0) or step == total_steps
         ):
             eval_metrics = evaluate(model, reference, evals, cfg, pad_id, device)
-            logger.log(step, eval_metrics)
-            if stopper.update(step, eval_metrics) and stopper.patience is not None:
-                save_best(run_dir, step, model, {stopper.metric: stopper.best})
-            if stopper.should_stop:
-                stop_reason = stopper.reason()
+            stop_reason = record_eval(step, eval_metrics, logger, stopper, run_dir, model)
         if (
             (cfg.train.save_every and step % cfg.train.save_every == 0)
             or step == total_steps
@@ -232,12 +231,7 @@ def run_dpo(cfg: DPORunConfig, resume: bool = False) -> dict[str, Path]:
         (run_dir / "stopped_early.txt").write_text(stop_reason + "\n", encoding="utf-8")
 
     # ---- export ----------------------------------------------------------------------
-    # With early stopping on, the exported model is the best evaluation's, not the last.
-    if stopper.patience is not None and stopper.best_step not in (None, step):
-        load_trainable(run_dir / "checkpoints" / "best", model)
-        print(
-            f"exporting the best checkpoint: step {stopper.best_step}, {stopper.metric}={stopper.best:.6g}"
-        )
+    restore_best(stopper, step, run_dir, model)
     exported = export_model(model, tokenizer, run_dir, cfg.output.merge_lora)
     for kind, path in exported.items():
         print(f"exported {kind}: {path}")

@@ -23,6 +23,7 @@ from privdpo.losses import sft_loss
 from privdpo.metrics import MetricsLogger
 from privdpo.models import add_lora, load_model_and_tokenizer
 from privdpo.training import (
+    EarlyStopping,
     batch_indices,
     check_run_dir,
     create_run_dir,
@@ -31,6 +32,8 @@ from privdpo.training import (
     micro_batches,
     pick_device,
     planned_steps,
+    record_eval,
+    restore_best,
     steps_per_epoch,
 )
 
@@ -87,16 +90,28 @@ def run_sft(cfg: SFTRunConfig, resume: bool = False) -> dict[str, Path]:
     scheduler = make_scheduler(optimizer, cfg.train, total_steps)
     pad_id = tokenizer.pad_token_id
 
+    stopper = EarlyStopping(
+        cfg.train.early_stopping_metric or "eval/loss",
+        cfg.train.early_stopping_patience,
+        cfg.train.early_stopping_min_delta,
+    )
+
     step = 0
     if resume:
         last = list_checkpoints(run_dir)[-1]
-        step = load_checkpoint(last, model, optimizer, scheduler)["step"]
+        state = load_checkpoint(last, model, optimizer, scheduler)
+        step = state["step"]
+        stopper.load(state["extra"]["early_stopping"])
         print(f"resuming from {last} (step {step} of {total_steps})")
     logger = MetricsLogger(run_dir, resume_step=step if resume else None)
     bar = tqdm(total=total_steps, initial=step, disable=not cfg.output.progress_bar, desc="sft")
+    stop_reason = None
+    if evals and cfg.train.eval_at_start and step == 0:
+        eval_metrics = evaluate(model, evals, cfg, pad_id, device)
+        record_eval(0, eval_metrics, logger, stopper, run_dir, model)
 
     # ---- train -----------------------------------------------------------------------
-    while step < total_steps:
+    while step < total_steps and stop_reason is None:
         started = time.perf_counter()
         examples = [train[i] for i in batch_indices(step, len(train), cfg.train)]
         num_tokens = count_label_tokens(examples)
@@ -133,13 +148,28 @@ def run_sft(cfg: SFTRunConfig, resume: bool = False) -> dict[str, Path]:
         if evals and (
             (cfg.train.eval_every and step % cfg.train.eval_every == 0) or step == total_steps
         ):
-            logger.log(step, evaluate(model, evals, cfg, pad_id, device))
-        if (cfg.train.save_every and step % cfg.train.save_every == 0) or step == total_steps:
+            eval_metrics = evaluate(model, evals, cfg, pad_id, device)
+            stop_reason = record_eval(step, eval_metrics, logger, stopper, run_dir, model)
+        if (
+            (cfg.train.save_every and step % cfg.train.save_every == 0)
+            or step == total_steps
+            or stop_reason
+        ):
             save_checkpoint(
-                run_dir, step, model, optimizer, scheduler, {}, cfg.train.keep_checkpoints
+                run_dir,
+                step,
+                model,
+                optimizer,
+                scheduler,
+                {"early_stopping": stopper.state()},
+                cfg.train.keep_checkpoints,
             )
     bar.close()
     logger.close()
+    if stop_reason:
+        print(stop_reason)
+        (run_dir / "stopped_early.txt").write_text(stop_reason + "\n", encoding="utf-8")
+    restore_best(stopper, step, run_dir, model)
 
     # ---- export ----------------------------------------------------------------------
     exported = export_model(model, tokenizer, run_dir, cfg.output.merge_lora)
