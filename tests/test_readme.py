@@ -66,6 +66,9 @@ def test_the_privdpo_commands_in_the_readme_run(tmp_path):
     assert (tmp_path / "runs" / "sft-tiny" / "model" / "model.safetensors").is_file()
     assert (tmp_path / "runs" / "sft-lora" / "adapter" / "adapter_model.safetensors").is_file()
     assert (tmp_path / "runs" / "sft-lora" / "model" / "model.safetensors").is_file()
+    assert (tmp_path / "runs" / "dpo-tiny" / "model" / "model.safetensors").is_file()
+    assert (tmp_path / "runs" / "dpo-lora" / "adapter" / "adapter_model.safetensors").is_file()
+    assert list((tmp_path / "runs" / ".reference-cache").glob("*.safetensors"))
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +92,11 @@ def test_every_example_config_trains(config, tmp_path, local_model_dir):
         "train.eval_every=1",
         "train.save_every=1",
     ]
-    if yaml.safe_load(config.read_text())["model"].get("path"):  # the template for your own model
+    loaded = yaml.safe_load(config.read_text())
+    command = "dpo" if "dpo" in loaded else "sft"
+    if command == "dpo":
+        overrides.append(f"dpo.reference_cache_dir={tmp_path / 'cache'}")
+    if loaded["model"].get("path"):  # the template for your own model
         overrides += [
             f"model.path={local_model_dir}",
             f"data.train={REPO / 'src/privdpo/assets/sample_sft.jsonl'}",
@@ -98,7 +105,7 @@ def test_every_example_config_trains(config, tmp_path, local_model_dir):
     cwd = os.getcwd()
     os.chdir(REPO)  # example paths are relative to the repository root
     try:
-        assert main(["sft", str(config), *overrides]) == 0
+        assert main([command, str(config), *overrides]) == 0
     finally:
         os.chdir(cwd)
     exported = [p for p in ("model", "adapter") if (tmp_path / "run" / p).is_dir()]
