@@ -1,0 +1,148 @@
+"""Per-unit clipped gradient sums against a naive loop that computes one unit at a time
+(its own forward and backward, clip, add), for SFT examples and DPO pairs, LoRA and full
+fine-tuning (tied embeddings included), with and without micro-batching."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from privdpo.config import LoraConfig
+from privdpo.data.batching import pad_batch, pair_batch
+from privdpo.data.preference import PairExample
+from privdpo.data.sft import Example
+from privdpo.data.tokenize import IGNORE
+from privdpo.errors import UserError
+from privdpo.logprobs import sequence_logps, token_logps
+from privdpo.losses import LossParams, PairLogps, sigmoid_loss
+from privdpo.models import add_lora, build_preset
+from privdpo.privacy.clipping import PerUnitGradients
+
+
+def tiny(lora: bool):
+    torch.manual_seed(0)
+    model, tokenizer = build_preset("tiny")
+    if lora:
+        model = add_lora(
+            model, LoraConfig(enabled=True, r=4, alpha=8, target_modules=["q_proj", "v_proj"])
+        )
+        # Non-zero B so the adapters' gradients are not trivially structured.
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.05)
+    model.train()
+    return model, tokenizer
+
+
+def sft_examples(tokenizer, n: int) -> list[Example]:
+    out = []
+    for i in range(n):
+        prompt = tokenizer(f"Review {i}: the movie").input_ids
+        completion = tokenizer(" was" + " good" * (i % 4 + 1) + ".").input_ids
+        ids = prompt + completion
+        labels = [IGNORE] * len(prompt) + completion
+        out.append(Example(ids, labels, f"x:{i}", None))
+    return out
+
+
+def pairs(tokenizer, n: int) -> list[PairExample]:
+    out = []
+    for i in range(n):
+        prompt = tokenizer(f"Pair {i}: it was").input_ids
+        chosen = tokenizer(" great" + " fun" * (i % 3) + ".").input_ids
+        rejected = tokenizer(" bad" * (i % 2 + 1) + "!").input_ids
+        out.append(PairExample(prompt, chosen, rejected, f"x:{i}", None))
+    return out
+
+
+def sft_unit_losses(model, examples) -> torch.Tensor:
+    """[U] each example's mean token NLL: the unit loss DP-SGD clips."""
+    batch = pad_batch(examples, pad_id=1)
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    logps, mask = token_logps(logits, batch["labels"])
+    return -logps.sum(-1) / mask.sum(-1)
+
+
+def dpo_unit_losses(model, reference, chunk) -> torch.Tensor:
+    batch = pair_batch(chunk, pad_id=1)
+    logps, tokens = sequence_logps(model, batch)
+    with torch.no_grad():
+        ref, _ = sequence_logps(reference, batch)
+    c, r = logps.chunk(2)
+    rc, rr = ref.chunk(2)
+    tc, tr = tokens.chunk(2)
+    return sigmoid_loss(PairLogps(c, r, tc, tr, rc, rr), LossParams(beta=0.5)).losses
+
+
+def row_units(kind: str, n: int) -> torch.Tensor:
+    # SFT: row i is unit i. DPO: rows i (chosen) and n + i (rejected) are unit i.
+    return torch.arange(n) if kind == "sft" else torch.arange(n).repeat(2)
+
+
+def naive_clipped_sum(model, unit_loss, units, max_norm) -> tuple[list[torch.Tensor], list]:
+    params = [p for p in model.parameters() if p.requires_grad]
+    total = [torch.zeros_like(p) for p in params]
+    norms = []
+    for unit in units:
+        model.zero_grad(set_to_none=True)
+        unit_loss([unit]).sum().backward()
+        grads = [p.grad.detach().clone() for p in params]
+        norm = torch.sqrt(sum(g.pow(2).sum() for g in grads))
+        norms.append(norm)
+        factor = min(1.0, max_norm / (norm.item() + 1e-6))
+        for t, g in zip(total, grads, strict=True):
+            t += factor * g
+    model.zero_grad(set_to_none=True)
+    return total, norms
+
+
+@pytest.mark.parametrize("micro", [6, 2, 1], ids=["one-micro-batch", "micro-2", "micro-1"])
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+@pytest.mark.parametrize("kind", ["sft", "dpo"])
+def test_per_unit_clipping_equals_the_naive_loop(kind, lora, micro):
+    model, tokenizer = tiny(lora)
+    if kind == "sft":
+        units = sft_examples(tokenizer, 6)
+
+        def unit_loss(chunk):
+            return sft_unit_losses(model, chunk)
+    else:
+        units = pairs(tokenizer, 6)
+        reference = copy.deepcopy(model).eval()
+
+        def unit_loss(chunk):
+            return dpo_unit_losses(model, reference, chunk)
+
+    _, naive_norms = naive_clipped_sum(model, unit_loss, units, float("inf"))
+    # A clipping norm between the smallest and largest unit norm: some units are clipped.
+    max_norm = float(torch.stack(naive_norms).median())
+    expected, _ = naive_clipped_sum(model, unit_loss, units, max_norm)
+
+    sampler = PerUnitGradients(model)
+    norms = []
+    for start in range(0, len(units), micro):
+        chunk = units[start : start + micro]
+        sampler.set_units(row_units(kind, len(chunk)), len(chunk))
+        unit_loss(chunk).sum().backward()
+        norms.append(sampler.clip_and_accumulate(max_norm))
+    got = sampler.take_clipped_sum()
+    sampler.detach()
+
+    torch.testing.assert_close(torch.cat(norms), torch.stack(naive_norms), rtol=1e-5, atol=1e-7)
+    params = [p for p in model.parameters() if p.requires_grad]
+    assert sum(float(n > max_norm) for n in naive_norms) >= 2  # clipping really happened
+    for p, e in zip(params, expected, strict=True):
+        # Relative to the size of the whole gradient, not element by element.
+        assert (got[id(p)] - e).norm() <= 1e-5 * e.norm() + 1e-9
+    if not lora:  # the tied embedding is one parameter used by two modules
+        assert model.get_input_embeddings().weight is model.get_output_embeddings().weight
+
+
+def test_an_unsupported_trainable_layer_is_refused():
+    model, _ = tiny(lora=False)
+    model.extra = torch.nn.Conv1d(2, 2, 1)  # a trainable layer clipping cannot see
+    with pytest.raises(UserError, match="not supported"):
+        PerUnitGradients(model)
