@@ -1,0 +1,1 @@
+"""Differential privacy: accounting, sampling, per-unit clipping and the ledger."""
