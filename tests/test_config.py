@@ -89,7 +89,7 @@ def test_list_defaults_are_not_shared_between_instances():
             "data.max_lenght: unknown key; did you mean 'data.max_length'?",
         ),
         ({"trian": {"lr": 1.0}}, "trian: unknown key; did you mean 'train'?"),
-        ({"zzzz": {"lr": 1.0}}, "zzzz: unknown key; valid keys: model, data, train, sft, output"),
+        ({"zzzz": {"lr": 1.0}}, "zzzz: unknown key; valid keys: model, data, train, sft, privacy, output"),
     ],
 )
 def test_unknown_key_names_the_closest_valid_key(tmp_path, extra, expected):
@@ -423,7 +423,7 @@ def _all_keys(cls: type, prefix: str = ""):
 def test_describe_config_mentions_every_key_of_every_section():
     text = describe_config(SFTRunConfig)
     entries = list(_all_keys(SFTRunConfig))
-    assert sum(kind == "section" for kind, _, _ in entries) == 6  # five + model.lora
+    assert sum(kind == "section" for kind, _, _ in entries) == 7  # six + model.lora
     assert sum(kind == "key" for kind, _, _ in entries) > 40
     for kind, key, doc in entries:
         if kind == "section":

@@ -36,6 +36,35 @@ def _dpo(args: argparse.Namespace) -> None:
     run_dpo(cfg, resume=args.resume)
 
 
+def _privacy_plan(args: argparse.Namespace) -> None:
+    """The DP plan of a config (units, q, steps, sigma, C, epsilon, delta), no training."""
+    import yaml
+
+    from privdpo.data.preference import load_preference_data
+    from privdpo.data.sft import load_sft_data
+    from privdpo.models import load_model_and_tokenizer
+    from privdpo.privacy.dpsgd import make_plan
+    from privdpo.training import planned_steps
+
+    is_dpo = "dpo" in (yaml.safe_load(open(args.config, encoding="utf-8")) or {})
+    cfg = load_config(DPORunConfig if is_dpo else SFTRunConfig, args.config, args.overrides)
+    if not cfg.privacy.enabled:
+        raise UserError("privacy.enabled is false in this config: there is no privacy plan")
+    _, tokenizer = load_model_and_tokenizer(cfg.model, cfg.train.seed)
+    if is_dpo:
+        train, _, _ = load_preference_data(cfg.data, tokenizer, cfg.train.seed)
+    else:
+        train, _, _ = load_sft_data(
+            cfg.data, tokenizer, cfg.sft.completion_only_loss, cfg.train.seed
+        )
+    unit = "pair" if is_dpo else "example"
+    plan = make_plan(
+        cfg.privacy, unit, len(train), cfg.train.batch_size, planned_steps(len(train), cfg.train)
+    )
+    print(f"privacy plan for {args.config} ({'dpo' if is_dpo else 'sft'}, DP-SGD):")
+    print(plan.table())
+
+
 def _demo(args: argparse.Namespace) -> None:
     from privdpo.data.sft import sample_data_path
     from privdpo.recipes.sft import run_sft
@@ -116,6 +145,20 @@ def build_parser() -> argparse.ArgumentParser:
     dpo.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides")
     dpo.add_argument("--resume", action="store_true", help="continue the run in output.dir")
     dpo.set_defaults(func=_dpo)
+
+    privacy = commands.add_parser(
+        "privacy", help="differential privacy tools", description="Differential privacy tools."
+    )
+    privacy_commands = privacy.add_subparsers(dest="privacy_command", required=True)
+    plan = privacy_commands.add_parser(
+        "plan",
+        help="print the noise, epsilon and sampling plan of a config, without training",
+        description="Print the DP-SGD plan of a config (units, sampling rate, steps, noise"
+        " multiplier, clipping norm, epsilon, delta, accountant) without training.",
+    )
+    plan.add_argument("config", help="YAML config file (an sft or a dpo config)")
+    plan.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides")
+    plan.set_defaults(func=_privacy_plan)
 
     demo = commands.add_parser(
         "demo",

@@ -185,6 +185,30 @@ class DPOConfig:
 
 
 @dataclass
+class PrivacyConfig:
+    """Differential privacy (DP-SGD): per-unit clipping, Gaussian noise, exact accounting."""
+
+    enabled: bool = opt(False, "train with DP-SGD")
+    unit: Literal["auto", "example", "pair"] = opt(
+        "auto", "what one person's contribution is: example (SFT), pair (DPO); auto picks"
+    )
+    target_epsilon: float | None = opt(
+        None,
+        "privacy budget: the noise is calibrated to reach it at the last step; training"
+        " stops before any step that would cross it",
+    )
+    noise_multiplier: float | None = opt(
+        None, "sigma; if set, no calibration: the epsilon it gives is reported"
+    )
+    delta: float | None = opt(None, "delta of (epsilon, delta)-DP (null: a power of ten below 1/N)")
+    max_grad_norm: float = opt(1.0, "clipping norm C of each unit's gradient")
+    accountant: Literal["pld", "rdp"] = opt("pld", "dp-accounting accountant")
+    secure_noise: bool = opt(
+        False, "draw noise from a cryptographically seeded generator (runs not reproducible)"
+    )
+
+
+@dataclass
 class OutputConfig:
     """Where the run directory goes and what is exported."""
 
@@ -204,6 +228,7 @@ class SFTRunConfig:
     data: DataConfig = sub(DataConfig, "the data")
     train: TrainConfig = sub(TrainConfig, "the training loop")
     sft: SFTConfig = sub(SFTConfig, "SFT options")
+    privacy: PrivacyConfig = sub(PrivacyConfig, "differential privacy")
     output: OutputConfig = sub(OutputConfig, "the run directory")
 
     def check(self) -> list[str]:
@@ -218,6 +243,7 @@ class DPORunConfig:
     data: DataConfig = sub(DataConfig, "the preference data")
     train: TrainConfig = sub(TrainConfig, "the training loop")
     dpo: DPOConfig = sub(DPOConfig, "preference optimization")
+    privacy: PrivacyConfig = sub(PrivacyConfig, "differential privacy")
     output: OutputConfig = sub(OutputConfig, "the run directory")
 
     def check(self) -> list[str]:
@@ -257,6 +283,7 @@ def check_common(cfg: Any) -> list[str]:
         problems.append("output.dir: required; set it to the run directory to create")
     if not 0.0 <= d.eval_fraction < 1.0:
         problems.append(f"data.eval_fraction: must be in [0, 1), got {d.eval_fraction}")
+    problems.extend(check_privacy(cfg))
     if t.early_stopping_patience is not None and not d.eval and d.eval_fraction == 0:
         problems.append(
             "train.early_stopping_patience: needs a held-out split (data.eval or"
@@ -289,6 +316,34 @@ def check_common(cfg: Any) -> list[str]:
         problems.append(f"model.lora.r: must be at least 1, got {m.lora.r}")
     if not (t.device in ("auto", "cpu", "cuda") or t.device.startswith("cuda:")):
         problems.append(f"train.device: must be auto, cpu, cuda or cuda:N, got {t.device!r}")
+    return problems
+
+
+def check_privacy(cfg: Any) -> list[str]:
+    pv = cfg.privacy
+    if not pv.enabled:
+        return []
+    problems = []
+    if pv.target_epsilon is None and pv.noise_multiplier is None:
+        problems.append(
+            "privacy: set privacy.target_epsilon (the noise is calibrated to it) or"
+            " privacy.noise_multiplier (its epsilon is reported), or both (the target is then"
+            " a budget the run stops before crossing)"
+        )
+    if pv.target_epsilon is not None and not pv.target_epsilon > 0:
+        problems.append(f"privacy.target_epsilon: must be positive, got {pv.target_epsilon}")
+    if pv.noise_multiplier is not None and not pv.noise_multiplier >= 0:
+        problems.append(f"privacy.noise_multiplier: must be at least 0, got {pv.noise_multiplier}")
+    if pv.delta is not None and not 0 < pv.delta < 1:
+        problems.append(f"privacy.delta: must be in (0, 1), got {pv.delta}")
+    if not (pv.max_grad_norm > 0 and math.isfinite(pv.max_grad_norm)):
+        problems.append(f"privacy.max_grad_norm: must be positive, got {pv.max_grad_norm}")
+    expected = "pair" if hasattr(cfg, "dpo") else "example"
+    if pv.unit not in ("auto", expected):
+        problems.append(
+            f"privacy.unit: {pv.unit} does not fit this recipe; its unit is {expected}"
+            " (user level comes with user-level DP)"
+        )
     return problems
 
 

@@ -29,6 +29,8 @@ from privdpo.logprobs import sequence_logps
 from privdpo.losses import LossParams, PairLogps, preference_loss
 from privdpo.metrics import MetricsLogger
 from privdpo.models import add_lora, load_model_and_tokenizer
+from privdpo.privacy.accounting import PrivacyLedger
+from privdpo.privacy.dpsgd import DPSGD, make_plan, write_statement
 from privdpo.reference import build_reference, precompute
 from privdpo.training import (
     EarlyStopping,
@@ -148,6 +150,11 @@ def run_dpo(cfg: DPORunConfig, resume: bool = False) -> dict[str, Path]:
     optimizer = make_optimizer(model, cfg.train)
     total_steps = planned_steps(len(train), cfg.train)
     scheduler = make_scheduler(optimizer, cfg.train, total_steps)
+    dp = None
+    if cfg.privacy.enabled:
+        plan = make_plan(cfg.privacy, "pair", len(train), cfg.train.batch_size, total_steps)
+        print("differential privacy plan:\n" + plan.table())
+        dp = DPSGD(model, plan, cfg.privacy, cfg.train.seed)
     stopper = EarlyStopping(
         cfg.train.early_stopping_metric or "eval/rewards/accuracies",
         cfg.train.early_stopping_patience,
@@ -160,6 +167,8 @@ def run_dpo(cfg: DPORunConfig, resume: bool = False) -> dict[str, Path]:
         state = load_checkpoint(last, model, optimizer, scheduler)
         step = state["step"]
         stopper.load(state["extra"]["early_stopping"])
+        if dp is not None:
+            dp.ledger = PrivacyLedger.from_dict(state["extra"]["privacy_ledger"])
         print(f"resuming from {last} (step {step} of {total_steps})")
     logger = MetricsLogger(run_dir, resume_step=step if resume else None)
     bar = tqdm(total=total_steps, initial=step, disable=not cfg.output.progress_bar, desc="dpo")
@@ -170,29 +179,53 @@ def run_dpo(cfg: DPORunConfig, resume: bool = False) -> dict[str, Path]:
 
     # ---- train -----------------------------------------------------------------------
     while step < total_steps and stop_reason is None:
+        if dp is not None and dp.out_of_budget():
+            stop_reason = dp.budget_message()
+            break
         started = time.perf_counter()
-        pairs = [train[i] for i in batch_indices(step, len(train), cfg.train)]
+        if dp is None:
+            pairs = [train[i] for i in batch_indices(step, len(train), cfg.train)]
+        else:
+            pairs = [train[i] for i in dp.sample(step)]  # Poisson: the batch size varies
         sums = {"loss": 0.0, **{k: 0.0 for k in PAIR_METRICS}}
         seen_tokens = 0
         for chunk in micro_batches(pairs, cfg.train.micro_batch_size):
+            if dp is not None:  # a pair is one unit: its chosen row i and rejected row B + i
+                dp.start_micro_batch(torch.arange(len(chunk)).repeat(2), len(chunk))
             losses, values, tokens = pair_forward(model, reference, chunk, cfg, pad_id, device)
-            (losses.sum() / len(pairs)).backward()
+            if dp is None:
+                (losses.sum() / len(pairs)).backward()
+            else:
+                losses.sum().backward()
+                dp.clip_micro_batch()
             sums["loss"] += losses.sum().item()  # a CPU-GPU sync per micro-batch
             for k in PAIR_METRICS:
                 sums[k] += values[k].sum().item()
             seen_tokens += tokens
         trainable = [p for p in model.parameters() if p.requires_grad]
-        max_norm = cfg.train.max_grad_norm if cfg.train.max_grad_norm is not None else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, max_norm)
+        if dp is None:
+            max_norm = cfg.train.max_grad_norm
+            grad_norm = torch.nn.utils.clip_grad_norm_(
+                trainable, max_norm if max_norm is not None else float("inf")
+            )
+        else:  # per-unit clipping replaces global clipping
+            dp.noise_and_scale(step)
+            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in trainable])
         lr = scheduler.get_last_lr()[0]
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
         seconds = time.perf_counter() - started
+        if dp is not None and dp.out_of_budget() and step < total_steps:
+            stop_reason = dp.budget_message()
 
-        metrics = logical_step_metrics(sums, len(pairs))
+        metrics = logical_step_metrics(sums, max(1, len(pairs)))
+        if dp is not None:
+            metrics["privacy/batch_size"] = len(pairs)
         if step % cfg.train.log_every == 0 or step == total_steps:
+            if dp is not None:
+                metrics["privacy/epsilon"] = dp.ledger.epsilon()
             logger.log(
                 step,
                 {
@@ -221,7 +254,10 @@ def run_dpo(cfg: DPORunConfig, resume: bool = False) -> dict[str, Path]:
                 model,
                 optimizer,
                 scheduler,
-                {"early_stopping": stopper.state()},
+                {
+                    "early_stopping": stopper.state(),
+                    **({"privacy_ledger": dp.ledger.to_dict()} if dp is not None else {}),
+                },
                 cfg.train.keep_checkpoints,
             )
     bar.close()
@@ -235,4 +271,8 @@ def run_dpo(cfg: DPORunConfig, resume: bool = False) -> dict[str, Path]:
     exported = export_model(model, tokenizer, run_dir, cfg.output.merge_lora)
     for kind, path in exported.items():
         print(f"exported {kind}: {path}")
+    if dp is not None:
+        statement = dp.statement()
+        write_statement(statement, run_dir, *exported.values())
+        print(statement["summary"])
     return exported

@@ -22,6 +22,8 @@ from privdpo.logprobs import token_logps
 from privdpo.losses import sft_loss
 from privdpo.metrics import MetricsLogger
 from privdpo.models import add_lora, load_model_and_tokenizer
+from privdpo.privacy.accounting import PrivacyLedger
+from privdpo.privacy.dpsgd import DPSGD, make_plan, write_statement
 from privdpo.training import (
     EarlyStopping,
     batch_indices,
@@ -46,6 +48,14 @@ def micro_batch_loss(model, batch: dict, num_tokens: int) -> torch.Tensor:
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     logps, mask = token_logps(logits, batch["labels"])
     return sft_loss(logps, mask, num_tokens)
+
+
+def example_losses(model, batch: dict) -> torch.Tensor:
+    """[B] each example's token-mean NLL: the per-unit loss under differential privacy
+    (a unit's loss may depend on that unit only, so no batch-wide token count)."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    logps, mask = token_logps(logits, batch["labels"])
+    return -logps.sum(-1) / mask.sum(-1).clamp(min=1)
 
 
 def count_label_tokens(examples: list[Example]) -> int:
@@ -90,6 +100,11 @@ def run_sft(cfg: SFTRunConfig, resume: bool = False) -> dict[str, Path]:
     scheduler = make_scheduler(optimizer, cfg.train, total_steps)
     pad_id = tokenizer.pad_token_id
 
+    dp = None
+    if cfg.privacy.enabled:
+        plan = make_plan(cfg.privacy, "example", len(train), cfg.train.batch_size, total_steps)
+        print("differential privacy plan:\n" + plan.table())
+        dp = DPSGD(model, plan, cfg.privacy, cfg.train.seed)
     stopper = EarlyStopping(
         cfg.train.early_stopping_metric or "eval/loss",
         cfg.train.early_stopping_patience,
@@ -102,6 +117,8 @@ def run_sft(cfg: SFTRunConfig, resume: bool = False) -> dict[str, Path]:
         state = load_checkpoint(last, model, optimizer, scheduler)
         step = state["step"]
         stopper.load(state["extra"]["early_stopping"])
+        if dp is not None:
+            dp.ledger = PrivacyLedger.from_dict(state["extra"]["privacy_ledger"])
         print(f"resuming from {last} (step {step} of {total_steps})")
     logger = MetricsLogger(run_dir, resume_step=step if resume else None)
     bar = tqdm(total=total_steps, initial=step, disable=not cfg.output.progress_bar, desc="sft")
@@ -112,30 +129,58 @@ def run_sft(cfg: SFTRunConfig, resume: bool = False) -> dict[str, Path]:
 
     # ---- train -----------------------------------------------------------------------
     while step < total_steps and stop_reason is None:
+        if dp is not None and dp.out_of_budget():
+            stop_reason = dp.budget_message()
+            break
         started = time.perf_counter()
-        examples = [train[i] for i in batch_indices(step, len(train), cfg.train)]
+        if dp is None:
+            examples = [train[i] for i in batch_indices(step, len(train), cfg.train)]
+        else:
+            examples = [train[i] for i in dp.sample(step)]  # Poisson: the batch size varies
         num_tokens = count_label_tokens(examples)
         loss_sum, seen_tokens = 0.0, 0
         for chunk in micro_batches(examples, cfg.train.micro_batch_size):
             batch = _to(pad_batch(chunk, pad_id), device)
-            loss = micro_batch_loss(model, batch, max(1, num_tokens))
-            loss.backward()
+            if dp is None:
+                loss = micro_batch_loss(model, batch, max(1, num_tokens))
+                loss.backward()
+            else:  # one example is one unit
+                dp.start_micro_batch(torch.arange(len(chunk)), len(chunk))
+                losses = example_losses(model, batch)
+                losses.sum().backward()
+                dp.clip_micro_batch()
+                loss = losses.sum() / max(1, len(examples))
             loss_sum += loss.item()  # a CPU-GPU sync per micro-batch; fine at this size
             seen_tokens += int(batch["attention_mask"].sum())
         trainable = [p for p in model.parameters() if p.requires_grad]
-        max_norm = cfg.train.max_grad_norm if cfg.train.max_grad_norm is not None else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, max_norm)
+        if dp is None:
+            max_norm = cfg.train.max_grad_norm
+            grad_norm = torch.nn.utils.clip_grad_norm_(
+                trainable, max_norm if max_norm is not None else float("inf")
+            )
+        else:  # per-unit clipping replaces global clipping
+            dp.noise_and_scale(step)
+            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in trainable])
         lr = scheduler.get_last_lr()[0]
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
         seconds = time.perf_counter() - started
+        if dp is not None and dp.out_of_budget() and step < total_steps:
+            stop_reason = dp.budget_message()
 
         if step % cfg.train.log_every == 0 or step == total_steps:
+            private = {}
+            if dp is not None:
+                private = {
+                    "privacy/epsilon": dp.ledger.epsilon(),
+                    "privacy/batch_size": len(examples),
+                }
             logger.log(
                 step,
                 {
+                    **private,
                     "loss": loss_sum,
                     "grad_norm": grad_norm.item(),
                     "learning_rate": lr,
@@ -161,7 +206,10 @@ def run_sft(cfg: SFTRunConfig, resume: bool = False) -> dict[str, Path]:
                 model,
                 optimizer,
                 scheduler,
-                {"early_stopping": stopper.state()},
+                {
+                    "early_stopping": stopper.state(),
+                    **({"privacy_ledger": dp.ledger.to_dict()} if dp is not None else {}),
+                },
                 cfg.train.keep_checkpoints,
             )
     bar.close()
@@ -175,4 +223,8 @@ def run_sft(cfg: SFTRunConfig, resume: bool = False) -> dict[str, Path]:
     exported = export_model(model, tokenizer, run_dir, cfg.output.merge_lora)
     for kind, path in exported.items():
         print(f"exported {kind}: {path}")
+    if dp is not None:
+        statement = dp.statement()
+        write_statement(statement, run_dir, *exported.values())
+        print(statement["summary"])
     return exported

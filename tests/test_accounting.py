@@ -1,0 +1,260 @@
+"""DP-SGD accounting: our functions against dp-accounting called directly, plus pinned values."""
+
+import itertools
+import json
+import math
+
+import dp_accounting
+import pytest
+from dp_accounting.rdp.rdp_privacy_accountant import DEFAULT_RDP_ORDERS
+
+from privdpo.privacy import accounting
+from privdpo.privacy.accounting import (
+    ACCOUNTANTS,
+    PrivacyLedger,
+    calibrate_noise,
+    default_delta,
+    dpsgd_event,
+    epsilon,
+    max_steps_within,
+)
+
+# (sampling_rate, noise_multiplier, steps, delta) -> epsilon observed with dp-accounting
+# 0.6.0, PLD grid 1e-3 and the library's default RDP orders. A change of accountant
+# settings (or of the library's numbers) fails here.
+PINNED = {
+    "pld": {
+        (0.01, 1.0, 1000, 1e-5): 1.8289344124594729,
+        (0.1, 2.0, 100, 1e-6): 2.675100378110542,
+        (1.0, 5.0, 10, 1e-5): 2.5943897354998806,
+    },
+    "rdp": {
+        (0.01, 1.0, 1000, 1e-5): 2.101366525420273,
+        (0.1, 2.0, 100, 1e-6): 2.9141737620582155,
+        (1.0, 5.0, 10, 1e-5): 2.8136532471298397,
+    },
+}
+CASES = [(acc, case) for acc in ACCOUNTANTS for case in PINNED[acc]]
+
+
+def direct_accountant(accountant):
+    """The accountant as a user of dp-accounting would build it, written out here."""
+    if accountant == "pld":
+        return dp_accounting.pld.PLDAccountant(
+            dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE,
+            value_discretization_interval=1e-3,
+        )
+    return dp_accounting.rdp.RdpAccountant(
+        DEFAULT_RDP_ORDERS, dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE
+    )
+
+
+def direct_epsilon(accountant, q, sigma, steps, delta):
+    step = dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma))
+    event = dp_accounting.SelfComposedDpEvent(step, steps)
+    return direct_accountant(accountant).compose(event).get_epsilon(delta)
+
+
+def test_settings_are_the_documented_ones():
+    assert accounting.PLD_VALUE_DISCRETIZATION == 1e-3
+    assert list(accounting.RDP_ORDERS) == list(DEFAULT_RDP_ORDERS)
+
+
+@pytest.mark.parametrize("accountant,case", CASES)
+def test_epsilon_matches_dp_accounting_and_pinned_value(accountant, case):
+    q, sigma, steps, delta = case
+    ours = epsilon(q, sigma, steps, delta, accountant=accountant)
+    assert ours == pytest.approx(direct_epsilon(accountant, q, sigma, steps, delta), abs=1e-6)
+    assert ours == pytest.approx(PINNED[accountant][case], rel=1e-4)
+
+
+def test_pld_is_tighter_than_rdp():
+    for case in PINNED["pld"]:
+        assert epsilon(*case, accountant="pld") < epsilon(*case, accountant="rdp")
+
+
+def test_dpsgd_event_structure():
+    event = dpsgd_event(0.01, 1.5, 7)
+    assert event == dp_accounting.SelfComposedDpEvent(
+        dp_accounting.PoissonSampledDpEvent(0.01, dp_accounting.GaussianDpEvent(1.5)), 7
+    )
+
+
+@pytest.mark.parametrize("accountant", ACCOUNTANTS)
+def test_epsilon_edge_cases(accountant):
+    assert epsilon(0.01, 0.0, 10, 1e-5, accountant) == math.inf
+    assert epsilon(0.01, 1.0, 0, 1e-5, accountant) == 0.0
+    assert epsilon(0.01, 0.0, 0, 1e-5, accountant) == 0.0
+    # Grows with steps, shrinks with noise, grows with the sampling rate.
+    assert epsilon(0.01, 1.0, 100, 1e-5, accountant) < epsilon(0.01, 1.0, 200, 1e-5, accountant)
+    assert epsilon(0.01, 2.0, 100, 1e-5, accountant) < epsilon(0.01, 1.0, 100, 1e-5, accountant)
+    assert epsilon(0.01, 1.0, 100, 1e-5, accountant) < epsilon(0.02, 1.0, 100, 1e-5, accountant)
+
+
+@pytest.mark.parametrize("q,steps", [(0.01, 1000), (0.1, 100)])
+def test_calibrate_noise_pld(q, steps):
+    sigmas = []
+    for target in (1.0, 4.0, 8.0):
+        sigma = calibrate_noise(target, 1e-5, q, steps)
+        eps = epsilon(q, sigma, steps, 1e-5)
+        assert 0.99 * target <= eps <= target
+        sigmas.append(sigma)
+    assert sigmas[0] > sigmas[1] > sigmas[2]  # a larger budget needs less noise
+
+
+def test_calibrate_noise_rdp():
+    sigma = calibrate_noise(4.0, 1e-5, 0.01, 1000, accountant="rdp")
+    assert 0.99 * 4.0 <= epsilon(0.01, sigma, 1000, 1e-5, accountant="rdp") <= 4.0
+    assert sigma > calibrate_noise(4.0, 1e-5, 0.01, 1000, accountant="pld")  # RDP is looser
+
+
+@pytest.mark.parametrize("accountant", ACCOUNTANTS)
+def test_max_steps_within(accountant):
+    steps = max_steps_within(3.0, 1e-5, 0.01, 1.0, accountant)
+    assert steps > 0
+    assert epsilon(0.01, 1.0, steps, 1e-5, accountant) <= 3.0
+    assert epsilon(0.01, 1.0, steps + 1, 1e-5, accountant) > 3.0
+
+
+def test_max_steps_within_when_one_step_is_too_many():
+    assert max_steps_within(1.0, 1e-5, 0.5, 0.0) == 0  # no noise: no step is private
+    assert max_steps_within(0.01, 1e-5, 1.0, 1.0) == 0
+
+
+def test_ledger_merges_segments_and_composes():
+    q1, s1, q2, s2 = 0.02, 1.1, 0.05, 1.5
+    ledger = PrivacyLedger(unit="pair", delta=1e-5, accountant="pld")
+    assert ledger.steps == 0 and ledger.epsilon() == 0.0
+    for _ in range(5):
+        ledger.record_step(q1, s1)
+    for _ in range(3):
+        ledger.record_step(q2, s2)
+    assert ledger.segments == [[q1, s1, 5], [q2, s2, 3]]
+    assert ledger.steps == 8
+
+    composed = dp_accounting.ComposedDpEvent(
+        [
+            dp_accounting.SelfComposedDpEvent(
+                dp_accounting.PoissonSampledDpEvent(q1, dp_accounting.GaussianDpEvent(s1)), 5
+            ),
+            dp_accounting.SelfComposedDpEvent(
+                dp_accounting.PoissonSampledDpEvent(q2, dp_accounting.GaussianDpEvent(s2)), 3
+            ),
+        ]
+    )
+    expected = direct_accountant("pld").compose(composed).get_epsilon(1e-5)
+    assert ledger.epsilon() == pytest.approx(expected, abs=1e-6)
+
+    # Back to the first setting: a new segment, composition order kept.
+    ledger.record_step(q1, s1)
+    assert ledger.segments == [[q1, s1, 5], [q2, s2, 3], [q1, s1, 1]]
+
+
+@pytest.mark.parametrize("accountant", ACCOUNTANTS)
+def test_ledger_round_trips_through_json(accountant):
+    ledger = PrivacyLedger(unit="user", delta=1e-6, accountant=accountant)
+    for _ in range(4):
+        ledger.record_step(0.01, 0.9)
+    ledger.record_step(0.02, 1.2)
+    restored = PrivacyLedger.from_dict(json.loads(json.dumps(ledger.to_dict())))
+    assert restored == ledger
+    assert restored.epsilon() == ledger.epsilon()
+    # The restored ledger is independent of the original.
+    restored.record_step(0.02, 1.2)
+    assert ledger.segments[-1][2] == 1 and restored.segments[-1][2] == 2
+
+
+def test_ledger_single_segment_equals_epsilon():
+    ledger = PrivacyLedger(unit="example", delta=1e-5)
+    for _ in range(50):
+        ledger.record_step(0.01, 1.0)
+    assert ledger.epsilon() == epsilon(0.01, 1.0, 50, 1e-5)
+
+
+def test_ledger_epsilon_grows_and_is_cached():
+    ledger = PrivacyLedger(unit="example", delta=1e-5)
+    values = []
+    for _ in range(5):
+        for _ in range(20):
+            ledger.record_step(0.05, 1.0)
+        values.append(ledger.epsilon())
+    assert all(a < b for a, b in itertools.pairwise(values))
+    hits = accounting._composed_epsilon.cache_info().hits
+    assert ledger.epsilon() == values[-1]
+    assert accounting._composed_epsilon.cache_info().hits == hits + 1
+
+
+def test_ledger_noiseless_step_is_infinite():
+    ledger = PrivacyLedger(unit="example", delta=1e-5)
+    ledger.record_step(0.01, 1.0)
+    ledger.record_step(0.01, 0.0)
+    assert ledger.epsilon() == math.inf
+
+
+def test_ledger_max_more_steps():
+    fresh = PrivacyLedger(unit="example", delta=1e-5)
+    assert fresh.max_more_steps(0.01, 1.0, 3.0) == max_steps_within(3.0, 1e-5, 0.01, 1.0)
+
+    ledger = PrivacyLedger(unit="example", delta=1e-5, segments=[[0.02, 1.0, 300]])
+    more = ledger.max_more_steps(0.01, 1.0, 3.0)
+    assert 0 < more
+    within = PrivacyLedger(
+        unit="example", delta=1e-5, segments=[[0.02, 1.0, 300], [0.01, 1.0, more]]
+    )
+    beyond = PrivacyLedger(
+        unit="example", delta=1e-5, segments=[[0.02, 1.0, 300], [0.01, 1.0, more + 1]]
+    )
+    assert within.epsilon() <= 3.0 < beyond.epsilon()
+    assert ledger.max_more_steps(0.01, 1.0, 0.5) == 0  # already over budget
+
+
+@pytest.mark.parametrize("n", [1, 9, 10, 11, 100, 999, 1000, 5000, 60_000, 10**6])
+def test_default_delta_below_one_over_n(n):
+    delta = default_delta(n)
+    assert delta <= 1 / (10 * n) < 1 / n
+    assert delta > 1 / (100 * n)  # the largest such power of ten
+    assert math.log10(delta) == round(math.log10(delta))
+
+
+def test_default_delta_examples():
+    assert default_delta(1000) == 1e-4
+    assert default_delta(5000) == 1e-5
+    assert default_delta(60_000) == 1e-6
+
+
+@pytest.mark.parametrize(
+    "call,name",
+    [
+        (lambda: epsilon(0.0, 1.0, 10, 1e-5), "sampling_rate"),
+        (lambda: epsilon(1.5, 1.0, 10, 1e-5), "sampling_rate"),
+        (lambda: epsilon(0.1, -1.0, 10, 1e-5), "noise_multiplier"),
+        (lambda: epsilon(0.1, math.nan, 10, 1e-5), "noise_multiplier"),
+        (lambda: epsilon(0.1, 1.0, -1, 1e-5), "steps"),
+        (lambda: epsilon(0.1, 1.0, 2.5, 1e-5), "steps"),
+        (lambda: epsilon(0.1, 1.0, 10, 0.0), "delta"),
+        (lambda: epsilon(0.1, 1.0, 10, 1.0), "delta"),
+        (lambda: epsilon(0.1, 1.0, 10, 1e-5, accountant="prv"), "accountant"),
+        (lambda: dpsgd_event(0.1, -0.5, 10), "noise_multiplier"),
+        (lambda: calibrate_noise(0.0, 1e-5, 0.1, 10), "target_epsilon"),
+        (lambda: calibrate_noise(math.inf, 1e-5, 0.1, 10), "target_epsilon"),
+        (lambda: calibrate_noise(1.0, 1e-5, 0.1, 0), "steps"),
+        (lambda: calibrate_noise(1.0, 2.0, 0.1, 10), "delta"),
+        (lambda: max_steps_within(-1.0, 1e-5, 0.1, 1.0), "target_epsilon"),
+        (lambda: max_steps_within(1.0, 1e-5, 0.1, 1.0, accountant="gdp"), "accountant"),
+        (lambda: default_delta(0), "num_units"),
+        (lambda: PrivacyLedger(unit="row", delta=1e-5), "unit"),
+        (lambda: PrivacyLedger(unit="pair", delta=0.0), "delta"),
+        (lambda: PrivacyLedger(unit="pair", delta=1e-5, accountant="x"), "accountant"),
+        (lambda: PrivacyLedger(unit="pair", delta=1e-5, segments=[[0.1, 1.0]]), "segments"),
+        (lambda: PrivacyLedger(unit="pair", delta=1e-5).record_step(2.0, 1.0), "sampling_rate"),
+        (lambda: PrivacyLedger.from_dict({"unit": "pair", "delta": 1e-5}), "accountant"),
+    ],
+)
+def test_invalid_inputs_name_the_argument(call, name):
+    with pytest.raises(ValueError, match=name):
+        call()
+
+
+def test_unknown_accountant_lists_the_valid_ones():
+    with pytest.raises(ValueError, match=r"\('pld', 'rdp'\)"):
+        epsilon(0.1, 1.0, 10, 1e-5, accountant="prv")
