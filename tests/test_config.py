@@ -89,7 +89,10 @@ def test_list_defaults_are_not_shared_between_instances():
             "data.max_lenght: unknown key; did you mean 'data.max_length'?",
         ),
         ({"trian": {"lr": 1.0}}, "trian: unknown key; did you mean 'train'?"),
-        ({"zzzz": {"lr": 1.0}}, "zzzz: unknown key; valid keys: model, data, train, sft, privacy, output"),
+        (
+            {"zzzz": {"lr": 1.0}},
+            "zzzz: unknown key; valid keys: model, data, train, sft, privacy, output",
+        ),
     ],
 )
 def test_unknown_key_names_the_closest_valid_key(tmp_path, extra, expected):

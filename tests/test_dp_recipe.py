@@ -1,0 +1,176 @@
+"""DP-SGD through the real CLI: with no noise and no effective clipping a private step is
+the non-private step; the budget stops a run before it is crossed; resume keeps the
+ledger; the statement and the plan say what the accountant says."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import write_jsonl
+from privdpo.cli import main
+from privdpo.metrics import MetricsLogger, read_metrics
+from privdpo.models import build_preset
+from privdpo.privacy.accounting import epsilon
+from test_dpo import marker_pairs
+
+
+def run(tmp_path: Path, command: str, name: str, data: Path, *overrides: str) -> int:
+    config = tmp_path / "empty.yaml"
+    config.write_text("{}\n")
+    base = [
+        "model.preset=tiny",
+        f"data.train={data}",
+        f"output.dir={tmp_path / name}",
+        "output.progress_bar=false",
+        "train.lr=1e-3",
+        f"dpo.reference_cache_dir={tmp_path / 'cache'}" if command == "dpo" else "",
+    ]
+    return main([command, str(config), *[b for b in base if b], *overrides])
+
+
+def equal_length_sft_rows(tokenizer, n: int) -> list[dict]:
+    """Rows whose completions all have the same number of tokens, so the token mean over
+    a batch equals the mean of the per-example means that DP-SGD uses."""
+    words = ["good", "bad", "great", "awful", "fine", "nice", "poor", "lovely", "dull"]
+    rows, lengths = [], set()
+    for i in range(200):
+        completion = f" {words[i % 9]} and {words[(i * 4) % 9]}."
+        n_tokens = len(tokenizer(completion, add_special_tokens=False).input_ids)
+        if not lengths or n_tokens in lengths:
+            lengths.add(n_tokens)
+            rows.append({"prompt": f"Review {i}: it was", "completion": completion})
+        if len(rows) == n:
+            return rows
+    raise AssertionError("not enough equal-length rows")
+
+
+def weights(run_dir: Path) -> dict:
+    return load_file(run_dir / "model" / "model.safetensors")
+
+
+@pytest.mark.parametrize("command", ["sft", "dpo"])
+def test_no_noise_and_huge_clip_equals_the_non_private_step(tmp_path, command, tiny_tokenizer):
+    if command == "sft":
+        data = write_jsonl(tmp_path / "d.jsonl", equal_length_sft_rows(tiny_tokenizer, 12))
+    else:
+        data = write_jsonl(tmp_path / "d.jsonl", marker_pairs(12))
+    # q = batch_size / N = 1: the Poisson sample is every unit, the batch of the plain run.
+    same = ["data.eval_fraction=0", "train.batch_size=12", "train.micro_batch_size=4"]
+    # A large Adam epsilon makes the first update lr * g / (|g| + 1): smooth in the gradient,
+    # so comparing updates compares gradients (with a tiny epsilon it would be sign(g)).
+    same += ["train.max_steps=1", "train.adam_eps=1.0", "train.lr=100"]
+    assert run(tmp_path, command, "plain", data, *same, "train.max_grad_norm=null") == 0
+    private = ["privacy.enabled=true", "privacy.noise_multiplier=0", "privacy.max_grad_norm=1e9"]
+    assert run(tmp_path, command, "private", data, *same, *private) == 0
+    torch.manual_seed(0)
+    initial = dict(build_preset("tiny")[0].named_parameters())
+    a, b = weights(tmp_path / "plain"), weights(tmp_path / "private")
+    for key in a:
+        # The two updates agree to 1e-5 of their size.
+        plain_update = a[key] - initial[key].detach()
+        private_update = b[key] - initial[key].detach()
+        assert plain_update.norm() > 0, key
+        assert (private_update - plain_update).norm() <= 1e-5 * plain_update.norm(), key
+    statement = json.loads((tmp_path / "private" / "model" / "privacy.json").read_text())
+    assert statement["noise_multiplier"] == 0 and statement["epsilon"] == float("inf")
+
+
+def test_budget_exhaustion_stops_before_crossing(tmp_path):
+    data = write_jsonl(tmp_path / "d.jsonl", marker_pairs(40))
+    args = [
+        "data.eval_fraction=0",
+        "train.batch_size=8",
+        "train.max_steps=200",
+        "privacy.enabled=true",
+        "privacy.noise_multiplier=0.8",
+        "privacy.target_epsilon=3",
+        "privacy.delta=1e-3",
+    ]
+    assert run(tmp_path, "dpo", "run", data, *args) == 0
+    run_dir = tmp_path / "run"
+    statement = json.loads((run_dir / "privacy.json").read_text())
+    steps = statement["steps"]
+    q = 8 / 40
+    assert 0 < steps < 200
+    assert statement["epsilon"] <= 3
+    assert epsilon(q, 0.8, steps, 1e-3) == pytest.approx(statement["epsilon"], rel=1e-9)
+    assert epsilon(q, 0.8, steps + 1, 1e-3) > 3  # one more step would have crossed it
+    assert "privacy budget" in (run_dir / "stopped_early.txt").read_text()
+    assert max(r["step"] for r in read_metrics(run_dir)) == steps
+    assert (run_dir / "model" / "model.safetensors").is_file()
+
+
+class Crash(Exception):
+    pass
+
+
+def test_resume_keeps_the_ledger(tmp_path, monkeypatch):
+    data = write_jsonl(tmp_path / "d.jsonl", marker_pairs(40))
+    args = [
+        "data.eval_fraction=0.2",
+        "train.batch_size=8",
+        "train.micro_batch_size=4",
+        "train.max_steps=6",
+        "train.save_every=2",
+        "train.eval_every=3",
+        "model.lora.enabled=true",
+        "privacy.enabled=true",
+        "privacy.target_epsilon=6",
+    ]
+    assert run(tmp_path, "dpo", "whole", data, *args) == 0
+    original = MetricsLogger.log
+
+    def crashing_log(self, step, values):
+        original(self, step, values)
+        if step == 5:
+            raise Crash
+
+    monkeypatch.setattr(MetricsLogger, "log", crashing_log)
+    with pytest.raises(Crash):
+        run(tmp_path, "dpo", "killed", data, *args)
+    monkeypatch.setattr(MetricsLogger, "log", original)
+    state = json.loads(
+        (tmp_path / "killed" / "checkpoints" / "step-000004" / "state.json").read_text()
+    )
+    assert state["extra"]["privacy_ledger"]["segments"][0][2] == 4
+    assert run(tmp_path, "dpo", "killed", data, *args, "--resume") == 0
+
+    def strip(records):
+        return [{k: v for k, v in r.items() if k != "tokens_per_second"} for r in records]
+
+    whole, killed = read_metrics(tmp_path / "whole"), read_metrics(tmp_path / "killed")
+    assert strip(whole) == strip(killed)
+    eps = [r["privacy/epsilon"] for r in whole if "privacy/epsilon" in r]
+    assert len(eps) == 6 and eps == sorted(eps) and eps[-1] <= 6
+    s1 = json.loads((tmp_path / "whole" / "privacy.json").read_text())
+    s2 = json.loads((tmp_path / "killed" / "privacy.json").read_text())
+    assert s1 == s2 and s1["steps"] == 6 and s1["unit"] == "pair"
+    assert s1["epsilon"] == pytest.approx(6, rel=0.01) and s1["epsilon"] <= 6
+
+
+def test_privacy_plan_prints_the_plan_without_training(tmp_path, capsys):
+    data = write_jsonl(tmp_path / "d.jsonl", marker_pairs(50))
+    config = tmp_path / "dp.yaml"
+    config.write_text(
+        "model: {preset: tiny}\n"
+        f"data: {{train: {data}, eval_fraction: 0}}\n"
+        "train: {batch_size: 10, micro_batch_size: 5, epochs: 3}\n"
+        "dpo: {loss: sigmoid}\n"
+        "privacy: {enabled: true, target_epsilon: 4, delta: 1.0e-4, max_grad_norm: 0.5}\n"
+        f"output: {{dir: {tmp_path / 'never'}}}\n"
+    )
+    assert main(["privacy", "plan", str(config)]) == 0
+    out = capsys.readouterr().out
+    assert "units (N)               50" in out
+    assert "sampling rate q         0.2" in out
+    assert "steps                   15" in out
+    assert "clipping norm C         0.5" in out
+    sigma = float(out.split("noise multiplier sigma")[1].split()[0])
+    eps = epsilon(0.2, sigma, 15, 1e-4)
+    assert 0.99 * 4 <= eps <= 4
+    assert not (tmp_path / "never").exists()
