@@ -69,6 +69,8 @@ def test_the_privdpo_commands_in_the_readme_run(tmp_path):
     assert (tmp_path / "runs" / "dpo-tiny" / "model" / "model.safetensors").is_file()
     assert (tmp_path / "runs" / "dpo-lora" / "adapter" / "adapter_model.safetensors").is_file()
     assert list((tmp_path / "runs" / ".reference-cache").glob("*.safetensors"))
+    statement = (tmp_path / "runs" / "dpo-private" / "adapter" / "privacy.json").read_text()
+    assert '"unit": "pair"' in statement
 
 
 @pytest.fixture(scope="module")
