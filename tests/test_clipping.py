@@ -146,3 +146,27 @@ def test_an_unsupported_trainable_layer_is_refused():
     model.extra = torch.nn.Conv1d(2, 2, 1)  # a trainable layer clipping cannot see
     with pytest.raises(UserError, match="not supported"):
         PerUnitGradients(model)
+
+
+def test_rows_of_uneven_units_take_the_per_row_path():
+    """Units made of any rows (as users will be): rows 0, 2, 3 form unit 0 and rows 1, 4
+    unit 1. The per-unit gradients must equal those of the naive loop over the units."""
+    model, tokenizer = tiny(lora=True)
+    examples = sft_examples(tokenizer, 5)
+    groups = [[0, 2, 3], [1, 4]]
+
+    def unit_loss(group_list):
+        return torch.stack(
+            [sft_unit_losses(model, [examples[i] for i in g]).sum() for g in group_list]
+        )
+
+    expected, naive_norms = naive_clipped_sum(model, unit_loss, groups, 0.5)
+    sampler = PerUnitGradients(model)
+    sampler.set_units(torch.tensor([0, 1, 0, 0, 1]), 2)
+    assert sampler.fold_k is None
+    sft_unit_losses(model, examples).sum().backward()
+    norms = sampler.clip_and_accumulate(0.5)
+    got = sampler.take_clipped_sum()
+    torch.testing.assert_close(norms, torch.stack(naive_norms), rtol=1e-5, atol=1e-7)
+    for p, e in zip([p for p in model.parameters() if p.requires_grad], expected, strict=True):
+        assert (got[id(p)] - e).norm() <= 1e-5 * e.norm() + 1e-9

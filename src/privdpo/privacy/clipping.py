@@ -96,13 +96,19 @@ class PerUnitGradients:
             )
         self.row_unit: torch.Tensor | None = None
         self.num_units = 0
+        self.fold_k: int | None = None
         self.samples: dict[int, torch.Tensor] = {}  # id(param) -> [U, *param.shape]
         self.clipped_sum: dict[int, torch.Tensor] = {}  # id(param) -> param.shape, fp32
 
     def set_units(self, row_unit: torch.Tensor, num_units: int) -> None:
+        """`row_unit[i]` is the unit of batch row i, in 0..num_units-1."""
         self.row_unit = row_unit
         self.num_units = num_units
         self.samples = {}
+        n = len(row_unit)
+        k = n // num_units if num_units and n % num_units == 0 else 0
+        blocks = torch.arange(num_units).repeat(k) if k else None
+        self.fold_k = k if blocks is not None and torch.equal(row_unit.cpu(), blocks) else None
 
     def detach(self) -> None:
         for h in self.handles:
@@ -115,14 +121,22 @@ class PerUnitGradients:
         x = inputs[0].detach()
         output.register_hook(lambda g, m=module, x=x: self._per_unit(m, x, g.detach()))
 
-    def _add(self, param: nn.Parameter, per_row: torch.Tensor) -> None:
-        """Sum per-row gradients [N, ...] into per-unit ones [U, ...] for `param`."""
-        per_unit = torch.zeros(
-            (self.num_units, *per_row.shape[1:]), dtype=torch.float32, device=per_row.device
-        )
-        per_unit.index_add_(0, self.row_unit.to(per_row.device), per_row.float())
+    def _store(self, param: nn.Parameter, per_unit: torch.Tensor) -> None:
         key = id(param)
-        self.samples[key] = self.samples[key] + per_unit if key in self.samples else per_unit
+        if key in self.samples:
+            self.samples[key].add_(per_unit)  # a tied parameter's second module
+        else:
+            self.samples[key] = per_unit.float()
+
+    def _fold(self, t: torch.Tensor) -> torch.Tensor | None:
+        """[N, T, F] rows -> [U, k*T, F] units when the rows are k blocks of units 0..U-1
+        (an SFT batch: k = 1; DPO: chosen rows then rejected rows, k = 2). Summing a
+        unit's tokens then gives its gradient with no per-row tensor. None otherwise."""
+        if self.fold_k is None:
+            return None
+        n, steps, f = t.shape
+        k, u = self.fold_k, self.num_units
+        return t.view(k, u, steps, f).transpose(0, 1).reshape(u, k * steps, f)
 
     def _per_unit(self, module, x: torch.Tensor, g: torch.Tensor) -> None:
         # Tokens are flattened into one axis per row: [N, T, features].
@@ -130,20 +144,35 @@ class PerUnitGradients:
         g3 = g.reshape(n, -1, g.shape[-1])
         if isinstance(module, nn.Linear):
             x3 = x.reshape(n, -1, x.shape[-1])
+            gu, xu = self._fold(g3), self._fold(x3)
+            if gu is None:  # rows of uneven units: per-row gradients, then summed per unit
+                gu, xu = g3, x3
             if module.weight.requires_grad:
-                self._add(module.weight, torch.einsum("nto,nti->noi", g3, x3))
+                self._store(module.weight, self._to_units(torch.einsum("nto,nti->noi", gu, xu), gu))
             if module.bias is not None and module.bias.requires_grad:
-                self._add(module.bias, g3.sum(1))
+                self._store(module.bias, self._to_units(gu.sum(1), gu))
         elif isinstance(module, nn.Embedding):
-            ids = x.reshape(n, -1)
-            per_row = torch.zeros(
-                (n, module.num_embeddings, g3.shape[-1]), dtype=g3.dtype, device=g3.device
+            ids = x.reshape(n, -1, 1)
+            gu, iu = self._fold(g3), self._fold(ids)
+            if gu is None:
+                gu, iu = g3, ids
+            per = torch.zeros(
+                (gu.shape[0], module.num_embeddings, gu.shape[-1]), dtype=gu.dtype, device=gu.device
             )
-            per_row.scatter_add_(1, ids.unsqueeze(-1).expand(-1, -1, g3.shape[-1]), g3)
-            self._add(module.weight, per_row)
+            per.scatter_add_(1, iu.expand(-1, -1, gu.shape[-1]), gu)
+            self._store(module.weight, self._to_units(per, gu))
         else:  # RMSNorm
             x3 = _rms_normalize(module, x).reshape(n, -1, x.shape[-1])
-            self._add(module.weight, (g3 * x3).sum(1))
+            self._store(module.weight, self._to_units((g3 * x3).sum(1), g3, folded=False))
+
+    def _to_units(self, t: torch.Tensor, source: torch.Tensor, folded: bool | None = None):
+        """`t` per unit already (folded inputs) or per row (summed into units here)."""
+        if folded is None:
+            folded = source.shape[0] == self.num_units and self.fold_k is not None
+        if folded:
+            return t
+        per_unit = torch.zeros((self.num_units, *t.shape[1:]), dtype=torch.float32, device=t.device)
+        return per_unit.index_add_(0, self.row_unit.to(t.device), t.float())
 
     # ---- clipping ---------------------------------------------------------------------
     def unit_norms(self) -> torch.Tensor:
