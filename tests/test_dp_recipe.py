@@ -83,7 +83,8 @@ def test_no_noise_and_huge_clip_equals_the_non_private_step(tmp_path, command, t
 def test_budget_exhaustion_stops_before_crossing(tmp_path):
     data = write_jsonl(tmp_path / "d.jsonl", marker_pairs(40))
     args = [
-        "data.eval_fraction=0",
+        "data.eval_fraction=0.2",  # 32 training pairs; evaluating each step must not
+        "train.eval_every=1",  # hide the budget stop
         "train.batch_size=8",
         "train.max_steps=200",
         "privacy.enabled=true",
@@ -95,7 +96,7 @@ def test_budget_exhaustion_stops_before_crossing(tmp_path):
     run_dir = tmp_path / "run"
     statement = json.loads((run_dir / "privacy.json").read_text())
     steps = statement["steps"]
-    q = 8 / 40
+    q = 8 / 32
     assert 0 < steps < 200
     assert statement["epsilon"] <= 3
     assert epsilon(q, 0.8, steps, 1e-3) == pytest.approx(statement["epsilon"], rel=1e-9)

@@ -224,3 +224,23 @@ def restore_best(stopper: EarlyStopping, step: int, run_dir: Path, model) -> Non
             f"exporting the best checkpoint: step {stopper.best_step},"
             f" {stopper.metric}={stopper.best:.6g}"
         )
+
+
+def finish_run(cfg, run_dir: Path, model, tokenizer, step: int, stopper, stop_reason, dp):
+    """Say why training stopped early (if it did), export the best or last weights, and
+    write the privacy statement beside every exported model."""
+    from privdpo.checkpoint import export_model
+    from privdpo.privacy.dpsgd import write_statement
+
+    if stop_reason:
+        print(stop_reason)
+        (run_dir / "stopped_early.txt").write_text(stop_reason + "\n", encoding="utf-8")
+    restore_best(stopper, step, run_dir, model)
+    exported = export_model(model, tokenizer, run_dir, cfg.output.merge_lora)
+    for kind, path in exported.items():
+        print(f"exported {kind}: {path}")
+    if dp is not None:
+        statement = dp.statement()
+        write_statement(statement, run_dir, *exported.values())
+        print(statement["summary"])
+    return exported

@@ -14,7 +14,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers.utils import logging as hf_logging
 
-from privdpo.checkpoint import export_model, list_checkpoints, load_checkpoint, save_checkpoint
+from privdpo.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from privdpo.config import SFTRunConfig
 from privdpo.data.batching import pad_batch
 from privdpo.data.sft import Example, load_sft_data
@@ -23,19 +23,19 @@ from privdpo.losses import sft_loss
 from privdpo.metrics import MetricsLogger
 from privdpo.models import add_lora, load_model_and_tokenizer
 from privdpo.privacy.accounting import PrivacyLedger
-from privdpo.privacy.dpsgd import DPSGD, make_plan, write_statement
+from privdpo.privacy.dpsgd import DPSGD, make_plan
 from privdpo.training import (
     EarlyStopping,
     batch_indices,
     check_run_dir,
     create_run_dir,
+    finish_run,
     make_optimizer,
     make_scheduler,
     micro_batches,
     pick_device,
     planned_steps,
     record_eval,
-    restore_best,
     steps_per_epoch,
 )
 
@@ -194,7 +194,8 @@ def run_sft(cfg: SFTRunConfig, resume: bool = False) -> dict[str, Path]:
             (cfg.train.eval_every and step % cfg.train.eval_every == 0) or step == total_steps
         ):
             eval_metrics = evaluate(model, evals, cfg, pad_id, device)
-            stop_reason = record_eval(step, eval_metrics, logger, stopper, run_dir, model)
+            stopped = record_eval(step, eval_metrics, logger, stopper, run_dir, model)
+            stop_reason = stop_reason or stopped
         if (
             (cfg.train.save_every and step % cfg.train.save_every == 0)
             or step == total_steps
@@ -214,17 +215,4 @@ def run_sft(cfg: SFTRunConfig, resume: bool = False) -> dict[str, Path]:
             )
     bar.close()
     logger.close()
-    if stop_reason:
-        print(stop_reason)
-        (run_dir / "stopped_early.txt").write_text(stop_reason + "\n", encoding="utf-8")
-    restore_best(stopper, step, run_dir, model)
-
-    # ---- export ----------------------------------------------------------------------
-    exported = export_model(model, tokenizer, run_dir, cfg.output.merge_lora)
-    for kind, path in exported.items():
-        print(f"exported {kind}: {path}")
-    if dp is not None:
-        statement = dp.statement()
-        write_statement(statement, run_dir, *exported.values())
-        print(statement["summary"])
-    return exported
+    return finish_run(cfg, run_dir, model, tokenizer, step, stopper, stop_reason, dp)
