@@ -48,13 +48,20 @@ def make_pairs(n: int, vocab: int, gen: torch.Generator) -> list[PairExample]:
 def build(mode: str, device):
     torch.manual_seed(0)
     config = Qwen2Config(**QWEN25_05B)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, attn_implementation="sdpa")
+    model = AutoModelForCausalLM.from_config(
+        config, dtype=torch.bfloat16, attn_implementation="sdpa"
+    )
     if mode == "lora":
         from peft import LoraConfig, get_peft_model
 
         model = get_peft_model(
             model,
-            LoraConfig(r=16, lora_alpha=32, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], task_type="CAUSAL_LM"),
+            LoraConfig(
+                r=16,
+                lora_alpha=32,
+                target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+                task_type="CAUSAL_LM",
+            ),
         )
     model.to(device).train()
     return model
@@ -62,7 +69,9 @@ def build(mode: str, device):
 
 def step(model, optimizer, batch, ref, clipper, pairs_n, sigma=1.0, max_norm=1.0):
     if clipper is not None:
-        clipper.set_units(torch.arange(pairs_n, device=batch["input_ids"].device).repeat(2), pairs_n)
+        clipper.set_units(
+            torch.arange(pairs_n, device=batch["input_ids"].device).repeat(2), pairs_n
+        )
     logps, tokens = sequence_logps(model, batch)
     c, r = logps.chunk(2)
     tc, tr = tokens.chunk(2)
@@ -90,7 +99,10 @@ def measure(mode: str, private: bool, pairs, device, warmup=3, iters=10) -> dict
     optimizer = torch.optim.AdamW(params, lr=1e-5)
     clipper = PerUnitGradients(model) if private else None
     batch = {k: v.to(device) for k, v in pair_batch(pairs, pad_id=0).items()}
-    ref = (torch.full((len(pairs),), -900.0, device=device), torch.full((len(pairs),), -900.0, device=device))
+    ref = (
+        torch.full((len(pairs),), -900.0, device=device),
+        torch.full((len(pairs),), -900.0, device=device),
+    )
     for _ in range(warmup):
         step(model, optimizer, batch, ref, clipper, len(pairs))
     torch.cuda.synchronize()
