@@ -14,11 +14,11 @@ from dataclasses import dataclass
 from transformers import PreTrainedTokenizerBase
 
 from privdpo.config import DataConfig
+from privdpo.data.loading import convert_rows, load_splits
 from privdpo.data.readers import read_rows
 from privdpo.data.sft import (
     chat_segments,
     messages_field,
-    split_eval,
     text_field,
     user_id_of,
 )
@@ -189,39 +189,21 @@ def row_to_pair(
 def read_pairs(
     path: str, cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, summary: DataSummary
 ) -> list[PairExample]:
-    pairs = []
-    for row in read_rows(path):
-        summary.read(path)
-        if row.fields is None:
-            summary.bad_row(row.where, row.reason, row.problem)
-            continue
+    def convert(row) -> PairExample:
         if not ({"chosen", "rejected"} & row.fields.keys()):
             raise DataError(
                 f"{row.where}: a preference row needs 'chosen' and 'rejected' (and usually"
                 f" 'prompt'); this row has {sorted(row.fields)}"
             )
-        try:
-            pairs.append(row_to_pair(row.fields, row.where, cfg, tokenizer, summary))
-        except BadRow as e:
-            fix = "" if e.policy else " (or set data.on_bad_row=drop to skip such rows)"
-            summary.bad_row(row.where, e.reason, f"{e}{fix}", e.policy)
-    return pairs
+        return row_to_pair(row.fields, row.where, cfg, tokenizer, summary)
+
+    return convert_rows(path, read_rows(path), summary, convert)
 
 
 def load_preference_data(
     cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int
 ) -> tuple[list[PairExample], list[PairExample], DataSummary]:
-    summary = DataSummary(cfg.on_bad_row)
-    train = read_pairs(cfg.train, cfg, tokenizer, summary)
-    if cfg.eval is not None:
-        evals = read_pairs(cfg.eval, cfg, tokenizer, summary)
-    else:
-        train, evals = split_eval(train, cfg.eval_fraction, seed)
-    if not train:
-        raise DataError(
-            f"{cfg.train}: no usable preference pairs left"
-            f" ({summary.total_dropped} dropped; see the data summary above)"
-        )
-    summary.kept["train"] = len(train)
-    summary.kept["eval"] = len(evals)
-    return train, evals, summary
+    def read(path: str, summary: DataSummary) -> list[PairExample]:
+        return read_pairs(path, cfg, tokenizer, summary)
+
+    return load_splits(cfg, seed, read, "preference pairs")

@@ -10,13 +10,13 @@ An optional user id column (`data.user_id_column`) is kept for user-level privac
 
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass
 from pathlib import Path
 
 from transformers import PreTrainedTokenizerBase
 
 from privdpo.config import DataConfig
+from privdpo.data.loading import convert_rows, load_splits
 from privdpo.data.readers import Row, read_rows
 from privdpo.data.summary import DataSummary
 from privdpo.data.tokenize import BadRow, Segment, tokenize_segments, truncate
@@ -181,50 +181,21 @@ def read_examples(
 ) -> list[Example]:
     rows = list(read_rows(path))
     fmt = cfg.format if cfg.format != "auto" else detect_format(rows, path)
-    examples = []
-    for row in rows:
-        summary.read(path)
-        if row.fields is None:
-            summary.bad_row(row.where, row.reason, row.problem)
-            continue
-        try:
-            examples.append(row_to_example(row, fmt, cfg, tokenizer, completion_only_loss, summary))
-        except BadRow as e:
-            fix = "" if e.policy else " (or set data.on_bad_row=drop to skip such rows)"
-            summary.bad_row(row.where, e.reason, f"{e}{fix}", e.policy)
-    return examples
-
-
-def split_eval(examples: list, fraction: float, seed: int) -> tuple[list, list]:
-    """Hold out `fraction` of the examples (at least one when fraction > 0), seeded."""
-    if fraction == 0 or len(examples) < 2:
-        return examples, []
-    order = list(range(len(examples)))
-    random.Random(seed).shuffle(order)
-    n_eval = max(1, round(fraction * len(examples)))
-    held = set(order[:n_eval])
-    train = [e for i, e in enumerate(examples) if i not in held]
-    evals = [e for i, e in enumerate(examples) if i in held]
-    return train, evals
+    return convert_rows(
+        path,
+        rows,
+        summary,
+        lambda row: row_to_example(row, fmt, cfg, tokenizer, completion_only_loss, summary),
+    )
 
 
 def load_sft_data(
     cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, completion_only_loss: bool, seed: int
 ) -> tuple[list[Example], list[Example], DataSummary]:
-    summary = DataSummary(cfg.on_bad_row)
-    train = read_examples(cfg.train, cfg, tokenizer, completion_only_loss, summary)
-    if cfg.eval is not None:
-        evals = read_examples(cfg.eval, cfg, tokenizer, completion_only_loss, summary)
-    else:
-        train, evals = split_eval(train, cfg.eval_fraction, seed)
-    if not train:
-        raise DataError(
-            f"{cfg.train}: no usable training rows left"
-            f" ({summary.total_dropped} dropped; see the data summary above)"
-        )
-    summary.kept["train"] = len(train)
-    summary.kept["eval"] = len(evals)
-    return train, evals, summary
+    def read(path: str, summary: DataSummary) -> list[Example]:
+        return read_examples(path, cfg, tokenizer, completion_only_loss, summary)
+
+    return load_splits(cfg, seed, read, "training rows")
 
 
 def sample_data_path() -> Path:
