@@ -13,9 +13,19 @@ from pathlib import Path
 import torch
 import yaml
 
-from privdpo.checkpoint import BEST, CHECKPOINTS, list_checkpoints, load_trainable, save_best
+from privdpo.checkpoint import (
+    BEST,
+    CHECKPOINTS,
+    export_model,
+    list_checkpoints,
+    load_checkpoint,
+    load_trainable,
+    save_best,
+)
 from privdpo.config import TrainConfig, dump_yaml, to_dict
 from privdpo.errors import UserError
+from privdpo.privacy.accounting import PrivacyLedger
+from privdpo.privacy.dpsgd import write_statement
 
 # Keys that may differ between a run and its resume: they do not change the result.
 RESUME_MAY_DIFFER = {"output.progress_bar"}
@@ -229,9 +239,6 @@ def restore_best(stopper: EarlyStopping, step: int, run_dir: Path, model) -> Non
 def finish_run(cfg, run_dir: Path, model, tokenizer, step: int, stopper, stop_reason, dp):
     """Say why training stopped early (if it did), export the best or last weights, and
     write the privacy statement beside every exported model."""
-    from privdpo.checkpoint import export_model
-    from privdpo.privacy.dpsgd import write_statement
-
     if stop_reason:
         print(stop_reason)
         (run_dir / "stopped_early.txt").write_text(stop_reason + "\n", encoding="utf-8")
@@ -244,3 +251,22 @@ def finish_run(cfg, run_dir: Path, model, tokenizer, step: int, stopper, stop_re
         write_statement(statement, run_dir, *exported.values())
         print(statement["summary"])
     return exported
+
+
+def run_state(stopper: EarlyStopping, dp) -> dict:
+    """What a checkpoint keeps besides weights and optimizer: early stopping, the ledger."""
+    state = {"early_stopping": stopper.state()}
+    if dp is not None:
+        state["privacy_ledger"] = dp.ledger.to_dict()
+    return state
+
+
+def resume_run(run_dir: Path, model, optimizer, scheduler, stopper, dp, total_steps: int) -> int:
+    """Restore the newest checkpoint (with `run_state`'s parts); return its step."""
+    last = list_checkpoints(run_dir)[-1]
+    state = load_checkpoint(last, model, optimizer, scheduler)
+    stopper.load(state["extra"]["early_stopping"])
+    if dp is not None:
+        dp.ledger = PrivacyLedger.from_dict(state["extra"]["privacy_ledger"])
+    print(f"resuming from {last} (step {state['step']} of {total_steps})")
+    return state["step"]

@@ -118,6 +118,15 @@ class DPSGD:
             else None
         )
 
+    @classmethod
+    def from_config(cls, cfg, unit: str, model, num_units: int, steps: int) -> DPSGD | None:
+        """The private step a run's config asks for (printing its plan), or None."""
+        if not cfg.privacy.enabled:
+            return None
+        plan = make_plan(cfg.privacy, unit, num_units, cfg.train.batch_size, steps)
+        print("differential privacy plan:\n" + plan.table())
+        return cls(model, plan, cfg.privacy, cfg.train.seed)
+
     # ---- sample -----------------------------------------------------------------------
     def sample(self, step: int) -> list[int]:
         """Poisson sampling: each unit joins the logical batch of `step` with probability q,

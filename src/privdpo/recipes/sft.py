@@ -14,7 +14,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers.utils import logging as hf_logging
 
-from privdpo.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from privdpo.checkpoint import save_checkpoint
 from privdpo.config import SFTRunConfig
 from privdpo.data.batching import pad_batch
 from privdpo.data.sft import Example, load_sft_data
@@ -22,8 +22,7 @@ from privdpo.logprobs import token_logps
 from privdpo.losses import sft_loss
 from privdpo.metrics import MetricsLogger
 from privdpo.models import add_lora, load_model_and_tokenizer
-from privdpo.privacy.accounting import PrivacyLedger
-from privdpo.privacy.dpsgd import DPSGD, make_plan
+from privdpo.privacy.dpsgd import DPSGD
 from privdpo.training import (
     EarlyStopping,
     batch_indices,
@@ -36,6 +35,8 @@ from privdpo.training import (
     pick_device,
     planned_steps,
     record_eval,
+    resume_run,
+    run_state,
     steps_per_epoch,
 )
 
@@ -100,11 +101,7 @@ def run_sft(cfg: SFTRunConfig, resume: bool = False) -> dict[str, Path]:
     scheduler = make_scheduler(optimizer, cfg.train, total_steps)
     pad_id = tokenizer.pad_token_id
 
-    dp = None
-    if cfg.privacy.enabled:
-        plan = make_plan(cfg.privacy, "example", len(train), cfg.train.batch_size, total_steps)
-        print("differential privacy plan:\n" + plan.table())
-        dp = DPSGD(model, plan, cfg.privacy, cfg.train.seed)
+    dp = DPSGD.from_config(cfg, "example", model, len(train), total_steps)
     stopper = EarlyStopping(
         cfg.train.early_stopping_metric or "eval/loss",
         cfg.train.early_stopping_patience,
@@ -113,13 +110,7 @@ def run_sft(cfg: SFTRunConfig, resume: bool = False) -> dict[str, Path]:
 
     step = 0
     if resume:
-        last = list_checkpoints(run_dir)[-1]
-        state = load_checkpoint(last, model, optimizer, scheduler)
-        step = state["step"]
-        stopper.load(state["extra"]["early_stopping"])
-        if dp is not None:
-            dp.ledger = PrivacyLedger.from_dict(state["extra"]["privacy_ledger"])
-        print(f"resuming from {last} (step {step} of {total_steps})")
+        step = resume_run(run_dir, model, optimizer, scheduler, stopper, dp, total_steps)
     logger = MetricsLogger(run_dir, resume_step=step if resume else None)
     bar = tqdm(total=total_steps, initial=step, disable=not cfg.output.progress_bar, desc="sft")
     stop_reason = None
@@ -207,10 +198,7 @@ def run_sft(cfg: SFTRunConfig, resume: bool = False) -> dict[str, Path]:
                 model,
                 optimizer,
                 scheduler,
-                {
-                    "early_stopping": stopper.state(),
-                    **({"privacy_ledger": dp.ledger.to_dict()} if dp is not None else {}),
-                },
+                run_state(stopper, dp),
                 cfg.train.keep_checkpoints,
             )
     bar.close()
