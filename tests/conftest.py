@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -39,3 +40,33 @@ def sft_rows(n: int) -> list[dict]:
         }
         for i in range(n)
     ]
+
+
+class Crash(Exception):
+    """Stands for the process dying."""
+
+
+@contextlib.contextmanager
+def crash_after_step(step: int):
+    """The run dies right after writing the metrics of `step`, as a killed process would;
+    its newest checkpoint is then older than its metrics."""
+    from privdpo.metrics import MetricsLogger
+
+    original = MetricsLogger.log
+
+    def crashing_log(self, logged_step, values):
+        original(self, logged_step, values)
+        if logged_step == step:
+            raise Crash
+
+    MetricsLogger.log = crashing_log
+    try:
+        with pytest.raises(Crash):
+            yield
+    finally:
+        MetricsLogger.log = original
+
+
+def without_timing(records: list[dict]) -> list[dict]:
+    """Metrics records less the wall-clock ones, which differ between equal runs."""
+    return [{k: v for k, v in r.items() if k != "tokens_per_second"} for r in records]

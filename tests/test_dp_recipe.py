@@ -11,9 +11,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import write_jsonl
+from conftest import crash_after_step, without_timing, write_jsonl
 from privdpo.cli import main
-from privdpo.metrics import MetricsLogger, read_metrics
+from privdpo.metrics import read_metrics
 from privdpo.models import build_preset
 from privdpo.privacy.accounting import epsilon
 from test_dpo import marker_pairs
@@ -106,11 +106,7 @@ def test_budget_exhaustion_stops_before_crossing(tmp_path):
     assert (run_dir / "model" / "model.safetensors").is_file()
 
 
-class Crash(Exception):
-    pass
-
-
-def test_resume_keeps_the_ledger(tmp_path, monkeypatch):
+def test_resume_keeps_the_ledger(tmp_path):
     data = write_jsonl(tmp_path / "d.jsonl", marker_pairs(40))
     args = [
         "data.eval_fraction=0.2",
@@ -124,28 +120,16 @@ def test_resume_keeps_the_ledger(tmp_path, monkeypatch):
         "privacy.target_epsilon=6",
     ]
     assert run(tmp_path, "dpo", "whole", data, *args) == 0
-    original = MetricsLogger.log
-
-    def crashing_log(self, step, values):
-        original(self, step, values)
-        if step == 5:
-            raise Crash
-
-    monkeypatch.setattr(MetricsLogger, "log", crashing_log)
-    with pytest.raises(Crash):
+    with crash_after_step(5):
         run(tmp_path, "dpo", "killed", data, *args)
-    monkeypatch.setattr(MetricsLogger, "log", original)
     state = json.loads(
         (tmp_path / "killed" / "checkpoints" / "step-000004" / "state.json").read_text()
     )
     assert state["extra"]["privacy_ledger"]["segments"][0][2] == 4
     assert run(tmp_path, "dpo", "killed", data, *args, "--resume") == 0
 
-    def strip(records):
-        return [{k: v for k, v in r.items() if k != "tokens_per_second"} for r in records]
-
     whole, killed = read_metrics(tmp_path / "whole"), read_metrics(tmp_path / "killed")
-    assert strip(whole) == strip(killed)
+    assert without_timing(whole) == without_timing(killed)
     eps = [r["privacy/epsilon"] for r in whole if "privacy/epsilon" in r]
     assert len(eps) == 6 and eps == sorted(eps) and eps[-1] <= 6
     s1 = json.loads((tmp_path / "whole" / "privacy.json").read_text())

@@ -13,10 +13,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import write_jsonl
+from conftest import crash_after_step, without_timing, write_jsonl
 from privdpo.cli import main
 from privdpo.losses import PREFERENCE_LOSSES, REFERENCE_FREE
-from privdpo.metrics import MetricsLogger, read_metrics
+from privdpo.metrics import read_metrics
 from privdpo.models import build_preset
 
 WORDS = ["good", "bad", "great", "awful", "fine", "nice", "poor", "lovely", "dull", "bright"]
@@ -178,11 +178,7 @@ def test_early_stopping_stops_on_a_plateau_and_exports_the_best(tmp_path):
     assert not torch.equal(exported[key], last[key])
 
 
-class Crash(Exception):
-    pass
-
-
-def test_killed_and_resumed_dpo_equals_uninterrupted(tmp_path, monkeypatch):
+def test_killed_and_resumed_dpo_equals_uninterrupted(tmp_path):
     args = [
         "train.max_steps=6",
         "train.eval_every=2",
@@ -193,23 +189,13 @@ def test_killed_and_resumed_dpo_equals_uninterrupted(tmp_path, monkeypatch):
         "dpo.disable_dropout=false",
     ]
     assert dpo(tmp_path, "whole", *args) == 0
-    original = MetricsLogger.log
-
-    def crashing_log(self, step, values):
-        original(self, step, values)
-        if step == 5:
-            raise Crash
-
-    monkeypatch.setattr(MetricsLogger, "log", crashing_log)
-    with pytest.raises(Crash):
+    with crash_after_step(5):
         dpo(tmp_path, "killed", *args)
-    monkeypatch.setattr(MetricsLogger, "log", original)
     assert dpo(tmp_path, "killed", *args, "--resume") == 0
 
-    def strip(records):
-        return [{k: v for k, v in r.items() if k != "tokens_per_second"} for r in records]
-
-    assert strip(read_metrics(tmp_path / "whole")) == strip(read_metrics(tmp_path / "killed"))
+    assert without_timing(read_metrics(tmp_path / "whole")) == without_timing(
+        read_metrics(tmp_path / "killed")
+    )
     a = load_file(tmp_path / "whole" / "adapter" / "adapter_model.safetensors")
     b = load_file(tmp_path / "killed" / "adapter" / "adapter_model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)

@@ -15,9 +15,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import sft_rows, write_jsonl
+from conftest import crash_after_step, sft_rows, without_timing, write_jsonl
 from privdpo.cli import main
-from privdpo.metrics import MetricsLogger, read_metrics
+from privdpo.metrics import read_metrics
 
 
 def base_args(tmp_path: Path, name: str, n_rows: int = 24) -> list[str]:
@@ -46,32 +46,15 @@ def sft(tmp_path: Path, args: list[str], *flags: str) -> int:
     return main(["sft", str(config), *args, *flags])
 
 
-def without_timing(records: list[dict]) -> list[dict]:
-    return [{k: v for k, v in r.items() if k != "tokens_per_second"} for r in records]
-
-
-class Crash(Exception):
-    pass
-
-
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora-with-dropout"])
-def test_killed_and_resumed_run_equals_uninterrupted(tmp_path, monkeypatch, lora):
+def test_killed_and_resumed_run_equals_uninterrupted(tmp_path, lora):
     extra = ["model.lora.enabled=true", "model.lora.dropout=0.1"] if lora else []
     assert sft(tmp_path, base_args(tmp_path, "whole") + extra) == 0
 
     # Crash right after step 5's metrics are written; the last checkpoint is step 4, so the
     # resumed run must drop step 5's record and redo it exactly.
-    original = MetricsLogger.log
-
-    def crashing_log(self, step, values):
-        original(self, step, values)
-        if step == 5:
-            raise Crash
-
-    monkeypatch.setattr(MetricsLogger, "log", crashing_log)
-    with pytest.raises(Crash):
+    with crash_after_step(5):
         sft(tmp_path, base_args(tmp_path, "killed") + extra)
-    monkeypatch.setattr(MetricsLogger, "log", original)
     killed = tmp_path / "killed"
     assert max(r["step"] for r in read_metrics(killed)) == 5
     assert not (killed / "model").exists() and not (killed / "adapter").exists()
