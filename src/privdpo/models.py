@@ -15,7 +15,6 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import (
-    AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
     PreTrainedModel,
@@ -168,12 +167,9 @@ def load_model_and_tokenizer(cfg: ModelConfig, seed: int = 0):
     if cfg.preset is not None:
         model, tokenizer = build_preset(cfg.preset, dtype)
     else:
-        tokenizer = load_tokenizer(cfg)
-        path = check_local_model_dir(cfg.path)
+        tokenizer = load_tokenizer(cfg)  # checks the directory first
+        path = Path(cfg.path).expanduser()
         try:
-            AutoConfig.from_pretrained(
-                path, local_files_only=True, trust_remote_code=cfg.trust_remote_code
-            )
             model = AutoModelForCausalLM.from_pretrained(
                 path,
                 dtype=dtype,
