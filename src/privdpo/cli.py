@@ -113,6 +113,22 @@ def _show_samples(model_dir) -> None:
         print(f"  {prompt.strip()!r} -> {completion.strip()!r}")
 
 
+def _add_recipe(commands, name: str, config_cls, func, help: str, description: str) -> None:
+    """A training command: CONFIG, key=value overrides, --resume, and every key in --help."""
+    recipe = commands.add_parser(
+        name,
+        help=help,
+        description=description,
+        epilog="config keys (YAML sections; override any as section.key=value):\n"
+        + describe_config(config_cls),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    recipe.add_argument("config", help="YAML config file")
+    recipe.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides")
+    recipe.add_argument("--resume", action="store_true", help="continue the run in output.dir")
+    recipe.set_defaults(func=func)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="privdpo",
@@ -120,31 +136,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    sft = commands.add_parser(
+    _add_recipe(
+        commands,
         "sft",
-        help="supervised fine-tuning",
-        description="Supervised fine-tuning of a local model on local data.",
-        epilog="config keys (YAML sections; override any as section.key=value):\n"
-        + describe_config(SFTRunConfig),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        SFTRunConfig,
+        _sft,
+        "supervised fine-tuning",
+        "Supervised fine-tuning of a local model on local data.",
     )
-    sft.add_argument("config", help="YAML config file")
-    sft.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides")
-    sft.add_argument("--resume", action="store_true", help="continue the run in output.dir")
-    sft.set_defaults(func=_sft)
-
-    dpo = commands.add_parser(
+    _add_recipe(
+        commands,
         "dpo",
-        help="preference optimization (DPO, IPO, cDPO, robust, hinge, RPO, SimPO, ORPO)",
-        description="Preference optimization of a local model on local preference pairs.",
-        epilog="config keys (YAML sections; override any as section.key=value):\n"
-        + describe_config(DPORunConfig),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        DPORunConfig,
+        _dpo,
+        "preference optimization (DPO, IPO, cDPO, robust, hinge, RPO, SimPO, ORPO)",
+        "Preference optimization of a local model on local preference pairs.",
     )
-    dpo.add_argument("config", help="YAML config file")
-    dpo.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides")
-    dpo.add_argument("--resume", action="store_true", help="continue the run in output.dir")
-    dpo.set_defaults(func=_dpo)
 
     privacy = commands.add_parser(
         "privacy", help="differential privacy tools", description="Differential privacy tools."
