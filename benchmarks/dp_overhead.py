@@ -67,21 +67,22 @@ def build(mode: str, device):
     return model
 
 
-def step(model, optimizer, batch, ref, clipper, pairs_n, sigma=1.0, max_norm=1.0):
-    if clipper is not None:
-        clipper.set_units(
-            torch.arange(pairs_n, device=batch["input_ids"].device).repeat(2), pairs_n
-        )
+def pair_losses(model, batch, ref):
     logps, tokens = sequence_logps(model, batch)
     c, r = logps.chunk(2)
     tc, tr = tokens.chunk(2)
-    losses = sigmoid_loss(PairLogps(c, r, tc, tr, ref[0], ref[1]), LossParams(beta=0.1)).losses
+    return sigmoid_loss(PairLogps(c, r, tc, tr, ref[0], ref[1]), LossParams(beta=0.1)).losses
+
+
+def step(model, optimizer, batch, ref, clipper, pairs_n, sigma=1.0, max_norm=1.0):
     if clipper is None:
-        (losses.sum() / pairs_n).backward()
+        (pair_losses(model, batch, ref).sum() / pairs_n).backward()
         params = [p for p in model.parameters() if p.requires_grad]
         torch.nn.utils.clip_grad_norm_(params, 1.0)
     else:
-        losses.sum().backward()
+        row_unit = torch.arange(pairs_n, device=batch["input_ids"].device).repeat(2)
+        with clipper.units(row_unit, pairs_n):
+            pair_losses(model, batch, ref).sum().backward()
         clipper.clip_and_accumulate(max_norm)
         sums = clipper.take_clipped_sum()
         for p in clipper.params:

@@ -125,8 +125,8 @@ def test_per_unit_clipping_equals_the_naive_loop(kind, lora, micro):
     norms = []
     for start in range(0, len(units), micro):
         chunk = units[start : start + micro]
-        sampler.set_units(row_units(kind, len(chunk)), len(chunk))
-        unit_loss(chunk).sum().backward()
+        with sampler.units(row_units(kind, len(chunk)), len(chunk)):
+            unit_loss(chunk).sum().backward()
         norms.append(sampler.clip_and_accumulate(max_norm))
     got = sampler.take_clipped_sum()
     sampler.detach()
@@ -162,11 +162,62 @@ def test_rows_of_uneven_units_take_the_per_row_path():
 
     expected, naive_norms = naive_clipped_sum(model, unit_loss, groups, 0.5)
     sampler = PerUnitGradients(model)
-    sampler.set_units(torch.tensor([0, 1, 0, 0, 1]), 2)
-    assert sampler.fold_k is None
-    sft_unit_losses(model, examples).sum().backward()
+    with sampler.units(torch.tensor([0, 1, 0, 0, 1]), 2):
+        assert sampler.fold_k is None
+        sft_unit_losses(model, examples).sum().backward()
     norms = sampler.clip_and_accumulate(0.5)
     got = sampler.take_clipped_sum()
     torch.testing.assert_close(norms, torch.stack(naive_norms), rtol=1e-5, atol=1e-7)
     for p, e in zip([p for p in model.parameters() if p.requires_grad], expected, strict=True):
         assert (got[id(p)] - e).norm() <= 1e-5 * e.norm() + 1e-9
+
+
+def test_gradient_checkpointing_gives_the_same_clipped_sum():
+    """Recomputed activations (non-reentrant checkpointing, as model.gradient_checkpointing
+    sets it up) must not change the per-unit gradients."""
+    model, tokenizer = tiny(lora=False)
+    reference = copy.deepcopy(model).eval()
+    units = pairs(tokenizer, 4)
+
+    def unit_loss(chunk):
+        return dpo_unit_losses(model, reference, chunk)
+
+    expected, naive_norms = naive_clipped_sum(model, unit_loss, units, 0.5)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    sampler = PerUnitGradients(model)
+    with sampler.units(row_units("dpo", 4), 4):
+        unit_loss(units).sum().backward()
+    norms = sampler.clip_and_accumulate(0.5)
+    got = sampler.take_clipped_sum()
+    torch.testing.assert_close(norms, torch.stack(naive_norms), rtol=1e-5, atol=1e-7)
+    for p, e in zip([p for p in model.parameters() if p.requires_grad], expected, strict=True):
+        assert (got[id(p)] - e).norm() <= 1e-5 * e.norm() + 1e-9
+
+
+def test_autograd_weight_gradients_are_skipped_and_restored():
+    """Inside `units`, autograd computes no batch weight gradient (the samplers do the
+    work); afterwards the parameters are trainable again."""
+    model, tokenizer = tiny(lora=False)
+    examples = sft_examples(tokenizer, 3)
+    sampler = PerUnitGradients(model)
+    with sampler.units(row_units("sft", 3), 3):
+        sft_unit_losses(model, examples).sum().backward()
+    assert all(p.grad is None for p in model.parameters())
+    assert all(p.requires_grad for p in sampler.params)
+    assert len(sampler.samples) == len(sampler.params)
+
+
+def test_bfloat16_clipped_units_stay_within_the_norm():
+    """In bfloat16 the clip factor is rounded down, so a clipped unit never exceeds C."""
+    model, tokenizer = tiny(lora=False)
+    model.to(torch.bfloat16)
+    examples = sft_examples(tokenizer, 4)
+    sampler = PerUnitGradients(model)
+    for i in range(4):  # one unit at a time: each clipped sum is one clipped gradient
+        with sampler.units(row_units("sft", 1), 1):
+            sft_unit_losses(model, examples[i : i + 1]).sum().backward()
+        norm = sampler.clip_and_accumulate(1e-3)
+        assert norm.item() > 1e-2  # really clipped
+        clipped = sampler.take_clipped_sum()
+        total = torch.sqrt(sum(t.pow(2).sum() for t in clipped.values()))
+        assert 0.97e-3 < total.item() <= 1e-3

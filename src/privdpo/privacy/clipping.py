@@ -6,10 +6,12 @@ level. No library offers that grouping (Opacus clips per batch row), so the samp
 take a `row_unit` map and sum each unit's rows before taking norms.
 
 How: a forward hook on each module with trainable parameters keeps its input, and a hook
-on its output's gradient computes, during the ordinary backward pass, each unit's gradient
-for that module's parameters. After the backward pass every unit's gradient norm over all
-parameters is known; each unit is scaled by min(1, C / norm) and the scaled gradients are
-summed into `param.grad`. One forward and one backward pass, as without privacy.
+on its output's gradient computes, during the backward pass, each unit's gradient for that
+module's parameters (autograd's own batch-summed weight gradients are switched off, as they
+would be thrown away). After the backward pass every unit's gradient norm over all
+parameters is known (in float32); each unit is scaled by min(1, C / norm) and the scaled
+gradients are summed with one matrix product per parameter. One forward and one backward
+pass, as without privacy.
 
 Supported modules (the layers of Llama/Qwen-style models and of LoRA adapters):
 `nn.Linear` (weight and bias), `nn.Embedding` and RMSNorm layers (a `weight` scaling the
@@ -20,6 +22,8 @@ gradient would escape clipping and void the guarantee.
 """
 
 from __future__ import annotations
+
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -62,10 +66,14 @@ def _check_rmsnorm(module: nn.Module) -> None:
 
 
 class PerUnitGradients:
-    """Attach to a model; then each backward pass leaves per-unit gradients behind.
+    """Attach to a model; then a backward pass inside `units(...)` leaves per-unit gradients.
 
-    Usage per micro-batch: `set_units(row_unit, num_units)`, forward, `loss.backward()` on
-    the SUM of the units' losses, then `clip_and_accumulate(max_norm)`.
+    Usage per micro-batch::
+
+        with clipper.units(row_unit, num_units):
+            losses = ...                 # forward
+            losses.sum().backward()      # the SUM of the units' losses
+        clipper.clip_and_accumulate(max_norm)
     """
 
     def __init__(self, model: nn.Module):
@@ -94,14 +102,24 @@ class PerUnitGradients:
                 " supported are Linear, Embedding and RMSNorm. Use LoRA (model.lora.enabled)"
                 " or freeze these layers"
             )
+        self.owned = owned
         self.row_unit: torch.Tensor | None = None
         self.num_units = 0
         self.fold_k: int | None = None
         self.samples: dict[int, torch.Tensor] = {}  # id(param) -> [U, *param.shape]
         self.clipped_sum: dict[int, torch.Tensor] = {}  # id(param) -> param.shape, fp32
 
-    def set_units(self, row_unit: torch.Tensor, num_units: int) -> None:
-        """`row_unit[i]` is the unit of batch row i, in 0..num_units-1."""
+    @contextmanager
+    def units(self, row_unit: torch.Tensor, num_units: int):
+        """Record per-unit gradients of the forward and backward passes run inside;
+        `row_unit[i]` is the unit of batch row i, in 0..num_units-1.
+
+        Inside, the trainable parameters are switched to requires_grad=False, so autograd
+        computes only the gradients flowing back through the layers, not the weight
+        gradients: the hooks compute those per unit instead, and autograd's batch sums
+        would be thrown away (a third of a full fine-tuning backward pass). A module whose
+        output would then need no gradient (the embedding, a LoRA adapter's first matrix)
+        has its output marked as requiring one, so the backward pass reaches it."""
         self.row_unit = row_unit
         self.num_units = num_units
         self.samples = {}
@@ -109,6 +127,14 @@ class PerUnitGradients:
         k = n // num_units if num_units and n % num_units == 0 else 0
         blocks = torch.arange(num_units).repeat(k) if k else None
         self.fold_k = k if blocks is not None and torch.equal(row_unit.cpu(), blocks) else None
+        for p in self.params:
+            p.requires_grad_(False)
+        try:
+            yield self
+        finally:
+            for p in self.params:
+                p.requires_grad_(True)
+            self.row_unit = None
 
     def detach(self) -> None:
         for h in self.handles:
@@ -116,73 +142,79 @@ class PerUnitGradients:
 
     # ---- hooks ------------------------------------------------------------------------
     def _forward_hook(self, module, inputs, output):
-        if not torch.is_grad_enabled() or self.row_unit is None or not output.requires_grad:
-            return
+        if not torch.is_grad_enabled() or self.row_unit is None:
+            return None
+        if not output.requires_grad:  # nothing before it is trainable: start the graph here
+            output = output.detach().requires_grad_()
         x = inputs[0].detach()
         output.register_hook(lambda g, m=module, x=x: self._per_unit(m, x, g.detach()))
-
-    def _store(self, param: nn.Parameter, per_unit: torch.Tensor) -> None:
-        key = id(param)
-        if key in self.samples:
-            self.samples[key].add_(per_unit)  # a tied parameter's second module
-        else:
-            self.samples[key] = per_unit.float()
-
-    def _fold(self, t: torch.Tensor) -> torch.Tensor | None:
-        """[N, T, F] rows -> [U, k*T, F] units when the rows are k blocks of units 0..U-1
-        (an SFT batch: k = 1; DPO: chosen rows then rejected rows, k = 2). Summing a
-        unit's tokens then gives its gradient with no per-row tensor. None otherwise."""
-        if self.fold_k is None:
-            return None
-        n, steps, f = t.shape
-        k, u = self.fold_k, self.num_units
-        return t.view(k, u, steps, f).transpose(0, 1).reshape(u, k * steps, f)
+        return output
 
     def _per_unit(self, module, x: torch.Tensor, g: torch.Tensor) -> None:
         # Tokens are flattened into one axis per row: [N, T, features].
         n = g.shape[0]
         g3 = g.reshape(n, -1, g.shape[-1])
         if isinstance(module, nn.Linear):
-            x3 = x.reshape(n, -1, x.shape[-1])
-            gu, xu = self._fold(g3), self._fold(x3)
-            if gu is None:  # rows of uneven units: per-row gradients, then summed per unit
-                gu, xu = g3, x3
-            if module.weight.requires_grad:
-                self._store(module.weight, self._to_units(torch.einsum("nto,nti->noi", gu, xu), gu))
-            if module.bias is not None and module.bias.requires_grad:
-                self._store(module.bias, self._to_units(gu.sum(1), gu))
+            if id(module.weight) in self.owned:
+                self._store(module.weight, self._unit_outer(g3, x.reshape(n, -1, x.shape[-1])))
+            if module.bias is not None and id(module.bias) in self.owned:
+                self._store(module.bias, self._rows_to_units(g3.sum(1)))
         elif isinstance(module, nn.Embedding):
-            ids = x.reshape(n, -1, 1)
-            gu, iu = self._fold(g3), self._fold(ids)
-            if gu is None:
-                gu, iu = g3, ids
-            per = torch.zeros(
-                (gu.shape[0], module.num_embeddings, gu.shape[-1]), dtype=gu.dtype, device=gu.device
-            )
-            per.scatter_add_(1, iu.expand(-1, -1, gu.shape[-1]), gu)
-            self._store(module.weight, self._to_units(per, gu))
+            self._embedding(module.weight, x.reshape(n, -1), g3)
         else:  # RMSNorm
             x3 = _rms_normalize(module, x).reshape(n, -1, x.shape[-1])
-            self._store(module.weight, self._to_units((g3 * x3).sum(1), g3, folded=False))
+            self._store(module.weight, self._rows_to_units((g3 * x3).sum(1)))
 
-    def _to_units(self, t: torch.Tensor, source: torch.Tensor, folded: bool | None = None):
-        """`t` per unit already (folded inputs) or per row (summed into units here)."""
-        if folded is None:
-            folded = source.shape[0] == self.num_units and self.fold_k is not None
-        if folded:
-            return t
-        per_unit = torch.zeros((self.num_units, *t.shape[1:]), dtype=torch.float32, device=t.device)
-        return per_unit.index_add_(0, self.row_unit.to(t.device), t.float())
+    def _unit_outer(self, g3: torch.Tensor, x3: torch.Tensor) -> torch.Tensor:
+        """[U, out, in]: sum over each unit's rows and tokens of g x^T (a Linear weight's
+        gradient). When the rows are k blocks of units 0..U-1 (SFT: k = 1; DPO: chosen rows
+        then rejected rows, k = 2), one batched matmul per block accumulates straight into
+        the units, with no per-row tensor. Otherwise per-row gradients are summed."""
+        u = self.num_units
+        if self.fold_k is None:
+            return self._rows_to_units(torch.bmm(g3.transpose(1, 2), x3))
+        out = torch.bmm(g3[:u].transpose(1, 2), x3[:u])
+        for b in range(1, self.fold_k):
+            rows = slice(b * u, (b + 1) * u)
+            out.baddbmm_(g3[rows].transpose(1, 2), x3[rows])
+        return out
+
+    def _rows_to_units(self, per_row: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros(
+            (self.num_units, *per_row.shape[1:]), dtype=per_row.dtype, device=per_row.device
+        )
+        return out.index_add_(0, self.row_unit.to(per_row.device), per_row)
+
+    def _embedding(self, weight: nn.Parameter, ids: torch.Tensor, g3: torch.Tensor) -> None:
+        """Scatter each token's output gradient into row `id` of its unit's gradient, in
+        place into the tied output layer's per-unit gradient when there is one."""
+        vocab, dim = weight.shape
+        key = id(weight)
+        if key not in self.samples:
+            self.samples[key] = torch.zeros(
+                (self.num_units, vocab, dim), dtype=g3.dtype, device=g3.device
+            )
+        unit = self.row_unit.to(ids.device).view(-1, 1)
+        flat = (unit * vocab + ids).flatten()
+        self.samples[key].view(-1, dim).index_add_(0, flat, g3.reshape(-1, dim))
+
+    def _store(self, param: nn.Parameter, per_unit: torch.Tensor) -> None:
+        key = id(param)
+        if key in self.samples:
+            self.samples[key].add_(per_unit)  # a tied parameter's second module
+        else:
+            self.samples[key] = per_unit
 
     # ---- clipping ---------------------------------------------------------------------
     def unit_norms(self) -> torch.Tensor:
-        """[U] L2 norm of each unit's gradient over all trainable parameters."""
+        """[U] L2 norm of each unit's gradient over all trainable parameters, in float32
+        whatever the parameters' dtype."""
         total = None
         for p in self.params:
             s = self.samples.get(id(p))
             if s is None:
                 continue
-            sq = s.flatten(1).pow(2).sum(1)
+            sq = torch.linalg.vector_norm(s.flatten(1), dim=1, dtype=torch.float32).square()
             total = sq if total is None else total + sq
         if total is None:
             raise RuntimeError("no per-unit gradient was recorded; was backward called?")
@@ -190,16 +222,16 @@ class PerUnitGradients:
 
     @torch.no_grad()
     def clip_and_accumulate(self, max_norm: float) -> torch.Tensor:
-        """Add sum_u min(1, C / ||g_u||) g_u of this micro-batch to the running clipped sum;
-        return the unit norms [U]. The unclipped `.grad` autograd also wrote is dropped."""
+        """Add sum_u min(1, C / ||g_u||) g_u of this micro-batch to the running clipped sum
+        (float32); return the unit norms [U]."""
         norms = self.unit_norms()
         scale = (max_norm / (norms + 1e-6)).clamp(max=1.0)
         for p in self.params:
-            p.grad = None
             s = self.samples.get(id(p))
             if s is None:
                 continue
-            clipped = torch.einsum("u,u...->...", scale, s)
+            weights = _round_down(scale, s.dtype).unsqueeze(0)
+            clipped = torch.mm(weights, s.view(len(scale), -1)).view(p.shape).float()
             key = id(p)
             self.clipped_sum[key] = (
                 self.clipped_sum[key] + clipped if key in self.clipped_sum else clipped
@@ -216,3 +248,13 @@ class PerUnitGradients:
         }
         self.clipped_sum = {}
         return out
+
+
+def _round_down(scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`scale` in `dtype`, never above its float32 value: a bfloat16 clip factor rounded up
+    (by up to 2^-9) would let a unit's clipped gradient exceed C."""
+    if dtype == torch.float32:
+        return scale
+    if dtype in (torch.float16, torch.bfloat16):
+        return (scale * (1 - 2.0**-7)).to(dtype)
+    return scale.to(dtype)

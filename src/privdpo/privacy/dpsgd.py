@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import secrets
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -136,12 +137,13 @@ class DPSGD:
         return keep.nonzero().flatten().tolist()
 
     # ---- clip and accumulate ------------------------------------------------------------
-    def start_micro_batch(self, row_unit: torch.Tensor, num_units: int) -> None:
-        self.clipper.set_units(row_unit, num_units)
-
-    def clip_micro_batch(self) -> torch.Tensor:
-        """After `loss.backward()` on the SUM of the micro-batch's unit losses."""
-        return self.clipper.clip_and_accumulate(self.plan.max_grad_norm)
+    @contextmanager
+    def micro_batch(self, row_unit: torch.Tensor, num_units: int):
+        """Run the micro-batch's forward and `backward()` on the SUM of its unit losses
+        inside; on leaving, each unit's gradient is clipped and added to the step's sum."""
+        with self.clipper.units(row_unit, num_units):
+            yield
+        self.clipper.clip_and_accumulate(self.plan.max_grad_norm)
 
     # ---- noise and scale ----------------------------------------------------------------
     @torch.no_grad()

@@ -178,14 +178,15 @@ def run_dpo(cfg: DPORunConfig, resume: bool = False) -> dict[str, Path]:
         sums = {"loss": 0.0, **{k: 0.0 for k in PAIR_METRICS}}
         seen_tokens = 0
         for chunk in micro_batches(pairs, cfg.train.micro_batch_size):
-            if dp is not None:  # a pair is one unit: its chosen row i and rejected row B + i
-                dp.start_micro_batch(torch.arange(len(chunk)).repeat(2), len(chunk))
-            losses, values, tokens = pair_forward(model, reference, chunk, cfg, pad_id, device)
             if dp is None:
+                losses, values, tokens = pair_forward(model, reference, chunk, cfg, pad_id, device)
                 (losses.sum() / len(pairs)).backward()
-            else:
-                losses.sum().backward()
-                dp.clip_micro_batch()
+            else:  # a pair is one unit: its chosen row i and rejected row B + i
+                with dp.micro_batch(torch.arange(len(chunk)).repeat(2), len(chunk)):
+                    losses, values, tokens = pair_forward(
+                        model, reference, chunk, cfg, pad_id, device
+                    )
+                    losses.sum().backward()
             sums["loss"] += losses.sum().item()  # a CPU-GPU sync per micro-batch
             for k in PAIR_METRICS:
                 sums[k] += values[k].sum().item()

@@ -136,10 +136,9 @@ def run_sft(cfg: SFTRunConfig, resume: bool = False) -> dict[str, Path]:
                 loss = micro_batch_loss(model, batch, max(1, num_tokens))
                 loss.backward()
             else:  # one example is one unit
-                dp.start_micro_batch(torch.arange(len(chunk)), len(chunk))
-                losses = example_losses(model, batch)
-                losses.sum().backward()
-                dp.clip_micro_batch()
+                with dp.micro_batch(torch.arange(len(chunk)), len(chunk)):
+                    losses = example_losses(model, batch)
+                    losses.sum().backward()
                 loss = losses.sum() / max(1, len(examples))
             loss_sum += loss.item()  # a CPU-GPU sync per micro-batch; fine at this size
             seen_tokens += int(batch["attention_mask"].sum())
