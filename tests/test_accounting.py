@@ -258,3 +258,110 @@ def test_invalid_inputs_name_the_argument(call, name):
 def test_unknown_accountant_lists_the_valid_ones():
     with pytest.raises(ValueError, match=r"\('pld', 'rdp'\)"):
         epsilon(0.1, 1.0, 10, 1e-5, accountant="prv")
+
+
+# ---------------------------------------------------------------------------
+# Ledger with user-level ELS accounting (els_bound)
+# ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def empty_privacy_cache(tmp_path, monkeypatch):
+    """ELS results are cached on disk: keep this test's apart from ~/.cache."""
+    monkeypatch.setenv("PRIVDPO_CACHE_DIR", str(tmp_path / "cache"))
+
+
+def mog_step(q, sigma, k):
+    """One ELS step from dp-accounting directly: Binomial(k, q) clipped units of norm 1."""
+    return dp_accounting.dp_event.MixtureOfGaussiansDpEvent(
+        standard_deviation=sigma,
+        sensitivities=list(range(k + 1)),
+        sampling_probs=[math.comb(k, j) * q**j * (1 - q) ** (k - j) for j in range(k + 1)],
+    )
+
+
+def test_els_ledger_matches_direct_mixture_of_gaussians(empty_privacy_cache):
+    from privdpo.privacy.user_level import els_epsilon
+
+    q1, s1, q2, s2, k = 0.05, 1.5, 0.1, 2.0, 2
+    ledger = PrivacyLedger(unit="user", delta=1e-5, els_bound=k)
+    assert ledger.epsilon() == 0.0
+    for _ in range(30):
+        ledger.record_step(q1, s1)
+    assert ledger.epsilon() == els_epsilon(q1, s1, k, 30, 1e-5)
+    for _ in range(20):
+        ledger.record_step(q2, s2)
+    composed = dp_accounting.ComposedDpEvent(
+        [
+            dp_accounting.SelfComposedDpEvent(mog_step(q1, s1, k), 30),
+            dp_accounting.SelfComposedDpEvent(mog_step(q2, s2, k), 20),
+        ]
+    )
+    expected = direct_accountant("pld").compose(composed).get_epsilon(1e-5)
+    assert ledger.epsilon() == pytest.approx(expected, abs=1e-4)
+    # User-level accounting of k units costs more than unit-level DP-SGD.
+    assert (
+        ledger.epsilon()
+        > PrivacyLedger(unit="user", delta=1e-5, segments=ledger.segments).epsilon()
+    )
+
+
+def test_els_ledger_round_trips_through_json(empty_privacy_cache):
+    ledger = PrivacyLedger(unit="user", delta=1e-6, els_bound=3)
+    for _ in range(10):
+        ledger.record_step(0.02, 1.3)
+    d = json.loads(json.dumps(ledger.to_dict()))
+    assert d["els_bound"] == 3
+    restored = PrivacyLedger.from_dict(d)
+    assert restored == ledger and restored.els_bound == 3
+    assert restored.epsilon() == ledger.epsilon()
+
+
+def test_ledger_from_a_dict_written_before_els_bound():
+    old = {"unit": "pair", "delta": 1e-5, "accountant": "pld", "segments": [[0.01, 1.0, 50]]}
+    ledger = PrivacyLedger.from_dict(old)
+    assert ledger.els_bound is None
+    assert ledger.epsilon() == epsilon(0.01, 1.0, 50, 1e-5)
+    assert ledger.to_dict() == {**old, "els_bound": None}
+
+
+def test_els_ledger_with_bound_one_is_dp_sgd():
+    segments = [[0.02, 1.1, 40]]
+    els = PrivacyLedger(unit="user", delta=1e-5, segments=segments, els_bound=1)
+    plain = PrivacyLedger(unit="user", delta=1e-5, segments=segments)
+    assert els.epsilon() == plain.epsilon()
+
+
+def test_els_ledger_max_more_steps(empty_privacy_cache):
+    from privdpo.privacy.user_level import els_epsilon, els_max_steps_within
+
+    q, sigma, k, target = 0.02, 1.5, 3, 2.0
+    fresh = PrivacyLedger(unit="user", delta=1e-5, els_bound=k)
+    assert fresh.max_more_steps(q, sigma, target) == els_max_steps_within(target, 1e-5, q, sigma, k)
+    ledger = PrivacyLedger(unit="user", delta=1e-5, segments=[[q, sigma, 20]], els_bound=k)
+    more = ledger.max_more_steps(q, sigma, target)
+    assert 0 < more
+    assert els_epsilon(q, sigma, k, 20 + more, 1e-5) <= target
+    assert els_epsilon(q, sigma, k, 20 + more + 1, 1e-5) > target
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        ({"unit": "user", "els_bound": 0}, "els_bound"),
+        ({"unit": "user", "els_bound": True}, "els_bound"),
+        ({"unit": "user", "els_bound": 2.5}, "els_bound"),
+        ({"unit": "pair", "els_bound": 4}, "unit must be 'user'"),
+        ({"unit": "user", "els_bound": 4, "accountant": "rdp"}, "accountant='pld'"),
+    ],
+)
+def test_invalid_els_bound_says_why(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        PrivacyLedger(delta=1e-5, **kwargs)
+
+
+def test_ledger_from_dict_rejects_unknown_keys_but_names_els_bound():
+    d = {"unit": "user", "delta": 1e-5, "accountant": "pld", "segments": [], "k": 3}
+    with pytest.raises(ValueError, match="unknown \\['k'\\]") as error:
+        PrivacyLedger.from_dict(d)
+    assert "els_bound" in str(error.value)

@@ -37,13 +37,15 @@ def _dpo(args: argparse.Namespace) -> None:
 
 
 def _privacy_plan(args: argparse.Namespace) -> None:
-    """The DP plan of a config (units, q, steps, sigma, C, epsilon, delta), no training."""
+    """The DP plan of a config (units, q, steps, sigma, C, epsilon, delta), no training;
+    at user level also the table over contribution bounds k and ELS/ULS."""
     import yaml
 
     from privdpo.data.preference import load_preference_data
     from privdpo.data.sft import load_sft_data
     from privdpo.models import load_model_and_tokenizer
-    from privdpo.privacy.dpsgd import make_plan
+    from privdpo.privacy.dpsgd import plan_from_config, privacy_units
+    from privdpo.privacy.user_level import format_plan, plan_user_level, units_per_user
     from privdpo.training import planned_steps
 
     is_dpo = "dpo" in (yaml.safe_load(open(args.config, encoding="utf-8")) or {})
@@ -52,17 +54,32 @@ def _privacy_plan(args: argparse.Namespace) -> None:
         raise UserError("privacy.enabled is false in this config: there is no privacy plan")
     _, tokenizer = load_model_and_tokenizer(cfg.model, cfg.train.seed)
     if is_dpo:
-        train, _, _ = load_preference_data(cfg.data, tokenizer, cfg.train.seed)
+        items, _, _ = load_preference_data(cfg.data, tokenizer, cfg.train.seed)
     else:
-        train, _, _ = load_sft_data(
+        items, _, _ = load_sft_data(
             cfg.data, tokenizer, cfg.sft.completion_only_loss, cfg.train.seed
         )
     unit = "pair" if is_dpo else "example"
-    plan = make_plan(
-        cfg.privacy, unit, len(train), cfg.train.batch_size, planned_steps(len(train), cfg.train)
-    )
-    print(f"privacy plan for {args.config} ({'dpo' if is_dpo else 'sft'}, DP-SGD):")
+    steps = planned_steps(len(items), cfg.train)
+    _, groups, users = privacy_units(cfg, items, unit, steps)
+    plan = plan_from_config(cfg, groups, steps, users)
+    algorithm = f"user-level DP-SGD, {users.algorithm.upper()}" if users else "DP-SGD"
+    print(f"privacy plan for {args.config} ({'dpo' if is_dpo else 'sft'}, {algorithm}):")
     print(plan.table())
+    if users is not None and cfg.privacy.target_epsilon is not None:
+        counts = list(units_per_user([it.user_id for it in items]).values())
+        rows = plan_user_level(
+            counts,
+            cfg.train.batch_size,
+            planned_steps(len(items), cfg.train),
+            cfg.privacy.target_epsilon,
+            plan.delta,
+        )
+        print(
+            f"\ncontribution bounds k for target epsilon {cfg.privacy.target_epsilon}"
+            f" (delta {plan.delta:.3g}), {len(counts)} users, {len(items)} {unit}s:"
+        )
+        print(format_plan(rows))
 
 
 def _demo(args: argparse.Namespace) -> None:

@@ -189,8 +189,20 @@ class PrivacyConfig:
     """Differential privacy (DP-SGD): per-unit clipping, Gaussian noise, exact accounting."""
 
     enabled: bool = opt(False, "train with DP-SGD")
-    unit: Literal["auto", "example", "pair"] = opt(
-        "auto", "what one person's contribution is: example (SFT), pair (DPO); auto picks"
+    unit: Literal["auto", "example", "pair", "user"] = opt(
+        "auto",
+        "what the guarantee protects: example (SFT row), pair (DPO pair), or user (all rows"
+        " of one data.user_id_column value); auto = example for SFT, pair for DPO",
+    )
+    user_algorithm: Literal["uls", "els"] = opt(
+        "uls",
+        "unit=user: uls samples users and clips each user's averaged gradient; els samples"
+        " examples/pairs and accounts for each user's k of them (Charles et al. 2024)",
+    )
+    contribution_bound: int | None = opt(
+        None,
+        "unit=user: k, the most examples/pairs one user keeps (a random k of theirs, seeded);"
+        " null: els uses the median per user, uls the k of least predicted noise",
     )
     target_epsilon: float | None = opt(
         None,
@@ -339,10 +351,26 @@ def check_privacy(cfg: Any) -> list[str]:
     if not (pv.max_grad_norm > 0 and math.isfinite(pv.max_grad_norm)):
         problems.append(f"privacy.max_grad_norm: must be positive, got {pv.max_grad_norm}")
     expected = "pair" if hasattr(cfg, "dpo") else "example"
-    if pv.unit not in ("auto", expected):
+    if pv.unit not in ("auto", expected, "user"):
+        problems.append(f"privacy.unit: {pv.unit} does not fit this recipe; use {expected} or user")
+    if pv.contribution_bound is not None and pv.contribution_bound < 1:
         problems.append(
-            f"privacy.unit: {pv.unit} does not fit this recipe; its unit is {expected}"
-            " (user level comes with user-level DP)"
+            f"privacy.contribution_bound: must be at least 1, got {pv.contribution_bound}"
+        )
+    if pv.unit == "user" and pv.user_algorithm == "els" and pv.accountant != "pld":
+        problems.append(
+            "privacy.accountant: user_algorithm=els is accounted with the mixture-of-Gaussians"
+            " PLD; set privacy.accountant=pld"
+        )
+    if (
+        pv.unit == "user"
+        and pv.user_algorithm == "uls"
+        and pv.contribution_bound is None
+        and pv.target_epsilon is None
+    ):
+        problems.append(
+            "privacy.contribution_bound: the uls default k is chosen for a target epsilon;"
+            " set privacy.target_epsilon or privacy.contribution_bound"
         )
     return problems
 

@@ -14,6 +14,7 @@ counted as `boundary_split`), `error` stops, `drop` drops the row.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 from transformers import PreTrainedTokenizerBase
@@ -46,6 +47,13 @@ class BadRow(Exception):
         super().__init__(problem)
 
 
+@functools.lru_cache(maxsize=1024)
+def _encode(tokenizer: PreTrainedTokenizerBase, text: str, add_special: bool) -> tuple[int, ...]:
+    """Token ids of `text`, cached: a pair's prompt is tokenized for both of its responses,
+    and the tokenizer call's Python overhead dominates loading large files."""
+    return tuple(tokenizer(text, add_special_tokens=add_special)["input_ids"])
+
+
 def tokenize_segments(
     tokenizer: PreTrainedTokenizerBase,
     segments: list[Segment],
@@ -69,9 +77,9 @@ def tokenize_segments(
     for seg in segments:
         text_so_far += seg.text
         if not split:
-            cumulative = tokenizer(text_so_far, add_special_tokens=add_special)["input_ids"]
-            if cumulative[: len(ids)] == ids:
-                new = cumulative[len(ids) :]
+            cumulative = _encode(tokenizer, text_so_far, add_special)
+            if list(cumulative[: len(ids)]) == ids:
+                new = list(cumulative[len(ids) :])
             else:
                 if boundary_mismatch != "split":
                     raise BadRow(

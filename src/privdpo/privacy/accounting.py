@@ -306,12 +306,18 @@ class PrivacyLedger:
     accountant: one of ACCOUNTANTS.
     segments: [[sampling_rate, noise_multiplier, steps], ...] in the order run;
         consecutive steps with equal (sampling_rate, noise_multiplier) share a segment.
+    els_bound: None for DP-SGD with `unit` as the privacy unit. An integer k >= 1 for
+        user-level DP with example-level sampling (ELS, Charles et al. 2024): units are
+        sampled at `sampling_rate`, each user holds at most k of them, and every step is
+        accounted as `user_level.els_step_event` (a mixture of Gaussians over
+        Binomial(k, q) sampled units); unit must then be "user" and accountant "pld".
     """
 
     unit: str
     delta: float
     accountant: str = "pld"
     segments: list[list] = field(default_factory=list)
+    els_bound: int | None = None
 
     def __post_init__(self) -> None:
         if self.unit not in PRIVACY_UNITS:
@@ -330,6 +336,23 @@ class PrivacyLedger:
                 [_check_sampling_rate(q), _check_noise_multiplier(sigma), _check_steps(steps)]
             )
         self.segments = checked
+        if self.els_bound is not None:
+            k = self.els_bound
+            if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
+                raise ValueError(f"els_bound must be None or an integer >= 1, got {k!r}")
+            self.els_bound = int(k)
+            if self.unit != "user":
+                raise ValueError(
+                    f"els_bound={k} accounts for users (each holding at most {k} units), so "
+                    f"unit must be 'user', got {self.unit!r}; drop els_bound for "
+                    f"{self.unit}-level DP-SGD"
+                )
+            if self.accountant != "pld":
+                raise ValueError(
+                    f"els_bound needs accountant='pld' (the ELS step is a mixture of "
+                    f"Gaussians, which only the PLD accountant measures), got "
+                    f"{self.accountant!r}"
+                )
 
     def record_step(self, sampling_rate: float, noise_multiplier: float) -> None:
         """Record one DP-SGD step taken with this sampling rate and noise multiplier."""
@@ -348,14 +371,24 @@ class PrivacyLedger:
     def _key(self) -> tuple[tuple[float, float, int], ...]:
         return tuple((q, sigma, steps) for q, sigma, steps in self.segments)
 
+    def _epsilon_of(self, segments: tuple[tuple[float, float, int], ...]) -> float:
+        if self.els_bound is None:
+            return _composed_epsilon(segments, self.delta, self.accountant)
+        # Imported here: user_level builds on this module.
+        from privdpo.privacy.user_level import els_composed_epsilon
+
+        return els_composed_epsilon(segments, self.els_bound, self.delta)
+
     def epsilon(self) -> float:
-        """Epsilon at `delta` of all segments composed (a ComposedDpEvent of `dpsgd_event`s).
+        """Epsilon at `delta` of all segments composed (a ComposedDpEvent of `dpsgd_event`s,
+        or of ELS mixture-of-Gaussians steps when `els_bound` is set).
 
         0.0 with no steps, inf if any step had noise_multiplier == 0. Cached by the tuple
         of segments: a repeated call costs nothing, a call after a new step costs one
-        accountant run (about 0.05 s for 10k steps with PLD).
+        accountant run (about 0.05 s for 10k steps with PLD; with els_bound the one-step
+        PLD is cached too, so a new step costs one composition).
         """
-        return _composed_epsilon(self._key(), self.delta, self.accountant)
+        return self._epsilon_of(self._key())
 
     def max_more_steps(
         self, sampling_rate: float, noise_multiplier: float, target_epsilon: float
@@ -369,11 +402,10 @@ class PrivacyLedger:
         sigma = _check_noise_multiplier(noise_multiplier)
         target_epsilon = _check_target_epsilon(target_epsilon)
         key = self._key()
-        if _composed_epsilon(key, self.delta, self.accountant) > target_epsilon:
+        if self._epsilon_of(key) > target_epsilon:
             return 0
         return _largest_steps_within(
-            lambda n: _composed_epsilon(key + ((q, sigma, n),), self.delta, self.accountant),
-            target_epsilon,
+            lambda n: self._epsilon_of(key + ((q, sigma, n),)), target_epsilon
         )
 
     def to_dict(self) -> dict:
@@ -383,20 +415,27 @@ class PrivacyLedger:
             "delta": self.delta,
             "accountant": self.accountant,
             "segments": copy.deepcopy(self.segments),
+            "els_bound": self.els_bound,
         }
 
     @classmethod
     def from_dict(cls, d: dict) -> PrivacyLedger:
-        """The ledger `to_dict` wrote; rejects missing or unknown keys."""
-        expected = {"unit", "delta", "accountant", "segments"}
-        if set(d) != expected:
+        """The ledger `to_dict` wrote; rejects missing or unknown keys.
+
+        "els_bound" may be absent (ledgers written before it existed): it is then None.
+        """
+        required = {"unit", "delta", "accountant", "segments"}
+        allowed = required | {"els_bound"}
+        if not required <= set(d) <= allowed:
             raise ValueError(
-                f"privacy ledger must have keys {sorted(expected)}, got {sorted(d)} "
-                f"(missing {sorted(expected - set(d))}, unknown {sorted(set(d) - expected)})"
+                f"privacy ledger must have keys {sorted(required)} (and optionally "
+                f"'els_bound'), got {sorted(d)} (missing {sorted(required - set(d))}, "
+                f"unknown {sorted(set(d) - allowed)})"
             )
         return cls(
             unit=d["unit"],
             delta=d["delta"],
             accountant=d["accountant"],
             segments=copy.deepcopy(d["segments"]),
+            els_bound=d.get("els_bound"),
         )

@@ -26,7 +26,7 @@ from privdpo.logprobs import sequence_logps
 from privdpo.losses import LossParams, PairLogps, preference_loss
 from privdpo.metrics import MetricsLogger
 from privdpo.models import add_lora, load_model_and_tokenizer
-from privdpo.privacy.dpsgd import DPSGD
+from privdpo.privacy.dpsgd import DPSGD, privacy_units
 from privdpo.reference import build_reference, precompute
 from privdpo.training import (
     EarlyStopping,
@@ -125,6 +125,10 @@ def run_dpo(cfg: DPORunConfig, resume: bool = False) -> dict[str, Path]:
     device = pick_device(cfg.train.device)
     model, tokenizer = load_model_and_tokenizer(cfg.model, cfg.train.seed)
     train, evals, summary = load_preference_data(cfg.data, tokenizer, cfg.train.seed)
+    # Steps are fixed before the user-level cap (a compute budget the same for every k).
+    total_steps = planned_steps(len(train), cfg.train)
+    # The private run's units; at user level each user's pairs are capped at k here.
+    train, groups, users = privacy_units(cfg, train, "pair", total_steps)
     reference = build_reference(cfg, model, device)
     if cfg.model.lora.enabled:
         model = add_lora(model, cfg.model.lora)
@@ -146,9 +150,8 @@ def run_dpo(cfg: DPORunConfig, resume: bool = False) -> dict[str, Path]:
         print(f"reference log-probs {'reused from' if reused else 'computed and cached in'} {path}")
 
     optimizer = make_optimizer(model, cfg.train)
-    total_steps = planned_steps(len(train), cfg.train)
     scheduler = make_scheduler(optimizer, cfg.train, total_steps)
-    dp = DPSGD.from_config(cfg, "pair", model, len(train), total_steps)
+    dp = DPSGD.from_config(cfg, model, groups, total_steps, users)
     stopper = EarlyStopping(
         cfg.train.early_stopping_metric or "eval/rewards/accuracies",
         cfg.train.early_stopping_patience,
@@ -173,20 +176,26 @@ def run_dpo(cfg: DPORunConfig, resume: bool = False) -> dict[str, Path]:
         started = time.perf_counter()
         if dp is None:
             pairs = [train[i] for i in batch_indices(step, len(train), cfg.train)]
-        else:
-            pairs = [train[i] for i in dp.sample(step)]  # Poisson: the batch size varies
+            chunks = [(c, None, None) for c in micro_batches(pairs, cfg.train.micro_batch_size)]
+        else:  # Poisson: the batch size varies; a unit's items share a micro-batch
+            units = dp.sample(step)
+            chunks = [
+                ([train[i] for i in items], item_unit, weight)
+                for items, item_unit, weight in dp.micro_batches(units, cfg.train.micro_batch_size)
+            ]
+            pairs = [pair for chunk, _, _ in chunks for pair in chunk]
         sums = {"loss": 0.0, **{k: 0.0 for k in PAIR_METRICS}}
         seen_tokens = 0
-        for chunk in micro_batches(pairs, cfg.train.micro_batch_size):
+        for chunk, item_unit, weight in chunks:
             if dp is None:
                 losses, values, tokens = pair_forward(model, reference, chunk, cfg, pad_id, device)
                 (losses.sum() / len(pairs)).backward()
-            else:  # a pair is one unit: its chosen row i and rejected row B + i
-                with dp.micro_batch(torch.arange(len(chunk)).repeat(2), len(chunk)):
+            else:  # rows i (chosen) and B + i (rejected) belong to pair i's unit
+                with dp.micro_batch(item_unit, rows_per_item=2):
                     losses, values, tokens = pair_forward(
                         model, reference, chunk, cfg, pad_id, device
                     )
-                    losses.sum().backward()
+                    (losses * weight.to(losses.device)).sum().backward()
             sums["loss"] += losses.sum().item()  # a CPU-GPU sync per micro-batch
             for k in PAIR_METRICS:
                 sums[k] += values[k].sum().item()
@@ -211,7 +220,7 @@ def run_dpo(cfg: DPORunConfig, resume: bool = False) -> dict[str, Path]:
 
         metrics = logical_step_metrics(sums, max(1, len(pairs)))
         if dp is not None:
-            metrics["privacy/batch_size"] = len(pairs)
+            metrics["privacy/batch_size"] = len(units)
         if step % cfg.train.log_every == 0 or step == total_steps:
             if dp is not None:
                 metrics["privacy/epsilon"] = dp.ledger.epsilon()

@@ -22,7 +22,7 @@ from privdpo.logprobs import token_logps
 from privdpo.losses import sft_loss
 from privdpo.metrics import MetricsLogger
 from privdpo.models import add_lora, load_model_and_tokenizer
-from privdpo.privacy.dpsgd import DPSGD
+from privdpo.privacy.dpsgd import DPSGD, privacy_units
 from privdpo.training import (
     EarlyStopping,
     batch_indices,
@@ -89,6 +89,10 @@ def run_sft(cfg: SFTRunConfig, resume: bool = False) -> dict[str, Path]:
     train, evals, summary = load_sft_data(
         cfg.data, tokenizer, cfg.sft.completion_only_loss, cfg.train.seed
     )
+    # Steps are fixed before the user-level cap (a compute budget the same for every k).
+    total_steps = planned_steps(len(train), cfg.train)
+    # The private run's units; at user level each user's examples are capped at k here.
+    train, groups, users = privacy_units(cfg, train, "example", total_steps)
     run_dir = create_run_dir(cfg, resume)
     summary.save(run_dir / "data_summary.json")
     print(summary.table())
@@ -97,11 +101,10 @@ def run_sft(cfg: SFTRunConfig, resume: bool = False) -> dict[str, Path]:
     model.to(device)
     model.train()
     optimizer = make_optimizer(model, cfg.train)
-    total_steps = planned_steps(len(train), cfg.train)
     scheduler = make_scheduler(optimizer, cfg.train, total_steps)
     pad_id = tokenizer.pad_token_id
 
-    dp = DPSGD.from_config(cfg, "example", model, len(train), total_steps)
+    dp = DPSGD.from_config(cfg, model, groups, total_steps, users)
     stopper = EarlyStopping(
         cfg.train.early_stopping_metric or "eval/loss",
         cfg.train.early_stopping_patience,
@@ -126,19 +129,25 @@ def run_sft(cfg: SFTRunConfig, resume: bool = False) -> dict[str, Path]:
         started = time.perf_counter()
         if dp is None:
             examples = [train[i] for i in batch_indices(step, len(train), cfg.train)]
-        else:
-            examples = [train[i] for i in dp.sample(step)]  # Poisson: the batch size varies
+            chunks = [(c, None, None) for c in micro_batches(examples, cfg.train.micro_batch_size)]
+        else:  # Poisson: the batch size varies; a unit's items share a micro-batch
+            units = dp.sample(step)
+            chunks = [
+                ([train[i] for i in items], item_unit, weight)
+                for items, item_unit, weight in dp.micro_batches(units, cfg.train.micro_batch_size)
+            ]
+            examples = [ex for chunk, _, _ in chunks for ex in chunk]
         num_tokens = count_label_tokens(examples)
         loss_sum, seen_tokens = 0.0, 0
-        for chunk in micro_batches(examples, cfg.train.micro_batch_size):
+        for chunk, item_unit, weight in chunks:
             batch = _to(pad_batch(chunk, pad_id), device)
             if dp is None:
                 loss = micro_batch_loss(model, batch, max(1, num_tokens))
                 loss.backward()
-            else:  # one example is one unit
-                with dp.micro_batch(torch.arange(len(chunk)), len(chunk)):
+            else:  # each item's loss weighted by 1 / (items of its unit): a unit's mean
+                with dp.micro_batch(item_unit):
                     losses = example_losses(model, batch)
-                    losses.sum().backward()
+                    (losses * weight.to(losses.device)).sum().backward()
                 loss = losses.sum() / max(1, len(examples))
             loss_sum += loss.item()  # a CPU-GPU sync per micro-batch; fine at this size
             seen_tokens += int(batch["attention_mask"].sum())
@@ -165,7 +174,7 @@ def run_sft(cfg: SFTRunConfig, resume: bool = False) -> dict[str, Path]:
             if dp is not None:
                 private = {
                     "privacy/epsilon": dp.ledger.epsilon(),
-                    "privacy/batch_size": len(examples),
+                    "privacy/batch_size": len(units),
                 }
             logger.log(
                 step,
