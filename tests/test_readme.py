@@ -71,6 +71,12 @@ def test_the_privdpo_commands_in_the_readme_run(tmp_path):
     assert list((tmp_path / "runs" / ".reference-cache").glob("*.safetensors"))
     statement = (tmp_path / "runs" / "dpo-private" / "adapter" / "privacy.json").read_text()
     assert '"unit": "pair"' in statement
+    statement = (tmp_path / "runs" / "dpo-user-private" / "adapter" / "privacy.json").read_text()
+    assert '"level": "user-level"' in statement
+    assert (tmp_path / "runs" / "dpo-tiny" / "eval.json").is_file()
+    assert "eval.json" in str(list((tmp_path / "runs" / "dpo-tiny").iterdir()))
+    report = (tmp_path / "runs" / "dpo-tiny" / "report.html").read_text()
+    assert "Evaluation" in report and "data:image/png;base64," in report
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +91,12 @@ def local_model_dir(tmp_path_factory) -> Path:
     return directory
 
 
-@pytest.mark.parametrize("config", sorted((REPO / "examples").glob("*.yaml")), ids=lambda p: p.name)
+TRAINING_CONFIGS = sorted(
+    p for p in (REPO / "examples").glob("*.yaml") if not p.name.startswith(("eval_", "sweep_"))
+)
+
+
+@pytest.mark.parametrize("config", TRAINING_CONFIGS, ids=lambda p: p.name)
 def test_every_example_config_trains(config, tmp_path, local_model_dir):
     overrides = [
         f"output.dir={tmp_path / 'run'}",

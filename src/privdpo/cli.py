@@ -16,7 +16,13 @@ for _var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
     os.environ[_var] = "1"
 os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
 
-from privdpo.config import DPORunConfig, SFTRunConfig, describe_config, load_config  # noqa: E402
+from privdpo.config import (  # noqa: E402
+    DPORunConfig,
+    EvalRunConfig,
+    SFTRunConfig,
+    describe_config,
+    load_config,
+)
 from privdpo.errors import UserError  # noqa: E402
 
 DEMO_DIR = "runs/demo"
@@ -34,6 +40,18 @@ def _dpo(args: argparse.Namespace) -> None:
 
     cfg = load_config(DPORunConfig, args.config, args.overrides)
     run_dpo(cfg, resume=args.resume)
+
+
+def _eval(args: argparse.Namespace) -> None:
+    from privdpo.recipes.eval import run_eval
+
+    run_eval(load_config(EvalRunConfig, args.config, args.overrides))
+
+
+def _report(args: argparse.Namespace) -> None:
+    from privdpo.report import main_report
+
+    main_report(args.run_dir)
 
 
 def _privacy_plan(args: argparse.Namespace) -> None:
@@ -71,7 +89,7 @@ def _privacy_plan(args: argparse.Namespace) -> None:
         rows = plan_user_level(
             counts,
             cfg.train.batch_size,
-            planned_steps(len(items), cfg.train),
+            steps,
             cfg.privacy.target_epsilon,
             plan.delta,
         )
@@ -169,6 +187,28 @@ def build_parser() -> argparse.ArgumentParser:
         "preference optimization (DPO, IPO, cDPO, robust, hinge, RPO, SimPO, ORPO)",
         "Preference optimization of a local model on local preference pairs.",
     )
+
+    evaluate = commands.add_parser(
+        "eval",
+        help="evaluate a model against its reference: margins, KL, win rate, samples",
+        description="Evaluate a model (a run directory or a model directory) against its"
+        " reference on local held-out pairs and prompts with a local judge; writes eval.json.",
+        epilog="config keys (YAML sections; override any as section.key=value):\n"
+        + describe_config(EvalRunConfig),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    evaluate.add_argument("config", help="YAML config file")
+    evaluate.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides")
+    evaluate.set_defaults(func=_eval)
+
+    report = commands.add_parser(
+        "report",
+        help="write the HTML report of a run directory",
+        description="Write RUN_DIR/report.html: one self-contained file (config, data summary,"
+        " curves, privacy statement, evaluation, samples). Every run also writes it at its end.",
+    )
+    report.add_argument("run_dir", help="a run directory (the output.dir of a run)")
+    report.set_defaults(func=_report)
 
     privacy = commands.add_parser(
         "privacy", help="differential privacy tools", description="Differential privacy tools."

@@ -280,6 +280,204 @@ class DPORunConfig:
         return problems
 
 
+@dataclass
+class EvalModelConfig:
+    """The model to evaluate: a privdpo run directory or a local model directory."""
+
+    path: str | None = opt(
+        None,
+        "a run directory (its model/, else adapter/ on its base) or a local model directory"
+        " (a full model, or a peft adapter whose base is a local directory)",
+    )
+    dtype: Literal["float32", "bfloat16"] = opt(
+        "float32", "compute dtype of the model, the reference and a reward-model judge"
+    )
+    trust_remote_code: bool = opt(
+        False, "run Python code shipped in the model directories (off: only built-in archs)"
+    )
+
+
+@dataclass
+class EvalReferenceConfig:
+    """The reference policy the model is compared with (margins, KL, win rate)."""
+
+    path: str | None = opt(
+        None,
+        "local model directory of the reference; null with a run directory: the model the run"
+        " started from (its dpo.reference_path, else model.path, else base_model/, else its"
+        " preset rebuilt with the run's seed)",
+    )
+
+
+@dataclass
+class EvalDataConfig:
+    """Held-out preference pairs and the prompts to generate from."""
+
+    pairs: str | list[str] | None = opt(
+        None,
+        "held-out preference file(s), read like dpo data; null with a DPO run directory: the"
+        " pairs that run held out (its data.eval, or its data.eval_fraction split)",
+    )
+    prompts: str | None = opt(
+        None, "file of rows with a 'prompt' (text or chat messages); null: the pairs' prompts"
+    )
+    max_length: int | None = opt(
+        None, "maximum tokens per pair; null: the run's data.max_length, else 512"
+    )
+    max_prompt_length: int | None = opt(
+        None, "cap on prompt tokens (the prompt's end is kept); null: the run's, else none"
+    )
+    on_bad_row: Literal["error", "drop"] = opt(
+        "error", "a bad row stops the evaluation (error) or is dropped and counted (drop)"
+    )
+
+
+@dataclass
+class EvalGenerationConfig:
+    """Sampling completions from the model and the reference."""
+
+    num_prompts: int = opt(
+        32, "distinct prompts to sample from (the first N); 0: no generation, KL or win rate"
+    )
+    max_new_tokens: int = opt(64, "most tokens sampled per completion (stops earlier at EOS)")
+    temperature: float = opt(
+        1.0, "sampling temperature of the judged samples (0: greedy); KL always samples at 1"
+    )
+    top_p: float = opt(1.0, "nucleus sampling: keep the most likely tokens holding this mass")
+    batch_size: int = opt(8, "prompts per generation batch (left padded)")
+    seed: int = opt(0, "sampling seed: the same seed and batch size give the same samples")
+    keep_samples: int = opt(16, "generations written to eval.json with their judge scores")
+
+
+@dataclass
+class JudgeConfig:
+    """A local judge that scores completions (higher is better) for win rate and reward."""
+
+    kind: Literal["none", "lexicon", "reward_model", "callable"] = opt(
+        "none",
+        "none (no win rate), lexicon (VADER sentiment of the completion), reward_model (a"
+        " local sequence classifier), or callable (your Python function)",
+    )
+    path: str | None = opt(
+        None, "reward_model: local directory of an AutoModelForSequenceClassification"
+    )
+    callable: str | None = opt(
+        None,
+        "callable: 'package.module:function' taking (prompts, completions) and returning one"
+        " float per completion",
+    )
+    batch_size: int = opt(8, "reward_model: completions scored per forward pass")
+    max_length: int = opt(1024, "reward_model: most tokens of prompt + completion (keeps the end)")
+
+
+@dataclass
+class EvalConfig:
+    """What is measured and how its uncertainty is reported."""
+
+    beta: float | None = opt(
+        None, "beta of the implicit reward beta*log(pi/pi_ref); null: the run's dpo.beta"
+    )
+    batch_size: int = opt(8, "pairs, sampled sequences or task choices per forward pass")
+    temperatures: list[float] = opt(
+        [], "temperature sweep of win rate and judge reward (needs a judge); []: no sweep"
+    )
+    bootstrap_samples: int = opt(
+        1000, "percentile-bootstrap resamples of each interval (0: no intervals)"
+    )
+    confidence: float = opt(0.95, "confidence level of the bootstrap intervals")
+    seed: int = opt(0, "seed of the bootstrap resampling")
+    tasks: str | None = opt(
+        None,
+        "forgetting check: multiple-choice JSONL, rows {question, choices: [...], answer:"
+        " index}, answered by both models; null: none",
+    )
+    task_scoring: Literal["sum", "mean"] = opt(
+        "sum", "a choice's score: the sum of its tokens' log-probs, or their mean per token"
+    )
+    device: str = opt("auto", "auto (cuda if present), cpu, cuda or cuda:N")
+
+
+@dataclass
+class EvalOutputConfig:
+    """Where eval.json goes."""
+
+    dir: str | None = opt(
+        None, "directory of eval.json; null with a run directory: the run directory"
+    )
+
+
+@dataclass
+class EvalRunConfig:
+    """`privdpo eval`."""
+
+    model: EvalModelConfig = sub(EvalModelConfig, "the model to evaluate")
+    reference: EvalReferenceConfig = sub(EvalReferenceConfig, "the reference policy")
+    data: EvalDataConfig = sub(EvalDataConfig, "held-out pairs and prompts")
+    generation: EvalGenerationConfig = sub(EvalGenerationConfig, "sampling")
+    judge: JudgeConfig = sub(JudgeConfig, "the judge of win rate and reward")
+    eval: EvalConfig = sub(EvalConfig, "metrics and intervals")
+    output: EvalOutputConfig = sub(EvalOutputConfig, "where eval.json goes")
+
+    def check(self) -> list[str]:
+        problems = []
+        g, j, e = self.generation, self.judge, self.eval
+        if not self.model.path:
+            problems.append("model.path: required; set it to a run directory or a model directory")
+        for key in ("max_new_tokens", "batch_size"):
+            if getattr(g, key) < 1:
+                problems.append(f"generation.{key}: must be at least 1, got {getattr(g, key)}")
+        for key in ("num_prompts", "keep_samples"):
+            if getattr(g, key) < 0:
+                problems.append(f"generation.{key}: must be at least 0, got {getattr(g, key)}")
+        if not (g.temperature >= 0 and math.isfinite(g.temperature)):
+            problems.append(f"generation.temperature: must be at least 0, got {g.temperature}")
+        if not 0 < g.top_p <= 1:
+            problems.append(f"generation.top_p: must be in (0, 1], got {g.top_p}")
+        if j.kind == "reward_model" and not j.path:
+            problems.append("judge.path: required with judge.kind=reward_model")
+        if j.path and j.kind != "reward_model":
+            problems.append("judge.path: set, but judge.kind is not reward_model; set both")
+        if j.kind == "callable" and (not j.callable or ":" not in j.callable):
+            problems.append(
+                f"judge.callable: judge.kind=callable needs 'package.module:function', got"
+                f" {j.callable!r}"
+            )
+        if j.callable and j.kind != "callable":
+            problems.append("judge.callable: set, but judge.kind is not callable; set both")
+        for key in ("batch_size", "max_length"):
+            if getattr(j, key) < 1:
+                problems.append(f"judge.{key}: must be at least 1, got {getattr(j, key)}")
+        if e.beta is not None and not (e.beta > 0 and math.isfinite(e.beta)):
+            problems.append(f"eval.beta: must be positive, got {e.beta}")
+        if e.batch_size < 1:
+            problems.append(f"eval.batch_size: must be at least 1, got {e.batch_size}")
+        if any(not (t >= 0 and math.isfinite(t)) for t in e.temperatures):
+            problems.append(f"eval.temperatures: each must be at least 0, got {e.temperatures}")
+        if e.temperatures and j.kind == "none":
+            problems.append(
+                "judge.kind: eval.temperatures asks for a sweep of win rate, which needs a"
+                " judge; set judge.kind, or eval.temperatures=[]"
+            )
+        if e.temperatures and g.num_prompts == 0:
+            problems.append("eval.temperatures: a sweep needs generation.num_prompts > 0")
+        if e.bootstrap_samples < 0:
+            problems.append(
+                f"eval.bootstrap_samples: must be at least 0, got {e.bootstrap_samples}"
+            )
+        if not 0 < e.confidence < 1:
+            problems.append(f"eval.confidence: must be in (0, 1), got {e.confidence}")
+        d = self.data
+        if d.max_length is not None and d.max_length < 2:
+            problems.append(f"data.max_length: must be at least 2, got {d.max_length}")
+        if d.max_prompt_length is not None and d.max_prompt_length < 1:
+            problems.append(
+                f"data.max_prompt_length: must be at least 1, got {d.max_prompt_length}"
+            )
+        if not (e.device in ("auto", "cpu", "cuda") or e.device.startswith("cuda:")):
+            problems.append(f"eval.device: must be auto, cpu, cuda or cuda:N, got {e.device!r}")
+        return problems
+
+
 def check_common(cfg: Any) -> list[str]:
     """Cross-field checks that the types alone cannot express."""
     problems = []

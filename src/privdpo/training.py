@@ -26,6 +26,7 @@ from privdpo.config import TrainConfig, dump_yaml, to_dict
 from privdpo.errors import UserError
 from privdpo.privacy.accounting import PrivacyLedger
 from privdpo.privacy.dpsgd import write_statement
+from privdpo.report import write_report
 
 # Keys that may differ between a run and its resume: they do not change the result.
 RESUME_MAY_DIFFER = {"output.progress_bar"}
@@ -250,6 +251,7 @@ def finish_run(cfg, run_dir: Path, model, tokenizer, step: int, stopper, stop_re
         statement = dp.statement()
         write_statement(statement, run_dir, *exported.values())
         print(statement["summary"])
+    print(f"report: {write_report(run_dir)}")
     return exported
 
 

@@ -1,0 +1,153 @@
+"""Sampling completions, scoring them, and the sequence-level KL between two policies.
+
+Generation is a plain loop with a KV cache over left-padded prompts, drawing every token
+from one seeded `torch.Generator`: the same model, prompts, batch size and seed give the
+same completions, on CPU bit for bit. Prompts and completions are token ids; a completion
+ends with the EOS token that stopped it (that token's probability is part of the
+sequence's), or after `max_new_tokens`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from privdpo.data.batching import pad_batch
+from privdpo.data.tokenize import IGNORE, Tokenized
+from privdpo.logprobs import sequence_logps
+
+
+def eos_token_ids(model, tokenizer) -> list[int]:
+    """Every token id that ends a completion: the model's generation config's EOS ids (a
+    chat model often has several, e.g. <|im_end|>) and the tokenizer's EOS."""
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids = configured if isinstance(configured, list) else [configured]
+    ids = [i for i in [*ids, tokenizer.eos_token_id] if i is not None]
+    return sorted(set(ids))
+
+
+def sample_next(
+    logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator
+) -> torch.Tensor:
+    """One token per row from next-token `logits` [B, V]: greedy at temperature 0, else a
+    draw from softmax(logits / temperature) restricted to the top-p nucleus (the most
+    likely tokens whose mass before them is below `top_p`). Returns [B] token ids."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        mass_before = sorted_probs.cumsum(-1) - sorted_probs
+        sorted_probs = sorted_probs.masked_fill(mass_before >= top_p, 0.0)
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def generate(
+    model,
+    prompts: list[list[int]],
+    *,
+    pad_id: int,
+    eos_ids: list[int],
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    batch_size: int = 8,
+    seed: int = 0,
+) -> list[list[int]]:
+    """Sampled completion ids of each prompt (ids), in the order of `prompts`.
+
+    Batches of `batch_size` prompts, left padded so that every row's next token is the
+    last column; position ids count real tokens only, so padding does not shift them.
+    """
+    device = next(model.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(seed)
+    eos = torch.tensor(eos_ids, dtype=torch.long, device=device)
+    was_training = model.training
+    model.eval()
+    completions: list[list[int]] = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start : start + batch_size]
+        width = max(len(p) for p in chunk)
+        ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for i, p in enumerate(chunk):
+            ids[i, width - len(p) :] = torch.tensor(p)
+            mask[i, width - len(p) :] = 1
+        ids, mask = ids.to(device), mask.to(device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
+        next_position = positions[:, -1:] + 1
+        done = torch.zeros(len(chunk), dtype=torch.bool, device=device)
+        steps = []
+        for step in range(max_new_tokens):
+            token = sample_next(out.logits[:, -1, :], temperature, top_p, generator)
+            token = token.masked_fill(done, pad_id)  # finished rows only pad
+            steps.append(token)
+            done |= torch.isin(token, eos)
+            if step == max_new_tokens - 1 or bool(done.all()):  # a CPU-GPU sync per token
+                break
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+            out = model(
+                input_ids=token[:, None],
+                attention_mask=mask,
+                position_ids=next_position,
+                past_key_values=out.past_key_values,
+                use_cache=True,
+            )
+            next_position = next_position + 1
+        tokens = torch.stack(steps, dim=1).tolist()
+        for row in tokens:
+            end = next((t + 1 for t, tok in enumerate(row) if tok in eos_ids), len(row))
+            completions.append(row[:end])
+    model.train(was_training)
+    return completions
+
+
+@torch.no_grad()
+def completion_logps(
+    model, prompts: list[list[int]], completions: list[list[int]], pad_id: int, batch_size: int
+) -> torch.Tensor:
+    """log p(completion | prompt) under `model` at temperature 1, summed over the
+    completion's tokens: [N] float32 on the CPU. Right padded, dropout off."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    out = []
+    for start in range(0, len(prompts), batch_size):
+        rows = [
+            Tokenized(p + c, [IGNORE] * len(p) + c)
+            for p, c in zip(
+                prompts[start : start + batch_size],
+                completions[start : start + batch_size],
+                strict=True,
+            )
+        ]
+        batch = {k: v.to(device) for k, v in pad_batch(rows, pad_id).items()}
+        logps, _ = sequence_logps(model, batch)
+        out.append(logps.float().cpu())
+    model.train(was_training)
+    return torch.cat(out) if out else torch.zeros(0)
+
+
+def sequence_kl(
+    policy,
+    reference,
+    prompts: list[list[int]],
+    completions: list[list[int]],
+    pad_id: int,
+    batch_size: int = 8,
+) -> torch.Tensor:
+    """Per-sequence log-ratios log pi(y|x) - log pi_ref(y|x) of completions y sampled from
+    the policy pi: [N] float32. Their mean is the Monte Carlo estimate of the sequence-level
+    KL(pi || pi_ref) = E_{y ~ pi(.|x)}[log pi(y|x) - log pi_ref(y|x)], averaged over the
+    prompts x.
+
+    Unbiased only when y was drawn from pi itself: temperature 1, top_p 1. Completions cut
+    at `max_new_tokens` make it the KL between the distributions of the first
+    `max_new_tokens` tokens (a lower bound on the full KL). One sequence's log-ratio can be
+    negative; the expectation cannot.
+    """
+    return completion_logps(policy, prompts, completions, pad_id, batch_size) - completion_logps(
+        reference, prompts, completions, pad_id, batch_size
+    )

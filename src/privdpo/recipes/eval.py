@@ -1,0 +1,688 @@
+"""Evaluation: `privdpo eval CONFIG [key=value ...]`.
+
+A trained model (a run directory or a model directory) against its reference policy, on
+local data, with a local judge:
+
+1. Held-out preferences. Per pair, the implicit DPO reward margin
+   m = beta * [(log pi(y_w|x) - log pi_ref(y_w|x)) - (log pi(y_l|x) - log pi_ref(y_l|x))]
+   (Rafailov et al. 2023, eq. 5 and 7); `preference_accuracy` is the fraction with m > 0
+   (an exact tie, e.g. a model evaluated against itself, is not correct: the same rule as
+   the training metric `eval/rewards/accuracies` and TRL), `mean_margin` the mean of m.
+2. Generation. Completions of held-out prompts by the model and by the reference, sampled
+   with one seed (the same random numbers for both, which lowers the variance of their
+   comparison).
+3. `kl_to_reference`: the mean over the model's own samples y ~ pi(.|x), drawn at
+   temperature 1 and top_p 1, of log pi(y|x) - log pi_ref(y|x) summed over the sampled
+   tokens, both scored at temperature 1 (see `generation.sequence_kl`).
+4. Win rate. The judge scores both completions of each prompt; a higher score is a win
+   (1), an equal one a tie (1/2), a lower one a loss (0). `win_rate` is the mean,
+   `tie_rate` the fraction of ties, `policy_reward` and `reference_reward` the mean scores.
+   The same again at each of `eval.temperatures`.
+5. Forgetting (optional). Multiple-choice tasks answered by both models: the choice with
+   the highest log-likelihood given the question (summed over its tokens, or per token
+   with `eval.task_scoring: mean`; the first of equal scores) is the answer.
+
+Means come with percentile-bootstrap intervals (`stats.py`). The results go to eval.json
+and a table.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import yaml
+from transformers.utils import logging as hf_logging
+
+from privdpo.config import (
+    DataConfig,
+    DPORunConfig,
+    EvalModelConfig,
+    EvalRunConfig,
+    ModelConfig,
+    SFTRunConfig,
+    load_config,
+)
+from privdpo.data.batching import pad_batch, pair_batch
+from privdpo.data.preference import PairExample, load_preference_data, read_pairs
+from privdpo.data.readers import read_rows
+from privdpo.data.sft import messages_field
+from privdpo.data.summary import DataSummary
+from privdpo.data.tokenize import BadRow, Segment, tokenize_segments
+from privdpo.errors import ConfigError, DataError, UserError
+from privdpo.generation import eos_token_ids, generate, sequence_kl
+from privdpo.judges import Judge, load_judge, pairwise_outcomes
+from privdpo.logprobs import sequence_logps
+from privdpo.models import DTYPES, check_local_model_dir, load_model_and_tokenizer
+from privdpo.report import write_report
+from privdpo.stats import Estimate, mean_estimate
+from privdpo.training import micro_batches, pick_device
+
+EVAL_FILE = "eval.json"
+
+
+# ---------------------------------------------------------------------------------------
+# Metrics: pure functions of models and data, usable outside the recipe
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class PreferenceScores:
+    """Per-pair log-probs [N] of chosen/rejected under the policy and the reference, and
+    the implicit reward margins [N] = beta * (chosen log-ratio - rejected log-ratio)."""
+
+    chosen: torch.Tensor
+    rejected: torch.Tensor
+    ref_chosen: torch.Tensor
+    ref_rejected: torch.Tensor
+    margins: torch.Tensor
+
+    @property
+    def correct(self) -> torch.Tensor:
+        """1.0 where the margin is strictly positive (a tie is not correct), else 0.0."""
+        return (self.margins > 0).float()
+
+
+@torch.no_grad()
+def evaluate_preferences(
+    policy, reference, pairs: list[PairExample], beta: float, pad_id: int, batch_size: int = 8
+) -> PreferenceScores:
+    """Score held-out pairs under both models (chosen and rejected in one pass each)."""
+    device = next(policy.parameters()).device
+    ref_device = next(reference.parameters()).device
+    parts: dict[str, list[torch.Tensor]] = {k: [] for k in ("c", "r", "rc", "rr")}
+    for chunk in micro_batches(pairs, batch_size):
+        batch = pair_batch(chunk, pad_id)
+        logps, _ = sequence_logps(policy.eval(), {k: v.to(device) for k, v in batch.items()})
+        ref, _ = sequence_logps(reference.eval(), {k: v.to(ref_device) for k, v in batch.items()})
+        for key, value in zip(
+            ("c", "r", "rc", "rr"), (*logps.chunk(2), *ref.chunk(2)), strict=True
+        ):
+            parts[key].append(value.float().cpu())
+    c, r, rc, rr = (torch.cat(parts[k]) for k in ("c", "r", "rc", "rr"))
+    return PreferenceScores(c, r, rc, rr, beta * ((c - rc) - (r - rr)))
+
+
+def win_rate(
+    policy_scores: list[float],
+    reference_scores: list[float],
+    samples: int = 1000,
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> dict[str, Estimate]:
+    """`win_rate` (ties count 1/2) and `tie_rate` of the policy's completions over the
+    reference's, item by item, each with a bootstrap interval."""
+    outcomes = pairwise_outcomes(policy_scores, reference_scores)
+    ties = [1.0 if o == 0.5 else 0.0 for o in outcomes]
+    return {
+        "win_rate": mean_estimate(outcomes, samples, confidence, seed),
+        "tie_rate": mean_estimate(ties, samples, confidence, seed),
+    }
+
+
+@dataclass
+class ChoiceTask:
+    question_ids: list[int]
+    choice_ids: list[list[int]]  # each choice's tokens, after the question's
+    answer: int
+    where: str
+
+
+@torch.no_grad()
+def multiple_choice_correct(
+    model, tasks: list[ChoiceTask], pad_id: int, scoring: str = "sum", batch_size: int = 8
+) -> list[float]:
+    """Per task 1.0 if the choice with the highest score is the answer, else 0.0. A
+    choice's score is log p(choice | question) summed over its tokens (`sum`) or divided
+    by their number (`mean`); of equal scores the first choice wins."""
+    device = next(model.parameters()).device
+    rows = [(t, c) for t, task in enumerate(tasks) for c in range(len(task.choice_ids))]
+    scores: dict[tuple[int, int], float] = {}
+    for chunk in micro_batches(rows, batch_size):
+        seqs = []
+        for t, c in chunk:
+            q, choice = tasks[t].question_ids, tasks[t].choice_ids[c]
+            seqs.append(_Scored(q + choice, len(q)))
+        batch = {k: v.to(device) for k, v in pad_batch(seqs, pad_id).items()}
+        logps, num_tokens = sequence_logps(model.eval(), batch)
+        if scoring == "mean":
+            logps = logps / num_tokens
+        for key, value in zip(chunk, logps.tolist(), strict=True):
+            scores[key] = value
+    correct = []
+    for t, task in enumerate(tasks):
+        choice_scores = [scores[(t, c)] for c in range(len(task.choice_ids))]
+        correct.append(1.0 if choice_scores.index(max(choice_scores)) == task.answer else 0.0)
+    return correct
+
+
+class _Scored:
+    """A sequence whose tokens from `start` on are scored."""
+
+    __slots__ = ("input_ids", "labels")
+
+    def __init__(self, input_ids: list[int], start: int):
+        self.input_ids = input_ids
+        self.labels = [-100] * start + input_ids[start:]
+
+
+# ---------------------------------------------------------------------------------------
+# Reading prompts and tasks
+# ---------------------------------------------------------------------------------------
+
+
+def prompt_ids(tokenizer, prompt) -> list[int]:
+    """Token ids of a prompt as the model sees it before its response: plain text with the
+    tokenizer's special tokens (as in training), or a chat rendered with its template and
+    the assistant's generation header."""
+    if isinstance(prompt, list):
+        text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+    return tokenizer(prompt)["input_ids"]
+
+
+def read_prompts(path: str, tokenizer) -> list[list[int]]:
+    """The `prompt` of every row of a local file (text, or a list of chat messages)."""
+    prompts = []
+    for row in read_rows(path):
+        if row.fields is None:
+            raise DataError(f"{row.where}: {row.problem}")
+        value = row.fields.get("prompt")
+        try:
+            if isinstance(value, list):
+                value = messages_field(value, "prompt")
+            elif not isinstance(value, str) or not value.strip():
+                raise BadRow("missing_field", "needs a non-empty 'prompt' (text or messages)")
+        except BadRow as e:
+            raise DataError(f"{row.where}: data.prompts: {e}") from None
+        prompts.append(prompt_ids(tokenizer, value))
+    return prompts
+
+
+def read_tasks(path: str, tokenizer) -> list[ChoiceTask]:
+    """Multiple-choice rows {"question": text, "choices": [text, ...], "answer": index}.
+
+    Each choice is tokenized as the continuation of its question, with the same boundary
+    rule as training data; write the separator (e.g. a leading space) into the choices.
+    """
+    tasks = []
+    summary = DataSummary("error")
+    for row in read_rows(path):
+        if row.fields is None:
+            raise DataError(f"{row.where}: {row.problem}")
+        f = row.fields
+        question, choices, answer = f.get("question"), f.get("choices"), f.get("answer")
+        if not isinstance(question, str) or not question:
+            raise DataError(f"{row.where}: eval.tasks: 'question' must be non-empty text")
+        if (
+            not isinstance(choices, list)
+            or len(choices) < 2
+            or not all(isinstance(c, str) and c for c in choices)
+        ):
+            raise DataError(
+                f"{row.where}: eval.tasks: 'choices' must be a list of at least two texts"
+            )
+        if (
+            isinstance(answer, bool)
+            or not isinstance(answer, int)
+            or not 0 <= answer < len(choices)
+        ):
+            raise DataError(
+                f"{row.where}: eval.tasks: 'answer' must be the index (0 to"
+                f" {len(choices) - 1}) of the right choice, got {answer!r}"
+            )
+        question_ids, choice_ids = None, []
+        for choice in choices:
+            tok = tokenize_segments(
+                tokenizer,
+                [Segment(question, False), Segment(choice, True)],
+                templated=False,
+                append_eos=False,
+                boundary_mismatch="split",
+                where=row.where,
+                summary=summary,
+            )
+            start = next(i for i, label in enumerate(tok.labels) if label != -100)
+            if question_ids is not None and tok.input_ids[:start] != question_ids:
+                raise DataError(f"{row.where}: eval.tasks: the question tokenizes differently")
+            question_ids = tok.input_ids[:start]
+            choice_ids.append(tok.input_ids[start:])
+        tasks.append(ChoiceTask(question_ids, choice_ids, answer, row.where))
+    return tasks
+
+
+# ---------------------------------------------------------------------------------------
+# What the config points at: the model, its reference, the data
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class ModelSource:
+    """Where a model comes from: a model directory, a peft adapter (merged onto its local
+    base), or a preset rebuilt from its seed."""
+
+    kind: str  # "dir", "adapter" or "preset"
+    label: str
+    path: Path | None = None
+    preset: str | None = None
+    seed: int = 0
+    dtype: str = "float32"
+
+
+@dataclass
+class EvalPlan:
+    policy: ModelSource
+    reference: ModelSource
+    beta: float
+    pair_files: list[str]  # empty: the run's held-out split
+    run: DPORunConfig | SFTRunConfig | None
+    output_dir: Path
+
+
+def _directory_source(path: Path, label: str) -> ModelSource | None:
+    if (path / "adapter_config.json").is_file():
+        return ModelSource("adapter", label, path)
+    if (path / "config.json").is_file():
+        return ModelSource("dir", label, path)
+    return None
+
+
+def _run_config(run_dir: Path) -> DPORunConfig | SFTRunConfig:
+    path = run_dir / "config.yaml"
+    raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    try:
+        return load_config(DPORunConfig if "dpo" in raw else SFTRunConfig, path, [])
+    except UserError as e:
+        raise UserError(
+            f"model.path: the run's config {path} does not load with this privdpo: {e}"
+        ) from None
+
+
+def _run_reference(run_dir: Path, run) -> ModelSource:
+    """The model a run started from: what its DPO reference was, or its initial weights."""
+    if isinstance(run, DPORunConfig) and run.dpo.reference == "path":
+        path = run.dpo.reference_path
+        return ModelSource("dir", path, Path(path).expanduser())
+    if run.model.path:
+        return ModelSource("dir", run.model.path, Path(run.model.path).expanduser())
+    if (run_dir / "base_model").is_dir():  # a LoRA run on a preset exports its base
+        return ModelSource("dir", str(run_dir / "base_model"), run_dir / "base_model")
+    # A full fine-tuning run on a preset: its initial weights are the preset's random init
+    # under the run's seed, which `load_model_and_tokenizer` rebuilds exactly.
+    return ModelSource(
+        "preset",
+        f"preset {run.model.preset} (seed {run.train.seed}: the run's initial weights)",
+        preset=run.model.preset,
+        seed=run.train.seed,
+        dtype=run.model.dtype,
+    )
+
+
+def resolve(cfg: EvalRunConfig) -> EvalPlan:
+    """Fill the config's run-dependent defaults; every problem is reported at once."""
+    problems: list[str] = []
+    path = Path(cfg.model.path).expanduser()
+    if not path.exists():
+        check_local_model_dir(cfg.model.path)  # raises, with a hint for a Hub id
+    run = None
+    policy = None
+    if (path / "config.yaml").is_file():
+        run = _run_config(path)
+        for sub in ("model", "adapter"):
+            if (path / sub).is_dir():
+                policy = _directory_source(path / sub, str(path / sub))
+                break
+        if policy is None:
+            problems.append(
+                f"model.path: the run directory {path} holds no exported model (model/ or"
+                " adapter/); let the run finish, or point model.path at a model directory"
+            )
+    else:
+        policy = _directory_source(path, str(path))
+        if policy is None:
+            problems.append(
+                f"model.path: {path} is neither a run directory (config.yaml) nor a model"
+                " directory (config.json or adapter_config.json)"
+            )
+
+    if cfg.reference.path:
+        ref_path = Path(cfg.reference.path).expanduser()
+        reference = _directory_source(ref_path, cfg.reference.path)
+        if reference is None:
+            problems.append(
+                f"reference.path: {cfg.reference.path} is not a local model directory (no"
+                " config.json or adapter_config.json)"
+            )
+    elif run is not None:
+        reference = _run_reference(path, run)
+    else:
+        reference = None
+        problems.append(
+            "reference.path: required when model.path is a model directory rather than a run"
+            " directory; set it to the local model the evaluated one started from (e.g. the"
+            " SFT model)"
+        )
+
+    is_dpo_run = isinstance(run, DPORunConfig)
+    beta = cfg.eval.beta if cfg.eval.beta is not None else (run.dpo.beta if is_dpo_run else None)
+    if beta is None:
+        problems.append(
+            "eval.beta: required when model.path is not a DPO run directory (whose dpo.beta"
+            " is used); set it to the beta the model was trained with (0.1 is common)"
+        )
+
+    pairs = cfg.data.pairs
+    pair_files = [pairs] if isinstance(pairs, str) else list(pairs or [])
+    if not pair_files:
+        if not is_dpo_run:
+            problems.append(
+                "data.pairs: required (only a DPO run directory has held-out pairs of its"
+                " own); set it to a local preference file"
+            )
+        elif run.data.eval is None and run.data.eval_fraction == 0:
+            problems.append(
+                "data.pairs: the run held out no pairs (data.eval_fraction=0, no data.eval);"
+                " set data.pairs to a held-out preference file"
+            )
+
+    if cfg.output.dir:
+        output_dir = Path(cfg.output.dir)
+    elif run is not None:
+        output_dir = path
+    else:
+        output_dir = Path()
+        problems.append("output.dir: required when model.path is not a run directory")
+    if problems:
+        raise ConfigError(problems)
+    return EvalPlan(policy, reference, beta, pair_files, run, output_dir)
+
+
+@contextlib.contextmanager
+def _errors_name(key: str):
+    """Model-loading errors name `model.path`; say `key` instead when loading another."""
+    try:
+        yield
+    except UserError as e:
+        message = str(e)
+        if key != "model.path" and message.startswith("model.path:"):
+            message = key + message[len("model.path") :]
+        raise UserError(message) from None
+
+
+def load_source(source: ModelSource, cfg: EvalModelConfig, key: str):
+    """(model, tokenizer) of a source, in eval mode, without gradients, in `cfg.dtype`."""
+    with _errors_name(key):
+        if source.kind == "preset":
+            model, tokenizer = load_model_and_tokenizer(
+                ModelConfig(preset=source.preset, dtype=source.dtype), source.seed
+            )
+        elif source.kind == "adapter":
+            model, tokenizer = _load_adapter(source.path, cfg, key)
+        else:
+            if not source.path.exists():
+                raise UserError(
+                    f"model.path: {source.path} ({source.label}) does not exist here; relative"
+                    " paths of a run are relative to where it was started"
+                )
+            model, tokenizer = load_model_and_tokenizer(
+                ModelConfig(
+                    path=str(source.path),
+                    dtype=cfg.dtype,
+                    trust_remote_code=cfg.trust_remote_code,
+                )
+            )
+    model.to(DTYPES[cfg.dtype]).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model, tokenizer
+
+
+def _load_adapter(path: Path, cfg: EvalModelConfig, key: str):
+    """A peft adapter merged onto its base model, which must be a local directory."""
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    adapter_cfg = json.loads((path / "adapter_config.json").read_text(encoding="utf-8"))
+    base = adapter_cfg.get("base_model_name_or_path") or ""
+    if not Path(base).expanduser().is_dir():
+        raise UserError(
+            f"model.path: the adapter {path} applies to {base!r}, which is not a local"
+            " directory; copy that base model here and set base_model_name_or_path in"
+            f" {path / 'adapter_config.json'}"
+        )
+    model, tokenizer = load_model_and_tokenizer(
+        ModelConfig(path=base, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code)
+    )
+    model = PeftModel.from_pretrained(model, path, is_trainable=False).merge_and_unload()
+    if (path / "tokenizer_config.json").is_file():
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+def load_pairs(plan: EvalPlan, cfg: EvalRunConfig, tokenizer) -> tuple[list, DataSummary]:
+    """The held-out pairs: the files in data.pairs, or the split the run held out."""
+    d = cfg.data
+    run_data = plan.run.data if plan.run is not None else DataConfig(max_length=512)
+    tokenization = dataclasses.replace(
+        run_data,
+        max_length=d.max_length if d.max_length is not None else run_data.max_length,
+        max_prompt_length=(
+            d.max_prompt_length if d.max_prompt_length is not None else run_data.max_prompt_length
+        ),
+    )
+    if not plan.pair_files:
+        # Exactly the run's split: its data settings and seed, held-out part only.
+        for key in ("train", "eval"):
+            file = getattr(run_data, key)
+            if file is not None and not Path(file).expanduser().exists():
+                raise UserError(
+                    f"data.pairs: the run's held-out pairs come from its data.{key} {file},"
+                    " which does not exist here (a run's relative paths are relative to"
+                    " where it was started); run privdpo eval from there or set data.pairs"
+                )
+        _, pairs, summary = load_preference_data(tokenization, tokenizer, plan.run.train.seed)
+        if not pairs:
+            raise UserError(f"data.pairs: the run's held-out split of {run_data.train} is empty")
+        return pairs, summary
+    data_cfg = dataclasses.replace(
+        tokenization, eval=None, eval_fraction=0.0, on_bad_row=d.on_bad_row
+    )
+    summary = DataSummary(d.on_bad_row)
+    pairs = []
+    for path in plan.pair_files:
+        pairs += read_pairs(path, dataclasses.replace(data_cfg, train=path), tokenizer, summary)
+    if not pairs:
+        raise UserError(f"data.pairs: no usable pairs in {plan.pair_files}")
+    summary.kept["eval"] = len(pairs)
+    return pairs, summary
+
+
+def distinct_prompts(pairs: list[PairExample]) -> list[list[int]]:
+    """The pairs' prompts, each once, in order of first appearance."""
+    seen, out = set(), []
+    for p in pairs:
+        key = tuple(p.prompt_ids)
+        if key not in seen:
+            seen.add(key)
+            out.append(p.prompt_ids)
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# The recipe
+# ---------------------------------------------------------------------------------------
+
+
+def run_eval(cfg: EvalRunConfig) -> dict:
+    """Evaluate, write eval.json, print the table; returns what eval.json holds."""
+    # ---- setup: everything that can fail on a user mistake, before any heavy work ------
+    plan = resolve(cfg)
+    hf_logging.disable_progress_bar()  # weight-loading bars, noise in an eval log
+    device = pick_device(cfg.eval.device)
+    policy, tokenizer = load_source(plan.policy, cfg.model, "model.path")
+    reference, ref_tokenizer = load_source(plan.reference, cfg.model, "reference.path")
+    if ref_tokenizer.get_vocab() != tokenizer.get_vocab():
+        raise UserError(
+            f"reference.path: the reference ({plan.reference.label}) has another tokenizer than"
+            f" the model ({plan.policy.label}); margins and KL compare log-probs of the same"
+            " tokens, so both must share one tokenizer"
+        )
+    policy.to(device)
+    reference.to(device)
+    judge = load_judge(cfg.judge, DTYPES[cfg.model.dtype], device)
+    pairs, summary = load_pairs(plan, cfg, tokenizer)
+    print(summary.table())
+    prompts = read_prompts(cfg.data.prompts, tokenizer) if cfg.data.prompts else None
+    prompts = (prompts if prompts is not None else distinct_prompts(pairs))[
+        : cfg.generation.num_prompts
+    ]
+    tasks = read_tasks(cfg.eval.tasks, tokenizer) if cfg.eval.tasks else None
+    pad_id = tokenizer.pad_token_id
+    e, g = cfg.eval, cfg.generation
+
+    def estimate(values) -> Estimate:
+        return mean_estimate(list(values), e.bootstrap_samples, e.confidence, e.seed)
+
+    print(f"evaluating {plan.policy.label} against {plan.reference.label}")
+    metrics: dict[str, Estimate] = {}
+
+    # ---- held-out preferences ----------------------------------------------------------
+    scores = evaluate_preferences(policy, reference, pairs, plan.beta, pad_id, e.batch_size)
+    metrics["preference_accuracy"] = estimate(scores.correct.tolist())
+    metrics["mean_margin"] = estimate(scores.margins.tolist())
+    metrics["num_pairs"] = Estimate(float(len(pairs)))
+
+    # ---- generation, KL, win rate ------------------------------------------------------
+    samples: list[dict] = []
+    sweep: list[dict] = []
+    if prompts:
+        metrics["num_prompts"] = Estimate(float(len(prompts)))
+        eos_ids = eos_token_ids(policy, tokenizer)
+
+        def sample(model, temperature: float, top_p: float) -> list[list[int]]:
+            return generate(
+                model,
+                prompts,
+                pad_id=pad_id,
+                eos_ids=eos_ids,
+                max_new_tokens=g.max_new_tokens,
+                temperature=temperature,
+                top_p=top_p,
+                batch_size=g.batch_size,
+                seed=g.seed,
+            )
+
+        generated = {
+            g.temperature: (
+                sample(policy, g.temperature, g.top_p),
+                sample(reference, g.temperature, g.top_p),
+            )
+        }
+        unbiased = g.temperature == 1.0 and g.top_p == 1.0
+        own = generated[g.temperature][0] if unbiased else sample(policy, 1.0, 1.0)
+        log_ratios = sequence_kl(policy, reference, prompts, own, pad_id, e.batch_size)
+        metrics["kl_to_reference"] = estimate(log_ratios.tolist())
+
+        prompt_texts = [tokenizer.decode(p, skip_special_tokens=True) for p in prompts]
+
+        def texts(completions: list[list[int]]) -> list[str]:
+            return [tokenizer.decode(c, skip_special_tokens=True) for c in completions]
+
+        pol_texts, ref_texts = (texts(c) for c in generated[g.temperature])
+        pol_scores = ref_scores = None
+        if judge is not None:
+            pol_scores, ref_scores = _judge_both(judge, prompt_texts, pol_texts, ref_texts)
+            metrics.update(
+                win_rate(pol_scores, ref_scores, e.bootstrap_samples, e.confidence, e.seed)
+            )
+            metrics["policy_reward"] = estimate(pol_scores)
+            metrics["reference_reward"] = estimate(ref_scores)
+            for t in e.temperatures:
+                if t not in generated:
+                    generated[t] = (sample(policy, t, g.top_p), sample(reference, t, g.top_p))
+                pol, ref = _judge_both(judge, prompt_texts, *(texts(c) for c in generated[t]))
+                sweep.append(
+                    {
+                        "temperature": t,
+                        "win_rate": sum(pairwise_outcomes(pol, ref)) / len(pol),
+                        "reward": sum(pol) / len(pol),
+                        "reference_reward": sum(ref) / len(ref),
+                    }
+                )
+        for i in range(min(g.keep_samples, len(prompts))):
+            samples.append(
+                {
+                    "prompt": prompt_texts[i],
+                    "policy": pol_texts[i],
+                    "reference": ref_texts[i],
+                    "policy_score": pol_scores[i] if pol_scores else None,
+                    "reference_score": ref_scores[i] if ref_scores else None,
+                }
+            )
+
+    result = {
+        "model": plan.policy.label,
+        "reference": plan.reference.label,
+        "metrics": {name: m.to_dict() for name, m in metrics.items()},
+        "temperature_sweep": sweep,
+        "samples": samples,
+    }
+
+    # ---- forgetting --------------------------------------------------------------------
+    if tasks is not None:
+        after = multiple_choice_correct(policy, tasks, pad_id, e.task_scoring, e.batch_size)
+        before = multiple_choice_correct(reference, tasks, pad_id, e.task_scoring, e.batch_size)
+        result["forgetting"] = {
+            "policy_accuracy": sum(after) / len(tasks),
+            "reference_accuracy": sum(before) / len(tasks),
+            "tasks": len(tasks),
+        }
+
+    # ---- output ------------------------------------------------------------------------
+    plan.output_dir.mkdir(parents=True, exist_ok=True)
+    path = plan.output_dir / EVAL_FILE
+    tmp = path.with_name(f".{EVAL_FILE}.tmp")
+    tmp.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+    print(format_table(result, e.confidence, judge))
+    print(f"wrote {path}")
+    if (plan.output_dir / "config.yaml").is_file():  # a run directory: its report shows this
+        print(f"report: {write_report(plan.output_dir)}")
+    return result
+
+
+def _judge_both(judge: Judge, prompts, policy_texts, reference_texts):
+    return judge.score(prompts, policy_texts), judge.score(prompts, reference_texts)
+
+
+def format_table(result: dict, confidence: float, judge: Judge | None = None) -> str:
+    """eval.json as a short text table."""
+    level = f"{round(confidence * 100, 1):g}% CI"
+    lines = [f"{'metric':<22}{'value':>10}   {level}"]
+    for name, m in result["metrics"].items():
+        ci = f"[{m['ci_low']:.4f}, {m['ci_high']:.4f}]" if m["ci_low"] is not None else ""
+        value = f"{m['value']:.0f}" if name.startswith("num_") else f"{m['value']:.4f}"
+        lines.append(f"{name:<22}{value:>10}   {ci}")
+    if judge is None:
+        lines.append("(no judge: set judge.kind for win rate and reward)")
+    if result["temperature_sweep"]:
+        lines.append(f"\n{'temperature':<14}{'win_rate':>10}{'reward':>10}{'reference':>11}")
+        for row in result["temperature_sweep"]:
+            lines.append(
+                f"{row['temperature']:<14g}{row['win_rate']:>10.4f}{row['reward']:>10.4f}"
+                f"{row['reference_reward']:>11.4f}"
+            )
+    if "forgetting" in result:
+        f = result["forgetting"]
+        lines.append(
+            f"\nforgetting ({f['tasks']} tasks): accuracy {f['policy_accuracy']:.4f} after,"
+            f" {f['reference_accuracy']:.4f} before (reference)"
+        )
+    return "\n".join(lines)

@@ -1,0 +1,556 @@
+"""`privdpo eval`: every number against an independent recomputation on tiny models, the
+statistics against hand-derived cases, and the real command on a real tiny DPO run."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from conftest import REPO, write_jsonl
+from privdpo.cli import main
+from privdpo.config import DataConfig, EvalRunConfig, load_config
+from privdpo.data.preference import read_pairs
+from privdpo.data.summary import DataSummary
+from privdpo.errors import ConfigError, DataError
+from privdpo.generation import eos_token_ids, generate, sample_next, sequence_kl
+from privdpo.models import build_preset
+from privdpo.recipes.eval import (
+    evaluate_preferences,
+    multiple_choice_correct,
+    read_tasks,
+    resolve,
+    win_rate,
+)
+from privdpo.stats import bootstrap_ci, mean_estimate
+
+SAMPLE_PAIRS = REPO / "src" / "privdpo" / "assets" / "sample_pairs.jsonl"
+
+
+@pytest.fixture(scope="module")
+def models():
+    """Two different random tiny models sharing one tokenizer: (policy, reference, tok)."""
+    torch.manual_seed(0)
+    policy, tokenizer = build_preset("tiny")
+    torch.manual_seed(1)
+    reference, _ = build_preset("tiny")
+    return policy.eval(), reference.eval(), tokenizer
+
+
+@pytest.fixture(scope="module")
+def pairs(models, tmp_path_factory):
+    rows = [json.loads(line) for line in SAMPLE_PAIRS.read_text().splitlines()[:6]]
+    path = write_jsonl(tmp_path_factory.mktemp("pairs") / "pairs.jsonl", rows)
+    cfg = DataConfig(train=str(path), max_length=128)
+    return read_pairs(str(path), cfg, models[2], DataSummary("error"))
+
+
+def logp_of(model, prompt: list[int], response: list[int]) -> float:
+    """log p(response | prompt), one unpadded sequence, straight from the logits."""
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([prompt + response])).logits[0].float()
+    logps = torch.log_softmax(logits, dim=-1)
+    # The token at position len(prompt) + t is predicted by the logits at the one before.
+    return sum(logps[len(prompt) - 1 + t, tok].item() for t, tok in enumerate(response))
+
+
+# ---------------------------------------------------------------------------------------
+# Held-out preferences
+# ---------------------------------------------------------------------------------------
+
+
+def test_preference_accuracy_and_margins_match_a_recomputation(models, pairs):
+    policy, reference, tokenizer = models
+    beta = 0.25
+    scores = evaluate_preferences(
+        policy, reference, pairs, beta, tokenizer.pad_token_id, batch_size=4
+    )
+    expected = []
+    for p in pairs:
+        chosen = logp_of(policy, p.prompt_ids, p.chosen_ids) - logp_of(
+            reference, p.prompt_ids, p.chosen_ids
+        )
+        rejected = logp_of(policy, p.prompt_ids, p.rejected_ids) - logp_of(
+            reference, p.prompt_ids, p.rejected_ids
+        )
+        expected.append(beta * (chosen - rejected))
+    assert scores.margins.tolist() == pytest.approx(expected, abs=1e-4)
+    assert all(abs(m) > 1e-3 for m in expected)  # no margin near 0: the signs are certain
+    assert scores.correct.tolist() == [1.0 if m > 0 else 0.0 for m in expected]
+    assert 0 < scores.correct.mean() < 1  # both outcomes occur, so the check has teeth
+
+
+def test_a_model_against_itself_has_zero_margins_and_no_accuracy(models, pairs):
+    policy, _, tokenizer = models
+    scores = evaluate_preferences(policy, policy, pairs, 0.1, tokenizer.pad_token_id)
+    assert torch.equal(scores.margins, torch.zeros(len(pairs)))
+    assert scores.correct.sum() == 0  # a tie is not a correct preference
+
+
+# ---------------------------------------------------------------------------------------
+# Generation and KL
+# ---------------------------------------------------------------------------------------
+
+
+def prompts_of(tokenizer) -> list[list[int]]:
+    texts = ["Write a short review.\n", "The movie was", "Hello", "A long prompt about a phone:"]
+    return [tokenizer(t)["input_ids"] for t in texts]
+
+
+def sample(model, tokenizer, prompts, **kw):
+    args = dict(
+        pad_id=tokenizer.pad_token_id,
+        eos_ids=eos_token_ids(model, tokenizer),
+        max_new_tokens=8,
+        batch_size=3,
+        seed=0,
+    )
+    return generate(model, prompts, **{**args, **kw})
+
+
+def test_generation_is_deterministic_and_stops_at_eos(models):
+    policy, _, tokenizer = models
+    prompts = prompts_of(tokenizer)
+    first = sample(policy, tokenizer, prompts)
+    assert first == sample(policy, tokenizer, prompts)
+    assert first != sample(policy, tokenizer, prompts, seed=1)
+    eos = set(eos_token_ids(policy, tokenizer))
+    for completion in first:
+        assert 1 <= len(completion) <= 8
+        assert not eos & set(completion[:-1])  # an EOS can only be the last token
+
+
+def test_greedy_batched_generation_equals_transformers_generate(models):
+    # Left padding and position ids are right if a batch of prompts of different lengths
+    # gives each prompt's own greedy continuation, as transformers computes it alone.
+    policy, _, tokenizer = models
+    prompts = prompts_of(tokenizer)
+    ours = sample(policy, tokenizer, prompts, temperature=0.0, batch_size=4)
+    eos = eos_token_ids(policy, tokenizer)
+    for prompt, completion in zip(prompts, ours, strict=True):
+        ids = torch.tensor([prompt])
+        out = policy.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=8,
+            do_sample=False,
+            eos_token_id=eos,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        assert completion == out[0, len(prompt) :].tolist()[: len(completion)]
+        assert len(completion) == len(out[0]) - len(prompt)
+
+
+def test_top_p_keeps_the_nucleus():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    generator = torch.Generator().manual_seed(0)
+    tiny = {sample_next(logits, 1.0, 1e-6, generator).item() for _ in range(50)}
+    assert tiny == {0}  # only the most likely token
+    nucleus = {sample_next(logits, 1.0, 0.8, generator).item() for _ in range(400)}
+    assert nucleus == {0, 1}  # mass before token 2 is 0.8: it and token 3 are cut
+    assert sample_next(logits, 0.0, 1.0, generator).item() == 0  # greedy
+
+
+def test_kl_of_a_model_to_itself_is_exactly_zero(models):
+    policy, _, tokenizer = models
+    prompts = prompts_of(tokenizer)
+    completions = sample(policy, tokenizer, prompts)
+    kl = sequence_kl(policy, policy, prompts, completions, tokenizer.pad_token_id, 3)
+    assert torch.equal(kl, torch.zeros(len(prompts)))
+
+
+def test_kl_to_another_model_matches_a_recomputation(models):
+    policy, reference, tokenizer = models
+    prompts = prompts_of(tokenizer)
+    completions = sample(policy, tokenizer, prompts)
+    kl = sequence_kl(policy, reference, prompts, completions, tokenizer.pad_token_id, 3)
+    expected = [
+        logp_of(policy, p, c) - logp_of(reference, p, c)
+        for p, c in zip(prompts, completions, strict=True)
+    ]
+    assert kl.tolist() == pytest.approx(expected, abs=1e-4)
+
+
+# ---------------------------------------------------------------------------------------
+# Win rate and the bootstrap
+# ---------------------------------------------------------------------------------------
+
+
+def test_win_rate_of_a_judge_that_always_prefers_one_side():
+    better, worse = [2.0, 3.0, 0.5], [1.0, -1.0, 0.0]
+    always = win_rate(better, worse, samples=100)
+    assert always["win_rate"].value == 1.0 and always["tie_rate"].value == 0.0
+    assert (always["win_rate"].ci_low, always["win_rate"].ci_high) == (1.0, 1.0)
+    assert win_rate(worse, better, samples=100)["win_rate"].value == 0.0
+    ties = win_rate([1.0, 1.0], [1.0, 1.0], samples=100)
+    assert ties["win_rate"].value == 0.5 and ties["tie_rate"].value == 1.0
+    mixed = win_rate([1.0, 1.0, 0.0, 2.0], [0.0, 1.0, 1.0, 1.0], samples=0)
+    assert mixed["win_rate"].value == (1 + 0.5 + 0 + 1) / 4
+    assert mixed["tie_rate"].value == 0.25 and mixed["win_rate"].ci_low is None
+
+
+def test_bootstrap_of_equal_values_is_a_point():
+    assert bootstrap_ci([0.3] * 5, 200, 0.95, seed=0) == (0.3, 0.3)
+    estimate = mean_estimate([0.1] * 7, 200, 0.9, seed=3)
+    assert estimate.ci_low == estimate.value == estimate.ci_high
+
+
+def test_bootstrap_matches_the_exact_bootstrap_distribution():
+    # Resampling [0, 0, 1] three times gives a mean of 0, 1/3, 2/3, 1 with probabilities
+    # 8/27, 12/27, 6/27, 1/27 (binomial(3, 1/3) ones). Cumulative: 0.296, 0.741, 0.963, 1.
+    # 95%: the 2.5% quantile is 0; 0.963 < 0.975, so the 97.5% quantile is 1.
+    # 90%: the 5% quantile is 0; 0.963 >= 0.95, so the 95% quantile is 2/3.
+    values = [0.0, 0.0, 1.0]
+    assert bootstrap_ci(values, 20000, 0.95, seed=0) == (0.0, 1.0)
+    assert bootstrap_ci(values, 20000, 0.90, seed=0) == pytest.approx((0.0, 2 / 3))
+
+
+def test_bootstrap_is_seeded_and_contains_the_mean():
+    values = [0.1, 0.5, -0.2, 0.9, 0.3, 0.0, 0.7]
+    a = mean_estimate(values, 500, 0.95, seed=7)
+    assert a == mean_estimate(values, 500, 0.95, seed=7)
+    assert a != mean_estimate(values, 500, 0.95, seed=8)
+    assert a.value == pytest.approx(sum(values) / len(values))
+    assert a.ci_low < a.value < a.ci_high
+    assert mean_estimate(values, 0, 0.95, seed=7).ci_high is None
+
+
+# ---------------------------------------------------------------------------------------
+# Forgetting: multiple-choice tasks
+# ---------------------------------------------------------------------------------------
+
+TASKS = [
+    {"question": "The capital of France is", "choices": [" Paris", " a fish"], "answer": 0},
+    {"question": "Two plus two is", "choices": [" four", " five", " nine"], "answer": 2},
+    {"question": "The sky is", "choices": [" blue", " green and very tall"], "answer": 1},
+]
+
+
+@pytest.mark.parametrize("scoring", ["sum", "mean"])
+def test_multiple_choice_accuracy_matches_a_recomputation(models, tmp_path, scoring):
+    policy, reference, tokenizer = models
+    tasks = read_tasks(str(write_jsonl(tmp_path / "tasks.jsonl", TASKS)), tokenizer)
+    for model in (policy, reference):
+        expected = []
+        for task in tasks:
+            scores = []
+            for choice in task.choice_ids:
+                logp = logp_of(model, task.question_ids, choice)
+                scores.append(logp / len(choice) if scoring == "mean" else logp)
+            expected.append(1.0 if scores.index(max(scores)) == task.answer else 0.0)
+        got = multiple_choice_correct(model, tasks, tokenizer.pad_token_id, scoring, 2)
+        assert got == expected
+    # The choices are the question's continuation, tokenized as the full text would be.
+    assert (
+        tasks[0].question_ids + tasks[0].choice_ids[0]
+        == tokenizer(TASKS[0]["question"] + TASKS[0]["choices"][0])["input_ids"]
+    )
+
+
+def test_a_bad_task_row_names_its_file_and_line(models, tmp_path):
+    rows = [TASKS[0], {"question": "Q", "choices": [" a", " b"], "answer": 2}]
+    path = write_jsonl(tmp_path / "tasks.jsonl", rows)
+    with pytest.raises(DataError, match=r"tasks\.jsonl:2: eval\.tasks: 'answer' must be"):
+        read_tasks(str(path), models[2])
+
+
+# ---------------------------------------------------------------------------------------
+# Resolving what to evaluate
+# ---------------------------------------------------------------------------------------
+
+
+def test_a_model_directory_needs_every_missing_setting_at_once(tmp_path, models):
+    policy, _, tokenizer = models
+    policy.save_pretrained(tmp_path / "m", safe_serialization=True)
+    tokenizer.save_pretrained(tmp_path / "m")
+    cfg = load_config(EvalRunConfig, None, [f"model.path={tmp_path / 'm'}"])
+    with pytest.raises(ConfigError) as info:
+        resolve(cfg)
+    keys = [p.split(":")[0] for p in info.value.problems]
+    assert keys == ["reference.path", "eval.beta", "data.pairs", "output.dir"]
+
+
+def test_a_lora_run_is_its_adapter_on_its_base_against_that_base(tmp_path):
+    from privdpo.checkpoint import export_model
+    from privdpo.config import DPORunConfig, dump_yaml
+    from privdpo.models import add_lora
+    from privdpo.recipes.eval import load_source
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    torch.manual_seed(0)
+    base, tokenizer = build_preset("tiny")
+    model = add_lora(base, DPORunConfig().model.lora)
+    with torch.no_grad():  # adapters that change the output (B is zero at init)
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    export_model(model, tokenizer, run_dir, merge_lora=False)
+    run_cfg = load_config(
+        DPORunConfig,
+        None,
+        ["model.preset=tiny", "model.lora.enabled=true", "data.train=x.jsonl", "output.dir=r"],
+    )
+    (run_dir / "config.yaml").write_text(dump_yaml(run_cfg))
+
+    cfg = load_config(EvalRunConfig, None, [f"model.path={run_dir}"])
+    plan = resolve(cfg)
+    assert plan.policy.kind == "adapter" and plan.policy.path == run_dir / "adapter"
+    assert plan.reference.path == run_dir / "base_model"
+    assert plan.beta == 0.1 and plan.pair_files == [] and plan.output_dir == run_dir
+    merged, _ = load_source(plan.policy, cfg.model, "model.path")
+    ref, _ = load_source(plan.reference, cfg.model, "reference.path")
+    ids = torch.tensor([tokenizer("The movie was good")["input_ids"]])
+    with torch.no_grad():
+        want = model.eval()(input_ids=ids).logits
+        with model.disable_adapter():
+            want_ref = model(input_ids=ids).logits
+        assert torch.allclose(merged(input_ids=ids).logits, want, atol=1e-4)
+        assert torch.allclose(ref(input_ids=ids).logits, want_ref, atol=1e-6)
+        assert not torch.allclose(want, want_ref, atol=1e-3)
+
+
+# ---------------------------------------------------------------------------------------
+# The command, on a real tiny DPO run
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def dpo_run(tmp_path_factory) -> Path:
+    """`privdpo dpo examples/dpo_tiny.yaml`, cut to 3 steps, exporting its last step."""
+    run_dir = tmp_path_factory.mktemp("dpo") / "run"
+    cwd = os.getcwd()
+    os.chdir(REPO)  # the example's data path is relative to the repository root
+    try:
+        code = main(
+            [
+                "dpo",
+                "examples/dpo_tiny.yaml",
+                f"output.dir={run_dir}",
+                "output.progress_bar=false",
+                "train.max_steps=3",
+                "train.early_stopping_patience=null",
+            ]
+        )
+    finally:
+        os.chdir(cwd)
+    assert code == 0
+    return run_dir
+
+
+def run_eval_cli(capsys, *args) -> tuple[int, str, str]:
+    cwd = os.getcwd()
+    os.chdir(REPO)
+    try:
+        code = main(["eval", "examples/eval_tiny.yaml", *map(str, args)])
+    finally:
+        os.chdir(cwd)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+SMALL = [
+    "generation.num_prompts=4",
+    "generation.max_new_tokens=8",
+    "generation.keep_samples=3",
+    "eval.bootstrap_samples=200",
+]
+
+
+def test_eval_command_on_a_dpo_run_writes_eval_json(dpo_run, tmp_path, capsys):
+    tasks = write_jsonl(tmp_path / "tasks.jsonl", TASKS)
+    code, out, err = run_eval_cli(
+        capsys,
+        f"model.path={dpo_run}",
+        *SMALL,
+        "generation.temperature=0.7",
+        "eval.temperatures=[0.7, 1.5]",
+        f"eval.tasks={tasks}",
+    )
+    assert code == 0, err
+    result = json.loads((dpo_run / "eval.json").read_text())
+
+    assert set(result) == {
+        "model",
+        "reference",
+        "metrics",
+        "temperature_sweep",
+        "samples",
+        "forgetting",
+    }
+    assert result["model"] == str(dpo_run / "model")
+    assert result["reference"].startswith("preset tiny (seed 0")
+    names = {
+        "preference_accuracy",
+        "mean_margin",
+        "num_pairs",
+        "num_prompts",
+        "kl_to_reference",
+        "win_rate",
+        "tie_rate",
+        "policy_reward",
+        "reference_reward",
+    }
+    assert set(result["metrics"]) == names
+    for name, m in result["metrics"].items():
+        assert set(m) == {"value", "ci_low", "ci_high"}
+        if not name.startswith("num_"):
+            assert m["ci_low"] <= m["value"] <= m["ci_high"], name
+    assert result["metrics"]["num_prompts"]["value"] == 4
+
+    # The held-out split and the reference are the run's own: the margins and accuracy
+    # equal what the run logged at its last evaluation.
+    records = [json.loads(line) for line in (dpo_run / "metrics.jsonl").read_text().splitlines()]
+    last_eval = [r for r in records if "eval/rewards/margins" in r][-1]
+    assert last_eval["step"] == 3
+    m = result["metrics"]
+    assert m["mean_margin"]["value"] == pytest.approx(last_eval["eval/rewards/margins"], abs=1e-5)
+    assert m["preference_accuracy"]["value"] == pytest.approx(last_eval["eval/rewards/accuracies"])
+    assert m["num_pairs"]["value"] == 24  # 10% of the 240 sample pairs
+
+    assert [row["temperature"] for row in result["temperature_sweep"]] == [0.7, 1.5]
+    for row in result["temperature_sweep"]:
+        assert set(row) == {"temperature", "win_rate", "reward", "reference_reward"}
+    at_07 = result["temperature_sweep"][0]
+    assert at_07["win_rate"] == m["win_rate"]["value"]
+    assert at_07["reward"] == m["policy_reward"]["value"]
+
+    assert len(result["samples"]) == 3
+    for s in result["samples"]:
+        assert set(s) == {"prompt", "policy", "reference", "policy_score", "reference_score"}
+        assert s["prompt"].startswith("Write a short")
+        assert isinstance(s["policy_score"], float)
+    assert result["forgetting"]["tasks"] == 3
+    assert 0 <= result["forgetting"]["policy_accuracy"] <= 1
+
+    assert "preference_accuracy" in out and "95% CI" in out and "kl_to_reference" in out
+    assert f"wrote {dpo_run / 'eval.json'}" in out
+
+    # Same seeds, same everything.
+    code, _, err = run_eval_cli(
+        capsys,
+        f"model.path={dpo_run}",
+        *SMALL,
+        "generation.temperature=0.7",
+        "eval.temperatures=[0.7, 1.5]",
+        f"eval.tasks={tasks}",
+        f"output.dir={tmp_path / 'again'}",
+    )
+    assert code == 0, err
+    assert json.loads((tmp_path / "again" / "eval.json").read_text()) == result
+
+
+def test_eval_with_a_judge_that_ties_everything(dpo_run, tmp_path, capsys):
+    code, out, err = run_eval_cli(
+        capsys,
+        f"model.path={dpo_run}",
+        *SMALL,
+        "judge.kind=callable",
+        "judge.callable=judges_for_tests:constant",
+        "eval.temperatures=[]",
+        f"output.dir={tmp_path}",
+    )
+    assert code == 0, err
+    result = json.loads((tmp_path / "eval.json").read_text())
+    m = result["metrics"]
+    assert m["win_rate"]["value"] == 0.5 and m["tie_rate"]["value"] == 1.0
+    assert m["policy_reward"]["value"] == m["reference_reward"]["value"] == 1.0
+    assert result["temperature_sweep"] == [] and "forgetting" not in result
+
+
+def test_eval_of_a_model_against_itself(dpo_run, tmp_path, capsys):
+    model_dir = dpo_run / "model"
+    rows = [json.loads(line) for line in SAMPLE_PAIRS.read_text().splitlines()[:12]]
+    held_out = write_jsonl(tmp_path / "held_out.jsonl", rows)
+    code, _, err = run_eval_cli(
+        capsys,
+        f"model.path={model_dir}",
+        f"reference.path={model_dir}",
+        f"data.pairs={held_out}",
+        "data.max_length=128",
+        "eval.beta=0.1",
+        *SMALL,
+        "judge.kind=none",
+        "eval.temperatures=[]",
+        f"output.dir={tmp_path}",
+    )
+    assert code == 0, err
+    result = json.loads((tmp_path / "eval.json").read_text())
+    m = result["metrics"]
+    assert m["kl_to_reference"] == {"value": 0.0, "ci_low": 0.0, "ci_high": 0.0}
+    assert m["mean_margin"]["value"] == 0.0 and m["preference_accuracy"]["value"] == 0.0
+    assert m["num_pairs"]["value"] == 12
+    assert "win_rate" not in m
+    assert all(
+        s["policy"] == s["reference"] and s["policy_score"] is None for s in result["samples"]
+    )
+
+
+# ---------------------------------------------------------------------------------------
+# Mistakes: exit 2, one clear message
+# ---------------------------------------------------------------------------------------
+
+
+def test_bad_keys_exit_2_with_the_closest_key(capsys, tmp_path):
+    code, out, err = run_eval_cli(
+        capsys,
+        "eval.temperature=[0.5]",
+        "generation.max_new_token=8",
+        "judge.kind=gpt4",
+    )
+    assert code == 2, out
+    assert err.startswith("privdpo eval: error: config has 3 problem(s)")
+    assert "eval.temperature: unknown key; did you mean 'eval.temperatures'?" in err
+    assert "generation.max_new_token: unknown key; did you mean 'generation.max_new_tokens'?" in err
+    assert "judge.kind: expected one of 'none', 'lexicon', 'reward_model', 'callable'" in err
+    assert "Traceback" not in err
+
+
+def test_bad_paths_exit_2_naming_the_key(capsys, dpo_run, tmp_path):
+    code, _, err = run_eval_cli(capsys, "model.path=Qwen/Qwen2.5-0.5B")
+    assert code == 2 and "model.path: 'Qwen/Qwen2.5-0.5B' is not a local directory" in err
+    code, _, err = run_eval_cli(capsys, f"model.path={dpo_run}", f"reference.path={tmp_path}")
+    assert code == 2 and f"reference.path: {tmp_path} is not a local model directory" in err
+    code, _, err = run_eval_cli(
+        capsys,
+        f"model.path={dpo_run}",
+        "judge.kind=callable",
+        "judge.callable=nowhere_at_all:judge",
+    )
+    assert code == 2 and "judge.callable: cannot import module 'nowhere_at_all'" in err
+    code, _, err = run_eval_cli(
+        capsys, f"model.path={dpo_run}", f"data.pairs={tmp_path / 'missing.jsonl'}"
+    )
+    assert code == 2 and "missing.jsonl: no such file" in err
+    assert "Traceback" not in err
+
+
+def test_eval_help_lists_every_key(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["eval", "--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    for key in (
+        "model.path",
+        "reference.path",
+        "data.pairs",
+        "generation.top_p",
+        "judge.kind",
+        "eval.temperatures",
+        "eval.bootstrap_samples",
+        "eval.tasks",
+        "output.dir",
+    ):
+        assert f"  {key} = " in out, key
+
+
+def test_the_example_config_points_at_the_dpo_example_run():
+    example = yaml.safe_load((REPO / "examples" / "eval_tiny.yaml").read_text())
+    dpo = yaml.safe_load((REPO / "examples" / "dpo_tiny.yaml").read_text())
+    assert example["model"]["path"] == dpo["output"]["dir"]
+    assert example["judge"]["kind"] == "lexicon"
+    load_config(EvalRunConfig, REPO / "examples" / "eval_tiny.yaml", [])
