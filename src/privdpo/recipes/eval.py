@@ -50,7 +50,7 @@ from privdpo.config import (
 )
 from privdpo.data.batching import pad_batch, pair_batch
 from privdpo.data.preference import PairExample, load_preference_data, read_pairs
-from privdpo.data.readers import read_rows
+from privdpo.data.readers import Row, read_rows
 from privdpo.data.sft import messages_field
 from privdpo.data.summary import DataSummary
 from privdpo.data.tokenize import BadRow, Segment, tokenize_segments
@@ -186,22 +186,25 @@ def prompt_ids(tokenizer, prompt) -> list[int]:
     return tokenizer(prompt)["input_ids"]
 
 
+def prompt_field(row: Row, key: str = "data.prompts") -> str | list[dict]:
+    """The `prompt` of a row from `read_rows`: non-empty text, or a list of chat messages;
+    otherwise a DataError naming the row's file:line and the config key `key`."""
+    if row.fields is None:
+        raise DataError(f"{row.where}: {row.problem}")
+    value = row.fields.get("prompt")
+    try:
+        if isinstance(value, list):
+            return messages_field(value, "prompt")
+        if not isinstance(value, str) or not value.strip():
+            raise BadRow("missing_field", "needs a non-empty 'prompt' (text or messages)")
+    except BadRow as e:
+        raise DataError(f"{row.where}: {key}: {e}") from None
+    return value
+
+
 def read_prompts(path: str, tokenizer) -> list[list[int]]:
     """The `prompt` of every row of a local file (text, or a list of chat messages)."""
-    prompts = []
-    for row in read_rows(path):
-        if row.fields is None:
-            raise DataError(f"{row.where}: {row.problem}")
-        value = row.fields.get("prompt")
-        try:
-            if isinstance(value, list):
-                value = messages_field(value, "prompt")
-            elif not isinstance(value, str) or not value.strip():
-                raise BadRow("missing_field", "needs a non-empty 'prompt' (text or messages)")
-        except BadRow as e:
-            raise DataError(f"{row.where}: data.prompts: {e}") from None
-        prompts.append(prompt_ids(tokenizer, value))
-    return prompts
+    return [prompt_ids(tokenizer, prompt_field(row)) for row in read_rows(path)]
 
 
 def read_tasks(path: str, tokenizer) -> list[ChoiceTask]:
@@ -323,12 +326,14 @@ def _run_reference(run_dir: Path, run) -> ModelSource:
     )
 
 
-def resolve(cfg: EvalRunConfig) -> EvalPlan:
-    """Fill the config's run-dependent defaults; every problem is reported at once."""
-    problems: list[str] = []
-    path = Path(cfg.model.path).expanduser()
+def policy_source(
+    path_text: str, problems: list[str]
+) -> tuple[ModelSource | None, DPORunConfig | SFTRunConfig | None]:
+    """The model at `model.path` (a run directory's model/, else its adapter/; or a model
+    directory) and the run's config when it is a run; problems go to `problems`."""
+    path = Path(path_text).expanduser()
     if not path.exists():
-        check_local_model_dir(cfg.model.path)  # raises, with a hint for a Hub id
+        check_local_model_dir(path_text)  # raises, with a hint for a Hub id
     run = None
     policy = None
     if (path / "config.yaml").is_file():
@@ -349,6 +354,14 @@ def resolve(cfg: EvalRunConfig) -> EvalPlan:
                 f"model.path: {path} is neither a run directory (config.yaml) nor a model"
                 " directory (config.json or adapter_config.json)"
             )
+    return policy, run
+
+
+def resolve(cfg: EvalRunConfig) -> EvalPlan:
+    """Fill the config's run-dependent defaults; every problem is reported at once."""
+    problems: list[str] = []
+    path = Path(cfg.model.path).expanduser()
+    policy, run = policy_source(cfg.model.path, problems)
 
     if cfg.reference.path:
         ref_path = Path(cfg.reference.path).expanduser()
