@@ -75,6 +75,8 @@ def test_the_privdpo_commands_in_the_readme_run(tmp_path):
     assert '"level": "user-level"' in statement
     assert (tmp_path / "runs" / "dpo-tiny" / "eval.json").is_file()
     assert "eval.json" in str(list((tmp_path / "runs" / "dpo-tiny").iterdir()))
+    assert (tmp_path / "runs" / "pairs-tiny" / "pairs.jsonl").is_file()
+    assert (tmp_path / "runs" / "sweep-tiny" / "sweep.html").is_file()
     report = (tmp_path / "runs" / "dpo-tiny" / "report.html").read_text()
     assert "Evaluation" in report and "data:image/png;base64," in report
 
@@ -92,7 +94,9 @@ def local_model_dir(tmp_path_factory) -> Path:
 
 
 TRAINING_CONFIGS = sorted(
-    p for p in (REPO / "examples").glob("*.yaml") if not p.name.startswith(("eval_", "sweep_"))
+    p
+    for p in (REPO / "examples").glob("*.yaml")
+    if not p.name.startswith(("eval_", "sweep_", "pairs_"))
 )
 
 

@@ -17,15 +17,15 @@ for _var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
 os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
 
 from privdpo.config import (  # noqa: E402
+    DemoRunConfig,
     DPORunConfig,
     EvalRunConfig,
+    PairsRunConfig,
     SFTRunConfig,
     describe_config,
     load_config,
 )
 from privdpo.errors import UserError  # noqa: E402
-
-DEMO_DIR = "runs/demo"
 
 
 def _sft(args: argparse.Namespace) -> None:
@@ -48,10 +48,22 @@ def _eval(args: argparse.Namespace) -> None:
     run_eval(load_config(EvalRunConfig, args.config, args.overrides))
 
 
+def _pairs(args: argparse.Namespace) -> None:
+    from privdpo.pairs import run_pairs
+
+    run_pairs(load_config(PairsRunConfig, args.config, args.overrides))
+
+
 def _report(args: argparse.Namespace) -> None:
     from privdpo.report import main_report
 
     main_report(args.run_dir)
+
+
+def _sweep(args: argparse.Namespace) -> None:
+    from privdpo.sweep import run_sweep
+
+    run_sweep(args.config, args.grid, args.overrides, args.metric)
 
 
 def _privacy_plan(args: argparse.Namespace) -> None:
@@ -101,51 +113,14 @@ def _privacy_plan(args: argparse.Namespace) -> None:
 
 
 def _demo(args: argparse.Namespace) -> None:
-    from privdpo.data.sft import sample_data_path
-    from privdpo.recipes.sft import run_sft
+    from privdpo.demo import run_demo
 
-    overrides = [
-        "model.preset=tiny",
-        f"data.train={sample_data_path()}",
-        "data.eval_fraction=0.1",
-        "data.max_length=128",
-        f"output.dir={args.output}",
-        "output.overwrite=true",
-        "train.epochs=12",
-        "train.batch_size=16",
-        "train.micro_batch_size=16",
-        "train.lr=3e-3",
-        "train.warmup_steps=10",
-        "train.eval_every=50",
-        "train.save_every=100",
-    ]
-    cfg = load_config(SFTRunConfig, None, overrides + args.overrides)
-    print("privdpo demo: SFT of the built-in tiny model on the bundled sample reviews (offline)")
-    exported = run_sft(cfg)
-    _show_samples(exported["model"])
-    print(f"\ndemo finished. The trained model is in {exported['model']}")
-    print(
-        "Load it with: AutoModelForCausalLM.from_pretrained"
-        f"('{exported['model']}') (plain transformers, no privdpo needed)"
-    )
-
-
-def _show_samples(model_dir) -> None:
-    """Greedy completions of two sample prompts by the exported model, loaded back with
-    plain transformers as a user would."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
-    print("\nsamples from the exported model (greedy):")
-    for prompt in (
-        "Write a short positive review of a movie.\n",
-        "Write a short negative review of a phone.\n",
-    ):
-        ids = tokenizer(prompt, return_tensors="pt").input_ids
-        out = model.generate(ids, max_new_tokens=40, do_sample=False)
-        completion = tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
-        print(f"  {prompt.strip()!r} -> {completion.strip()!r}")
+    config, overrides = args.config, list(args.overrides)
+    if config is not None and "=" in config:  # no config file: the first override
+        config, overrides = None, [config, *overrides]
+    if args.output:
+        overrides.append(f"output.dir={args.output}")
+    run_demo(load_config(DemoRunConfig, config, overrides))
 
 
 def _add_recipe(commands, name: str, config_cls, func, help: str, description: str) -> None:
@@ -201,6 +176,20 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides")
     evaluate.set_defaults(func=_eval)
 
+    pairs = commands.add_parser(
+        "pairs",
+        help="on-policy preference pairs: sample, judge, keep best vs worst (DPO data)",
+        description="Sample several completions per prompt from a model (a run directory or a"
+        " model directory), score them with a local judge, and write the best against the"
+        " worst of each prompt as a JSONL preference file for privdpo dpo.",
+        epilog="config keys (YAML sections; override any as section.key=value):\n"
+        + describe_config(PairsRunConfig),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    pairs.add_argument("config", help="YAML config file")
+    pairs.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides")
+    pairs.set_defaults(func=_pairs)
+
     report = commands.add_parser(
         "report",
         help="write the HTML report of a run directory",
@@ -209,6 +198,49 @@ def build_parser() -> argparse.ArgumentParser:
     )
     report.add_argument("run_dir", help="a run directory (the output.dir of a run)")
     report.set_defaults(func=_report)
+
+    sweep = commands.add_parser(
+        "sweep",
+        help="train one run per point of a grid (e.g. beta x epsilon) and compare them",
+        description="Train one sft or dpo run per point of a grid of config values, one after"
+        " another, each in OUTPUT_DIR/<point> (output.dir of CONFIG is the sweep directory),"
+        " and write OUTPUT_DIR/sweep.json and sweep.html: every point's values, metric, epsilon"
+        " and status, the privacy-utility curve (metric vs epsilon), the beta curve (metric vs"
+        " dpo.beta) and the best point by --metric, marked.",
+        epilog="""grid: each KEY=V1,V2,... after --grid is an axis (values read like overrides;
+  a comma inside [...] stays in its value); points are every combination, named like
+  beta-0.1_target_epsilon-8. privacy.target_epsilon=inf is a non-private point
+  (privacy.enabled=false); any other epsilon turns privacy on. Every point's config is
+  checked before anything runs. A key=value of one value (before or after --grid) is an
+  override, the same for every point.
+resume: run the same command again. A finished point is reused, an interrupted one resumes
+  from its last checkpoint, one with no checkpoint starts over; one line says which.
+metric: the last logged value of a metrics.jsonl metric, or a metric of the point's
+  eval.json (e.g. win_rate, once you ran privdpo eval on each point); lower is better
+  when the name has loss or perplexity in it, else higher.
+
+example:
+  privdpo sweep examples/sweep_tiny.yaml --grid dpo.beta=0.1,0.5 privacy.target_epsilon=8,inf""",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sweep.add_argument("config", help="YAML config of an sft or dpo run (a dpo section: dpo)")
+    sweep.add_argument(
+        "overrides", nargs="*", metavar="key=value", help="dotted overrides for every point"
+    )
+    sweep.add_argument(
+        "--grid",
+        nargs="+",
+        action="extend",
+        required=True,
+        metavar="KEY=V1,V2",
+        help="axes of the grid, e.g. dpo.beta=0.05,0.1,0.5 privacy.target_epsilon=1,4,8,inf",
+    )
+    sweep.add_argument(
+        "--metric",
+        help="metric that picks the best point (default: eval/rewards/accuracies for dpo,"
+        " eval/loss for sft)",
+    )
+    sweep.set_defaults(func=_sweep)
 
     privacy = commands.add_parser(
         "privacy", help="differential privacy tools", description="Differential privacy tools."
@@ -226,11 +258,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser(
         "demo",
-        help="the offline end-to-end example",
-        description="Train the built-in tiny model on bundled sample data, offline.",
+        help="the offline end-to-end example: SFT, on-policy pairs, DPO and user-level DP-DPO",
+        description="The DPO paper's controlled sentiment experiment, offline and small: a"
+        " generated review corpus, SFT from random init, pairs judged by a sentiment lexicon,"
+        " DPO with and without user-level DP, evaluation and demo.html.",
+        epilog="config keys (YAML sections; override any as section.key=value):\n"
+        + describe_config(DemoRunConfig),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    demo.add_argument("config", nargs="?", help="optional YAML config (a demo section)")
     demo.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides")
-    demo.add_argument("--output", default=DEMO_DIR, help=f"run directory (default {DEMO_DIR})")
+    demo.add_argument("--output", default=None, help="the demo directory (output.dir)")
     demo.set_defaults(func=_demo)
     return parser
 

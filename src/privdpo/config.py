@@ -433,20 +433,7 @@ class EvalRunConfig:
             problems.append(f"generation.temperature: must be at least 0, got {g.temperature}")
         if not 0 < g.top_p <= 1:
             problems.append(f"generation.top_p: must be in (0, 1], got {g.top_p}")
-        if j.kind == "reward_model" and not j.path:
-            problems.append("judge.path: required with judge.kind=reward_model")
-        if j.path and j.kind != "reward_model":
-            problems.append("judge.path: set, but judge.kind is not reward_model; set both")
-        if j.kind == "callable" and (not j.callable or ":" not in j.callable):
-            problems.append(
-                f"judge.callable: judge.kind=callable needs 'package.module:function', got"
-                f" {j.callable!r}"
-            )
-        if j.callable and j.kind != "callable":
-            problems.append("judge.callable: set, but judge.kind is not callable; set both")
-        for key in ("batch_size", "max_length"):
-            if getattr(j, key) < 1:
-                problems.append(f"judge.{key}: must be at least 1, got {getattr(j, key)}")
+        problems.extend(check_judge(j))
         if e.beta is not None and not (e.beta > 0 and math.isfinite(e.beta)):
             problems.append(f"eval.beta: must be positive, got {e.beta}")
         if e.batch_size < 1:
@@ -475,6 +462,190 @@ class EvalRunConfig:
             )
         if not (e.device in ("auto", "cpu", "cuda") or e.device.startswith("cuda:")):
             problems.append(f"eval.device: must be auto, cpu, cuda or cuda:N, got {e.device!r}")
+        return problems
+
+
+def check_judge(j: JudgeConfig) -> list[str]:
+    """The judge section's cross-field checks, shared by eval and pairs."""
+    problems = []
+    if j.kind == "reward_model" and not j.path:
+        problems.append("judge.path: required with judge.kind=reward_model")
+    if j.path and j.kind != "reward_model":
+        problems.append("judge.path: set, but judge.kind is not reward_model; set both")
+    if j.kind == "callable" and (not j.callable or ":" not in j.callable):
+        problems.append(
+            f"judge.callable: judge.kind=callable needs 'package.module:function', got"
+            f" {j.callable!r}"
+        )
+    if j.callable and j.kind != "callable":
+        problems.append("judge.callable: set, but judge.kind is not callable; set both")
+    for key in ("batch_size", "max_length"):
+        if getattr(j, key) < 1:
+            problems.append(f"judge.{key}: must be at least 1, got {getattr(j, key)}")
+    return problems
+
+
+@dataclass
+class PairsPromptsConfig:
+    """The prompts to sample from: a local file of rows with a `prompt`."""
+
+    path: str | None = opt(
+        None,
+        "local file (.jsonl .json .parquet .csv) or save_to_disk dir of rows with a 'prompt'"
+        " (text or chat messages)",
+    )
+    user_id_column: str = opt(
+        "user_id", "column naming the user a prompt came from, carried over to its pair"
+    )
+
+
+@dataclass
+class PairsGenerationConfig:
+    """Sampling several completions per prompt from the model."""
+
+    num_samples: int = opt(4, "completions sampled per prompt (at least 2)")
+    max_new_tokens: int = opt(64, "most tokens sampled per completion (stops earlier at EOS)")
+    temperature: float = opt(1.0, "sampling temperature (positive: greedy samples are all equal)")
+    top_p: float = opt(1.0, "nucleus sampling: keep the most likely tokens holding this mass")
+    batch_size: int = opt(8, "sequences per generation batch (left padded)")
+    seed: int = opt(0, "sampling seed: the same seed and batch size give the same samples")
+    device: str = opt("auto", "auto (cuda if present), cpu, cuda or cuda:N")
+
+
+@dataclass
+class PairsSelectionConfig:
+    """Which sampled completions become a pair."""
+
+    min_score_gap: float = opt(
+        0.0,
+        "a prompt gives the pair (best, worst) only if best - worst >= this, in the judge's"
+        " units; equal scores are never a pair",
+    )
+
+
+@dataclass
+class PairsOutputConfig:
+    """Where the pairs go."""
+
+    path: str | None = opt(None, "the JSONL file of pairs to write (valid data for privdpo dpo)")
+    overwrite: bool = opt(False, "replace an existing file instead of failing")
+
+
+@dataclass
+class PairsRunConfig:
+    """`privdpo pairs`."""
+
+    model: EvalModelConfig = sub(EvalModelConfig, "the model to sample from")
+    prompts: PairsPromptsConfig = sub(PairsPromptsConfig, "the prompts")
+    generation: PairsGenerationConfig = sub(PairsGenerationConfig, "sampling")
+    judge: JudgeConfig = sub(JudgeConfig, "the judge that scores the samples")
+    selection: PairsSelectionConfig = sub(PairsSelectionConfig, "which samples make a pair")
+    output: PairsOutputConfig = sub(PairsOutputConfig, "the pairs file")
+
+    def check(self) -> list[str]:
+        problems = []
+        g, j = self.generation, self.judge
+        if not self.model.path:
+            problems.append("model.path: required; set it to a run directory or a model directory")
+        if not self.prompts.path:
+            problems.append("prompts.path: required; set it to a local file of prompts")
+        if not self.prompts.user_id_column:
+            problems.append("prompts.user_id_column: must name a column, got ''")
+        if g.num_samples < 2:
+            problems.append(
+                f"generation.num_samples: must be at least 2 (a pair needs two), got"
+                f" {g.num_samples}"
+            )
+        for key in ("max_new_tokens", "batch_size"):
+            if getattr(g, key) < 1:
+                problems.append(f"generation.{key}: must be at least 1, got {getattr(g, key)}")
+        if not (g.temperature > 0 and math.isfinite(g.temperature)):
+            problems.append(
+                f"generation.temperature: must be positive (at 0, greedy, every sample of a"
+                f" prompt is the same), got {g.temperature}"
+            )
+        if not 0 < g.top_p <= 1:
+            problems.append(f"generation.top_p: must be in (0, 1], got {g.top_p}")
+        if not (g.device in ("auto", "cpu", "cuda") or g.device.startswith("cuda:")):
+            problems.append(
+                f"generation.device: must be auto, cpu, cuda or cuda:N, got {g.device!r}"
+            )
+        if j.kind == "none":
+            problems.append(
+                "judge.kind: required; pairs are ranked by a judge: lexicon, reward_model (+"
+                " judge.path) or callable (+ judge.callable)"
+            )
+        problems.extend(check_judge(j))
+        gap = self.selection.min_score_gap
+        if not (gap >= 0 and math.isfinite(gap)):
+            problems.append(f"selection.min_score_gap: must be at least 0, got {gap}")
+        if not self.output.path:
+            problems.append("output.path: required; set it to the JSONL file to write")
+        return problems
+
+
+@dataclass
+class DemoConfig:
+    """The offline demo: the DPO paper's controlled sentiment experiment at small scale."""
+
+    reviews: int = opt(4000, "reviews generated for the corpus (several thousand)")
+    seed: int = opt(0, "seed of the corpus, the prompts, sampling and training")
+    preset: Literal["tiny", "small"] = opt("tiny", "model preset trained from random init")
+    sft_epochs: int = opt(3, "SFT passes over the reviews")
+    pair_prompts: int = opt(1500, "review prefixes turned into on-policy preference pairs")
+    eval_prompts: int = opt(200, "held-out review prefixes the models are compared on")
+    samples_per_prompt: int = opt(4, "completions sampled per prompt for the pairs")
+    min_score_gap: float = opt(0.2, "least judge-score gap between chosen and rejected")
+    max_new_tokens: int = opt(40, "tokens sampled per completion")
+    beta: float = opt(0.1, "DPO beta of the DPO and DP-DPO runs in the table")
+    frontier_betas: list[float] = opt(
+        [0.05, 0.5], "more betas of non-private DPO for the reward-vs-KL figure"
+    )
+    dpo_epochs: int = opt(3, "DPO passes over the pairs")
+    target_epsilon: float = opt(8.0, "user-level epsilon of the DP-DPO run (ULS)")
+    device: str = opt("auto", "auto (cuda if present), cpu, cuda or cuda:N")
+
+
+@dataclass
+class DemoOutputConfig:
+    """Where the demo writes."""
+
+    dir: str = opt("runs/demo", "the demo directory: data, one run directory per model, report")
+    progress_bar: bool = opt(False, "show progress bars of the training runs")
+
+
+@dataclass
+class DemoRunConfig:
+    """`privdpo demo`."""
+
+    demo: DemoConfig = sub(DemoConfig, "the experiment")
+    output: DemoOutputConfig = sub(DemoOutputConfig, "the demo directory")
+
+    def check(self) -> list[str]:
+        d = self.demo
+        problems = [
+            f"demo.{key}: must be at least {low}, got {getattr(d, key)}"
+            for key, low in (
+                ("reviews", 100),
+                ("sft_epochs", 1),
+                ("pair_prompts", 10),
+                ("eval_prompts", 10),
+                ("samples_per_prompt", 2),
+                ("max_new_tokens", 1),
+                ("dpo_epochs", 1),
+            )
+            if getattr(d, key) < low
+        ]
+        if d.pair_prompts + d.eval_prompts > d.reviews // 2:
+            problems.append(
+                "demo.pair_prompts + demo.eval_prompts: at most half of demo.reviews (the"
+                " other half trains SFT); lower them or raise demo.reviews"
+            )
+        if not d.target_epsilon > 0:
+            problems.append(f"demo.target_epsilon: must be positive, got {d.target_epsilon}")
+        for b in [d.beta, *d.frontier_betas]:
+            if not b > 0:
+                problems.append(f"demo.beta/frontier_betas: must be positive, got {b}")
         return problems
 
 

@@ -63,8 +63,11 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
-def build_tiny_tokenizer(vocab_size: int) -> PreTrainedTokenizerBase:
-    """A byte-level BPE tokenizer trained on the packaged public corpus (deterministic).
+def build_tiny_tokenizer(
+    vocab_size: int, corpus_lines: list[str] | None = None
+) -> PreTrainedTokenizerBase:
+    """A byte-level BPE tokenizer trained on the packaged public corpus (deterministic), or
+    on `corpus_lines` (the demo's generated reviews: text that is not anyone's data).
 
     Trained on a fixed public text rather than the user's data: a tokenizer fit to private
     rows would itself carry information about them outside any privacy guarantee. It is a
@@ -72,7 +75,9 @@ def build_tiny_tokenizer(vocab_size: int) -> PreTrainedTokenizerBase:
     normalizer and pre-tokenizer: `AutoTokenizer` rebuilds a saved qwen2 tokenizer with
     them, so anything else would tokenize differently once exported and reloaded.
     """
-    corpus = resources.files("privdpo").joinpath("assets/tiny_corpus.txt").read_text("utf-8")
+    if corpus_lines is None:
+        text = resources.files("privdpo").joinpath("assets/tiny_corpus.txt").read_text("utf-8")
+        corpus_lines = text.splitlines()
     probe = Qwen2Tokenizer()  # only to borrow its normalizer and pre-tokenizer
     trainee = Tokenizer(models.BPE())
     trainee.normalizer = probe.backend_tokenizer.normalizer
@@ -83,7 +88,7 @@ def build_tiny_tokenizer(vocab_size: int) -> PreTrainedTokenizerBase:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    trainee.train_from_iterator(corpus.splitlines(), trainer=trainer)
+    trainee.train_from_iterator(corpus_lines, trainer=trainer)
     merges = json.loads(trainee.to_str())["model"]["merges"]
     tokenizer = Qwen2Tokenizer(
         vocab=trainee.get_vocab(),
@@ -97,12 +102,15 @@ def build_tiny_tokenizer(vocab_size: int) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
-def build_preset(name: str, dtype: torch.dtype = torch.float32):
-    """Random-init model and local tokenizer for a preset (seed torch first)."""
+def build_preset(
+    name: str, dtype: torch.dtype = torch.float32, tokenizer: PreTrainedTokenizerBase | None = None
+):
+    """Random-init model and local tokenizer for a preset (seed torch first); a given
+    `tokenizer` (from `build_tiny_tokenizer`) replaces the preset's own."""
     if name not in PRESETS:
         raise UserError(f"model.preset: unknown preset {name!r}; choose one of {list(PRESETS)}")
     shape = PRESETS[name]
-    tokenizer = build_tiny_tokenizer(shape["vocab_size"])
+    tokenizer = tokenizer or build_tiny_tokenizer(shape["vocab_size"])
     config = Qwen2Config(
         **{**shape, "vocab_size": len(tokenizer)},
         tie_word_embeddings=True,
