@@ -1,0 +1,82 @@
+"""A reduced demo end to end (fewer reviews and prompts): the direction of the effect, and
+that the demo page, every run's report and the DP run's privacy statement are there and
+say what the runs did. `make demo` itself (the full size) runs in test_readme."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from privdpo.cli import main
+from privdpo.privacy.accounting import epsilon
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo") / "demo"
+    args = [
+        "demo",
+        f"output.dir={out}",
+        "demo.reviews=1600",
+        "demo.pair_prompts=500",
+        "demo.eval_prompts=100",
+        "demo.frontier_betas=[0.5]",
+    ]
+    assert main(args) == 0
+    return out, json.loads((out / "demo.json").read_text())
+
+
+def test_dpo_raises_the_sentiment_reward_over_sft(demo):
+    _, summary = demo
+    rows = {r["model"]: r for r in summary["table"]}
+    assert set(rows) == {"SFT", "DPO", "DP-DPO", "DPO beta=0.5"}
+    sft, dpo = rows["SFT"]["reward"], rows["DPO"]["reward"]
+    # DPO's whole interval lies above SFT's mean reward.
+    assert dpo["ci_low"] > sft["value"], (sft, dpo)
+    assert rows["DPO"]["positive_rate"] > rows["SFT"]["positive_rate"]
+    assert rows["DPO"]["win_rate"]["value"] > 0.5
+    for name in ("DPO", "DP-DPO", "DPO beta=0.5"):
+        assert rows[name]["kl"] > 0
+
+
+def test_the_dp_run_states_user_level_privacy(demo):
+    out, summary = demo
+    statement = json.loads((out / "dp-dpo" / "adapter" / "privacy.json").read_text())
+    assert statement == summary["privacy"]
+    assert statement["level"] == "user-level" and statement["user_algorithm"] == "ULS"
+    assert 0.99 * 8 <= statement["epsilon"] <= 8
+    assert statement["epsilon"] == pytest.approx(
+        epsilon(
+            statement["sampling_rate"],
+            statement["noise_multiplier"],
+            statement["steps"],
+            statement["delta"],
+        ),
+        rel=1e-9,
+    )
+    # The users are the reviewers of the prompts the pairs came from (the training split).
+    pairs = [json.loads(line) for line in (out / "data" / "pairs.jsonl").open()]
+    assert 0 < statement["users"] <= len({p["user_id"] for p in pairs})
+    assert statement["units_kept"] + statement["units_dropped"] < len(pairs)  # eval held out
+    assert statement["units_kept"] <= statement["users"] * statement["contribution_bound"]
+
+
+def test_the_demo_page_and_every_report_exist(demo):
+    out, summary = demo
+    page = (out / "demo.html").read_text()
+    for row in summary["table"]:
+        assert row["model"] in page
+        assert f"{row['reward']['value']:.3f}" in page
+    assert 'data-figure="frontier"' in page
+    for run in ("sft", "dpo", "dp-dpo", "dpo-beta-0.5"):
+        assert (out / run / "report.html").is_file(), run
+        assert f"{run}/report.html" in page
+    assert (out / "dpo" / "eval.json").is_file()
+
+
+def test_a_foreign_directory_is_never_replaced(tmp_path, capsys):
+    (tmp_path / "precious.txt").write_text("keep me")
+    assert main(["demo", f"output.dir={tmp_path}", "demo.reviews=1600"]) == 2
+    assert "not a finished privdpo demo directory" in capsys.readouterr().err
+    assert (tmp_path / "precious.txt").read_text() == "keep me"
