@@ -45,6 +45,7 @@ from privdpo.privacy.user_level import (
     els_epsilon,
     els_group_epsilon,
     els_max_steps_within,
+    units_per_user,
 )
 
 ALGORITHM = (
@@ -148,7 +149,7 @@ def privacy_units(
             f" privacy.unit={recipe_unit}"
         )
     users = [it.user_id for it in items]
-    counts = list(_count(users).values())
+    counts = list(units_per_user(users).values())
     if pv.contribution_bound is not None:
         k, chosen_by = pv.contribution_bound, "privacy.contribution_bound"
     elif pv.user_algorithm == "els":
@@ -175,13 +176,6 @@ def privacy_units(
     for i, it in enumerate(kept_items):
         by_user.setdefault(it.user_id, []).append(i)
     return kept_items, list(by_user.values()), bound
-
-
-def _count(values: list[str]) -> dict[str, int]:
-    out: dict[str, int] = {}
-    for v in values:
-        out[v] = out.get(v, 0) + 1
-    return out
 
 
 def make_plan(
@@ -396,15 +390,10 @@ class DPSGD:
                 "dataset_size": u.users,
             }
             if u.algorithm == "els":
+                steps = self.ledger.steps  # the loose bound, for comparison only
                 out["group_privacy_epsilon"] = (
-                    els_group_epsilon(
-                        p.sampling_rate,
-                        p.noise_multiplier,
-                        u.bound,
-                        max(1, self.ledger.steps),
-                        p.delta,
-                    )
-                    if self.ledger.steps
+                    els_group_epsilon(p.sampling_rate, p.noise_multiplier, u.bound, steps, p.delta)
+                    if steps
                     else 0.0
                 )
             under = f", under {u.algorithm.upper()} with k = {u.bound}"
