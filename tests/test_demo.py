@@ -77,6 +77,6 @@ def test_the_demo_page_and_every_report_exist(demo):
 
 def test_a_foreign_directory_is_never_replaced(tmp_path, capsys):
     (tmp_path / "precious.txt").write_text("keep me")
-    assert main(["demo", f"output.dir={tmp_path}", "demo.reviews=1600"]) == 2
+    assert main(["demo", f"output.dir={tmp_path}"]) == 2
     assert "not a finished privdpo demo directory" in capsys.readouterr().err
     assert (tmp_path / "precious.txt").read_text() == "keep me"
