@@ -46,8 +46,7 @@ from privdpo.pairs import make_pairs, write_pairs
 from privdpo.recipes.dpo import run_dpo
 from privdpo.recipes.eval import run_eval
 from privdpo.recipes.sft import run_sft
-from privdpo.report import _img as figure_img
-from privdpo.report import _table as html_table
+from privdpo.report import figure_img, html_table
 
 MARKER = "demo.json"  # what makes a directory the demo's own, safe to replace
 POSITIVE = 0.05  # VADER's conventional threshold for a positive text (compound score)

@@ -175,7 +175,7 @@ def _cell(x) -> str:
     return escape(fmt_number(x) if not isinstance(x, str) else x)
 
 
-def _table(header: list[str] | None, rows: list[list], cls: str = "") -> str:
+def html_table(header: list[str] | None, rows: list[list], cls: str = "") -> str:
     """A table of escaped cells; no header row when `header` is None."""
     head = ""
     if header is not None:
@@ -214,7 +214,7 @@ def _png(fig: Figure) -> str:
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def _img(name: str, alt: str, fig: Figure, caption: str = "", wide: bool = False) -> str:
+def figure_img(name: str, alt: str, fig: Figure, caption: str = "", wide: bool = False) -> str:
     """A figure as an <img> with a PNG data URI; `caption` is HTML (escaped by the caller)."""
     data = _png(fig)
     cap = f"<figcaption>{caption}</figcaption>" if caption else ""
@@ -371,7 +371,7 @@ def privacy_section(run_dir: Path, config: dict, records: list[dict]) -> str:
     return (
         '<section id="privacy"><h2>Privacy guarantee</h2>'
         f'<p class="statement">{sentence}</p>{meaning}'
-        f"<h3>Exact numbers</h3>{_table(['quantity', 'value'], rows, 'numbers')}{recorded}"
+        f"<h3>Exact numbers</h3>{html_table(['quantity', 'value'], rows, 'numbers')}{recorded}"
         "</section>"
     )
 
@@ -418,7 +418,7 @@ def curves_section(run_dir: Path, records: list[dict]) -> str:
             continue
         fig = _curve_figure(train, present, title, marks)
         caption = "; ".join(_last_text(train, k) for k in present)
-        figures.append(_img(name, f"{title} by step ({', '.join(present)})", fig, caption))
+        figures.append(figure_img(name, f"{title} by step ({', '.join(present)})", fig, caption))
     known = [f"eval/{k}" for _, _, keys in CURVE_GROUPS for k in keys]
     eval_keys = _in_order((k for r in evals for k in r if k.startswith("eval/")), known)
     eval_panels = [(k, *series(evals, k)) for k in eval_keys if series(evals, k)[0]]
@@ -426,14 +426,14 @@ def curves_section(run_dir: Path, records: list[dict]) -> str:
         fig = _small_multiples(eval_panels, "step", marks, "Held-out evaluation")
         caption = "; ".join(_last_text(evals, k) for k, _, _ in eval_panels)
         alt = f"Held-out evaluation metrics by step ({', '.join(k for k, _, _ in eval_panels)})"
-        figures.append(_img("eval", alt, fig, caption, wide=True))
+        figures.append(figure_img("eval", alt, fig, caption, wide=True))
     others = sorted({k for r in train for k in r} - drawn - NOT_PLOTTED)
     other_panels = [(k, *series(train, k)) for k in others if series(train, k)[0]]
     if other_panels:
         fig = _small_multiples(other_panels, "step", marks, "Other logged metrics")
         caption = "; ".join(_last_text(train, k) for k, _, _ in other_panels)
         alt = f"Other logged metrics by step ({', '.join(k for k, _, _ in other_panels)})"
-        figures.append(_img("other", alt, fig, caption, wide=True))
+        figures.append(figure_img("other", alt, fig, caption, wide=True))
     if not figures:
         body = "<p>No metrics were logged yet.</p>"
     else:
@@ -460,7 +460,7 @@ def _final_table(records: list[dict]) -> str:
             rows.append([k, steps[-1], values[-1], min(values), max(values)])
     if not rows:
         return "<p>No numeric metrics.</p>"
-    return _table(["metric", "last step", "last value", "min", "max"], rows, "numbers")
+    return html_table(["metric", "last step", "last value", "min", "max"], rows, "numbers")
 
 
 def data_section(run_dir: Path) -> str:
@@ -480,9 +480,9 @@ def data_section(run_dir: Path) -> str:
         f" {total_dropped}.</p>",
     ]
     if read:
-        parts.append(_table(["file", "rows read"], [[f, n] for f, n in read.items()]))
+        parts.append(html_table(["file", "rows read"], [[f, n] for f, n in read.items()]))
     if kept:
-        parts.append(_table(["split", "rows kept"], [[s, n] for s, n in kept.items()]))
+        parts.append(html_table(["split", "rows kept"], [[s, n] for s, n in kept.items()]))
     for title, table in (("Dropped rows", dropped), ("Kept rows that were changed", notes)):
         if not table:
             continue
@@ -495,7 +495,7 @@ def data_section(run_dir: Path) -> str:
                 shown += ", …"
             rows.append([reason, entry.get("count"), str(entry.get("detail", "")), shown])
         parts.append(f"<h3>{escape(title)}</h3>")
-        parts.append(_table(["reason", "rows", "detail", "examples (file:line)"], rows))
+        parts.append(html_table(["reason", "rows", "detail", "examples (file:line)"], rows))
     if not dropped:
         parts.append("<p>No row was dropped.</p>")
     parts.append("</section>")
@@ -508,7 +508,7 @@ def eval_section(evaluation: dict | None) -> str:
     parts = ['<section id="eval"><h2>Evaluation</h2>']
     facts = [[k, evaluation[k]] for k in ("model", "reference") if evaluation.get(k) is not None]
     if facts:
-        parts.append(_table(None, [[k, str(v)] for k, v in facts]))
+        parts.append(html_table(None, [[k, str(v)] for k, v in facts]))
     metrics = evaluation.get("metrics")
     if isinstance(metrics, dict) and metrics:
         rows = []
@@ -520,14 +520,14 @@ def eval_section(evaluation: dict | None) -> str:
             else:
                 rows.append([name, m, "—"])
         parts.append("<h3>Metrics</h3>")
-        parts.append(_table(["metric", "value", "confidence interval"], rows, "numbers"))
+        parts.append(html_table(["metric", "value", "confidence interval"], rows, "numbers"))
     sweep = evaluation.get("temperature_sweep")
     if isinstance(sweep, list) and sweep:
         parts.append(_sweep(sweep))
     forgetting = evaluation.get("forgetting")
     if isinstance(forgetting, dict) and forgetting:
         parts.append("<h3>Forgetting</h3>")
-        parts.append(_table(["quantity", "value"], [[k, v] for k, v in forgetting.items()]))
+        parts.append(html_table(["quantity", "value"], [[k, v] for k, v in forgetting.items()]))
     parts.append("</section>")
     return "".join(parts)
 
@@ -546,13 +546,13 @@ def _sweep(sweep: list) -> str:
         panels.append((k, xs, ys))
     if panels:
         fig = _small_multiples(panels, "temperature", [], "Sampling temperature sweep")
-        html += _img("temperature-sweep", f"{', '.join(keys)} by sampling temperature", fig)
+        html += figure_img("temperature-sweep", f"{', '.join(keys)} by sampling temperature", fig)
     columns = _in_order((k for p in points for k in p), ["temperature", *keys])
     rows = [
         [p.get(c) if not isinstance(p.get(c), dict | list) else str(p.get(c)) for c in columns]
         for p in points
     ]
-    return html + _table(columns, rows, "numbers")
+    return html + html_table(columns, rows, "numbers")
 
 
 def _finite(x) -> bool:
@@ -613,7 +613,7 @@ def summary_section(kind: str, config: dict, records: list[dict]) -> str:
     if kind == "dpo":
         dpo = config.get("dpo") or {}
         rows.append(["loss, beta", f"{dpo.get('loss')}, {fmt_number(dpo.get('beta'))}"])
-    return f'<section id="summary"><h2>At a glance</h2>{_table(None, rows)}</section>'
+    return f'<section id="summary"><h2>At a glance</h2>{html_table(None, rows)}</section>'
 
 
 CSS = """

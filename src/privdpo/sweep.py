@@ -33,9 +33,14 @@ from privdpo.checkpoint import list_checkpoints
 from privdpo.config import DPORunConfig, SFTRunConfig, load_config, to_dict
 from privdpo.errors import ConfigError, UserError
 from privdpo.metrics import read_metrics
-from privdpo.report import CSS, REPORT_FILE, fmt_number, last_value
-from privdpo.report import _img as figure_img
-from privdpo.report import _table as html_table
+from privdpo.report import (
+    CSS,
+    REPORT_FILE,
+    figure_img,
+    fmt_number,
+    html_table,
+    last_value,
+)
 
 SWEEP_JSON = "sweep.json"
 SWEEP_HTML = "sweep.html"
