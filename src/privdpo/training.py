@@ -164,6 +164,24 @@ def micro_batches(items: list, size: int) -> list[list]:
     return [items[i : i + size] for i in range(0, len(items), size)]
 
 
+def logical_batch(step: int, train: list, cfg: TrainConfig, dp) -> tuple[list, list[int] | None]:
+    """The micro-batches of optimizer step `step`, as (items, item_unit, weight) triples,
+    and the units DP sampled (None without DP).
+
+    Without DP: a seeded shuffle cut in batches (`batch_indices`); item_unit and weight are
+    None. With DP: a Poisson sample of units (the batch size varies), each unit's items in
+    one micro-batch, with their unit and loss weight (`DPSGD.micro_batches`)."""
+    if dp is None:
+        items = [train[i] for i in batch_indices(step, len(train), cfg)]
+        return [(c, None, None) for c in micro_batches(items, cfg.micro_batch_size)], None
+    units = dp.sample(step)
+    chunks = [
+        ([train[i] for i in items], item_unit, weight)
+        for items, item_unit, weight in dp.micro_batches(units, cfg.micro_batch_size)
+    ]
+    return chunks, units
+
+
 class EarlyStopping:
     """Stop when an eval metric has not improved by more than `min_delta` for `patience`
     evaluations. Higher is better unless the metric's name says loss or perplexity."""

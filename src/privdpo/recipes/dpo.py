@@ -30,10 +30,10 @@ from privdpo.privacy.dpsgd import DPSGD, privacy_units
 from privdpo.reference import build_reference, precompute
 from privdpo.training import (
     EarlyStopping,
-    batch_indices,
     check_run_dir,
     create_run_dir,
     finish_run,
+    logical_batch,
     make_optimizer,
     make_scheduler,
     micro_batches,
@@ -174,16 +174,8 @@ def run_dpo(cfg: DPORunConfig, resume: bool = False) -> dict[str, Path]:
             stop_reason = dp.budget_message()
             break
         started = time.perf_counter()
-        if dp is None:
-            pairs = [train[i] for i in batch_indices(step, len(train), cfg.train)]
-            chunks = [(c, None, None) for c in micro_batches(pairs, cfg.train.micro_batch_size)]
-        else:  # Poisson: the batch size varies; a unit's items share a micro-batch
-            units = dp.sample(step)
-            chunks = [
-                ([train[i] for i in items], item_unit, weight)
-                for items, item_unit, weight in dp.micro_batches(units, cfg.train.micro_batch_size)
-            ]
-            pairs = [pair for chunk, _, _ in chunks for pair in chunk]
+        chunks, units = logical_batch(step, train, cfg.train, dp)
+        pairs = [item for chunk, _, _ in chunks for item in chunk]
         sums = {"loss": 0.0, **{k: 0.0 for k in PAIR_METRICS}}
         seen_tokens = 0
         for chunk, item_unit, weight in chunks:

@@ -25,10 +25,10 @@ from privdpo.models import add_lora, load_model_and_tokenizer
 from privdpo.privacy.dpsgd import DPSGD, privacy_units
 from privdpo.training import (
     EarlyStopping,
-    batch_indices,
     check_run_dir,
     create_run_dir,
     finish_run,
+    logical_batch,
     make_optimizer,
     make_scheduler,
     micro_batches,
@@ -127,16 +127,8 @@ def run_sft(cfg: SFTRunConfig, resume: bool = False) -> dict[str, Path]:
             stop_reason = dp.budget_message()
             break
         started = time.perf_counter()
-        if dp is None:
-            examples = [train[i] for i in batch_indices(step, len(train), cfg.train)]
-            chunks = [(c, None, None) for c in micro_batches(examples, cfg.train.micro_batch_size)]
-        else:  # Poisson: the batch size varies; a unit's items share a micro-batch
-            units = dp.sample(step)
-            chunks = [
-                ([train[i] for i in items], item_unit, weight)
-                for items, item_unit, weight in dp.micro_batches(units, cfg.train.micro_batch_size)
-            ]
-            examples = [ex for chunk, _, _ in chunks for ex in chunk]
+        chunks, units = logical_batch(step, train, cfg.train, dp)
+        examples = [item for chunk, _, _ in chunks for item in chunk]
         num_tokens = count_label_tokens(examples)
         loss_sum, seen_tokens = 0.0, 0
         for chunk, item_unit, weight in chunks:
