@@ -5,6 +5,7 @@ against dp-accounting, the contribution bound, and the errors a user can make.""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import statistics
 from collections import Counter
@@ -16,14 +17,12 @@ import torch
 from conftest import write_jsonl
 from privdpo.cli import main
 from privdpo.config import PrivacyConfig
-from privdpo.data.batching import pair_batch
 from privdpo.data.preference import PairExample
-from privdpo.logprobs import sequence_logps
-from privdpo.losses import LossParams, PairLogps, sigmoid_loss
 from privdpo.models import build_preset
 from privdpo.privacy.accounting import epsilon
 from privdpo.privacy.dpsgd import DPSGD, PrivacyPlan, UserBound
 from privdpo.privacy.user_level import els_epsilon, els_group_epsilon
+from test_clipping import dpo_unit_losses, pairs
 from test_dp_recipe import run
 from test_dpo import marker_pairs
 
@@ -46,24 +45,11 @@ def skewed_pairs(n: int) -> list[dict]:
 
 
 def pairs_of(tokenizer, users: list[int]) -> list[PairExample]:
-    out = []
-    for i, u in enumerate(users):
-        prompt = tokenizer(f"Pair {i}: it was").input_ids
-        chosen = tokenizer(" great" + " fun" * (i % 3) + ".").input_ids
-        rejected = tokenizer(" bad" * (i % 2 + 1) + "!").input_ids
-        out.append(PairExample(prompt, chosen, rejected, f"x:{i}", f"u{u}"))
-    return out
-
-
-def pair_losses(model, reference, chunk) -> torch.Tensor:
-    batch = pair_batch(chunk, pad_id=1)
-    logps, tokens = sequence_logps(model, batch)
-    with torch.no_grad():
-        ref, _ = sequence_logps(reference, batch)
-    c, r = logps.chunk(2)
-    rc, rr = ref.chunk(2)
-    tc, tr = tokens.chunk(2)
-    return sigmoid_loss(PairLogps(c, r, tc, tr, rc, rr), LossParams(beta=0.5)).losses
+    """test_clipping's pairs, pair i owned by user `users[i]`."""
+    return [
+        dataclasses.replace(p, user_id=f"u{u}")
+        for p, u in zip(pairs(tokenizer, len(users)), users, strict=True)
+    ]
 
 
 @pytest.mark.parametrize("micro", [3, 100], ids=["micro-3", "one-micro-batch"])
@@ -74,7 +60,7 @@ def test_uls_clipped_user_averages_equal_the_naive_loop(micro):
     reference = copy.deepcopy(model).eval()
     # Users 0..3 hold 3, 1, 4 and 2 pairs, interleaved in the data.
     owners = [0, 1, 0, 2, 2, 3, 0, 2, 3, 2]
-    pairs = pairs_of(tokenizer, owners)
+    user_pairs = pairs_of(tokenizer, owners)
     groups = [[i for i, o in enumerate(owners) if o == u] for u in range(4)]
     params = [p for p in model.parameters() if p.requires_grad]
 
@@ -82,7 +68,7 @@ def test_uls_clipped_user_averages_equal_the_naive_loop(micro):
     user_grads = []
     for group in groups:
         model.zero_grad(set_to_none=True)
-        pair_losses(model, reference, [pairs[i] for i in group]).mean().backward()
+        dpo_unit_losses(model, reference, [user_pairs[i] for i in group]).mean().backward()
         user_grads.append([p.grad.detach().clone() for p in params])
     model.zero_grad(set_to_none=True)
     norms = [torch.sqrt(sum(g.pow(2).sum() for g in grads)).item() for grads in user_grads]
@@ -97,10 +83,10 @@ def test_uls_clipped_user_averages_equal_the_naive_loop(micro):
     dp = DPSGD(model, plan, PrivacyConfig(enabled=True), seed=0, groups=groups)
     seen_users = 0
     for items, item_unit, weight in dp.micro_batches([0, 1, 2, 3], micro):
-        chunk = [pairs[i] for i in items]
+        chunk = [user_pairs[i] for i in items]
         seen_users += int(item_unit.max()) + 1
         with dp.micro_batch(item_unit, rows_per_item=2):
-            (pair_losses(model, reference, chunk) * weight).sum().backward()
+            (dpo_unit_losses(model, reference, chunk) * weight).sum().backward()
     got = dp.clipper.take_clipped_sum()
     assert seen_users == 4
     for p, e in zip(params, expected, strict=True):
