@@ -1,6 +1,7 @@
 """Per-unit clipped gradient sums against a naive loop that computes one unit at a time
 (its own forward and backward, clip, add), for SFT examples and DPO pairs, LoRA and full
-fine-tuning (tied embeddings included), with and without micro-batching."""
+fine-tuning (tied embeddings included), packed (prompt shared or not) and padded batches,
+ghost clipping on and off, with and without micro-batching."""
 
 from __future__ import annotations
 
@@ -9,16 +10,32 @@ import copy
 import pytest
 import torch
 
+from privdpo import logprobs
 from privdpo.config import LoraConfig
-from privdpo.data.batching import pad_batch, pair_batch
+from privdpo.data.batching import example_batch, pair_batch
 from privdpo.data.preference import PairExample
 from privdpo.data.sft import Example
 from privdpo.data.tokenize import IGNORE
 from privdpo.errors import UserError
-from privdpo.logprobs import sequence_logps, token_logps
+from privdpo.logprobs import sequence_logps
 from privdpo.losses import LossParams, PairLogps, sigmoid_loss
 from privdpo.models import add_lora, build_preset
 from privdpo.privacy.clipping import PerUnitGradients
+
+
+@pytest.fixture(autouse=True)
+def four_vocabulary_tiles(monkeypatch):
+    """The tiny model's 512-token vocabulary in 4 tiles of 128: per-unit head gradients,
+    Gram sums and the tied cross term are assembled across tiles."""
+    monkeypatch.setattr(logprobs, "MIN_TILE", 128)
+    monkeypatch.setattr(logprobs, "TILE_BYTES", 1)
+
+
+LAYOUTS = {
+    "packed-shared": ("packed", True),
+    "packed": ("packed", False),
+    "padded": ("padded", False),
+}
 
 
 def tiny(lora: bool):
@@ -58,17 +75,16 @@ def pairs(tokenizer, n: int) -> list[PairExample]:
     return out
 
 
-def sft_unit_losses(model, examples) -> torch.Tensor:
+def sft_unit_losses(model, examples, batch=None) -> torch.Tensor:
     """[U] each example's mean token NLL: the unit loss DP-SGD clips."""
-    batch = pad_batch(examples, pad_id=1)
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    logps, mask = token_logps(logits, batch["labels"])
-    return -logps.sum(-1) / mask.sum(-1)
+    batch = batch or example_batch(examples, pad_id=1)
+    logps, tokens = sequence_logps(model, batch, getattr(model, "_sink", None))
+    return -logps / tokens
 
 
-def dpo_unit_losses(model, reference, chunk) -> torch.Tensor:
-    batch = pair_batch(chunk, pad_id=1)
-    logps, tokens = sequence_logps(model, batch)
+def dpo_unit_losses(model, reference, chunk, batch=None) -> torch.Tensor:
+    batch = batch or pair_batch(chunk, pad_id=1)
+    logps, tokens = sequence_logps(model, batch, getattr(model, "_sink", None))
     with torch.no_grad():
         ref, _ = sequence_logps(reference, batch)
     c, r = logps.chunk(2)
@@ -77,9 +93,13 @@ def dpo_unit_losses(model, reference, chunk) -> torch.Tensor:
     return sigmoid_loss(PairLogps(c, r, tc, tr, rc, rr), LossParams(beta=0.5)).losses
 
 
-def row_units(kind: str, n: int) -> torch.Tensor:
-    # SFT: row i is unit i. DPO: rows i (chosen) and n + i (rejected) are unit i.
-    return torch.arange(n) if kind == "sft" else torch.arange(n).repeat(2)
+def unit_batch(kind: str, chunk: list, layout: str, item_unit=None):
+    """The batch of `chunk` with each item its own unit (or `item_unit`)."""
+    item_unit = list(range(len(chunk))) if item_unit is None else item_unit
+    name, share = LAYOUTS[layout]
+    if kind == "sft":
+        return example_batch(chunk, 1, name, item_unit=item_unit)
+    return pair_batch(chunk, 1, name, share, item_unit=item_unit)
 
 
 def naive_clipped_sum(model, unit_loss, units, max_norm) -> tuple[list[torch.Tensor], list]:
@@ -99,10 +119,24 @@ def naive_clipped_sum(model, unit_loss, units, max_norm) -> tuple[list[torch.Ten
     return total, norms
 
 
-@pytest.mark.parametrize("micro", [6, 2, 1], ids=["one-micro-batch", "micro-2", "micro-1"])
-@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
-@pytest.mark.parametrize("kind", ["sft", "dpo"])
-def test_per_unit_clipping_equals_the_naive_loop(kind, lora, micro):
+CASES = [
+    # (kind, lora, micro, layout, ghost): every layout and ghost setting, each recipe.
+    ("sft", False, 6, "packed", False),
+    ("sft", False, 2, "packed", True),
+    ("sft", True, 1, "padded", False),
+    ("sft", False, 3, "padded", True),
+    ("dpo", False, 6, "packed-shared", False),
+    ("dpo", False, 2, "packed-shared", True),
+    ("dpo", True, 6, "packed-shared", False),
+    ("dpo", True, 1, "packed", False),
+    ("dpo", False, 3, "packed", True),
+    ("dpo", False, 2, "padded", False),
+    ("dpo", False, 6, "padded", True),
+]
+
+
+@pytest.mark.parametrize(("kind", "lora", "micro", "layout", "ghost"), CASES)
+def test_per_unit_clipping_equals_the_naive_loop(kind, lora, micro, layout, ghost):
     model, tokenizer = tiny(lora)
     if kind == "sft":
         units = sft_examples(tokenizer, 6)
@@ -121,15 +155,21 @@ def test_per_unit_clipping_equals_the_naive_loop(kind, lora, micro):
     max_norm = float(torch.stack(naive_norms).median())
     expected, _ = naive_clipped_sum(model, unit_loss, units, max_norm)
 
-    sampler = PerUnitGradients(model)
+    sampler = PerUnitGradients(model, ghost=ghost)
+    model._sink = sampler.head_sink
     norms = []
     for start in range(0, len(units), micro):
         chunk = units[start : start + micro]
-        with sampler.units(row_units(kind, len(chunk)), len(chunk)):
-            unit_loss(chunk).sum().backward()
+        batch = unit_batch(kind, chunk, layout)
+        with sampler.units(batch):
+            if kind == "sft":
+                sft_unit_losses(model, chunk, batch).sum().backward()
+            else:
+                dpo_unit_losses(model, reference, chunk, batch).sum().backward()
         norms.append(sampler.clip_and_accumulate(max_norm))
     got = sampler.take_clipped_sum()
     sampler.detach()
+    del model._sink
 
     torch.testing.assert_close(torch.cat(norms), torch.stack(naive_norms), rtol=1e-5, atol=1e-7)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -148,12 +188,14 @@ def test_an_unsupported_trainable_layer_is_refused():
         PerUnitGradients(model)
 
 
-def test_rows_of_uneven_units_take_the_per_row_path():
-    """Units made of any rows (as users will be): rows 0, 2, 3 form unit 0 and rows 1, 4
-    unit 1. The per-unit gradients must equal those of the naive loop over the units."""
-    model, tokenizer = tiny(lora=True)
+@pytest.mark.parametrize("ghost", [False, True], ids=["per-unit", "ghost"])
+def test_units_of_several_items_sum_their_items_before_clipping(ghost):
+    """Units made of several examples (as users are): examples 0, 1, 2 form unit 0 and
+    3, 4 unit 1, packed into one row. The per-unit gradients must equal those of the
+    naive loop over the units."""
+    model, tokenizer = tiny(lora=False)
     examples = sft_examples(tokenizer, 5)
-    groups = [[0, 2, 3], [1, 4]]
+    groups = [[0, 1, 2], [3, 4]]
 
     def unit_loss(group_list):
         return torch.stack(
@@ -161,10 +203,11 @@ def test_rows_of_uneven_units_take_the_per_row_path():
         )
 
     expected, naive_norms = naive_clipped_sum(model, unit_loss, groups, 0.5)
-    sampler = PerUnitGradients(model)
-    with sampler.units(torch.tensor([0, 1, 0, 0, 1]), 2):
-        assert sampler.fold_k is None
-        sft_unit_losses(model, examples).sum().backward()
+    sampler = PerUnitGradients(model, ghost=ghost)
+    model._sink = sampler.head_sink
+    batch = example_batch(examples, 1, item_unit=[0, 0, 0, 1, 1])
+    with sampler.units(batch):
+        sft_unit_losses(model, examples, batch).sum().backward()
     norms = sampler.clip_and_accumulate(0.5)
     got = sampler.take_clipped_sum()
     torch.testing.assert_close(norms, torch.stack(naive_norms), rtol=1e-5, atol=1e-7)
@@ -172,8 +215,14 @@ def test_rows_of_uneven_units_take_the_per_row_path():
         assert (got[id(p)] - e).norm() <= 1e-5 * e.norm() + 1e-9
 
 
+def test_units_must_be_contiguous():
+    model, tokenizer = tiny(lora=False)
+    with pytest.raises(ValueError, match="contiguous"):
+        example_batch(sft_examples(tokenizer, 3), 1, item_unit=[0, 1, 0])
+
+
 def test_gradient_checkpointing_gives_the_same_clipped_sum():
-    """Recomputed activations (non-reentrant checkpointing, as model.gradient_checkpointing
+    """Recomputed activations (non-reentrant checkpointing, as train.gradient_checkpointing
     sets it up) must not change the per-unit gradients."""
     model, tokenizer = tiny(lora=False)
     reference = copy.deepcopy(model).eval()
@@ -185,8 +234,10 @@ def test_gradient_checkpointing_gives_the_same_clipped_sum():
     expected, naive_norms = naive_clipped_sum(model, unit_loss, units, 0.5)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     sampler = PerUnitGradients(model)
-    with sampler.units(row_units("dpo", 4), 4):
-        unit_loss(units).sum().backward()
+    model._sink = sampler.head_sink
+    batch = unit_batch("dpo", units, "packed-shared")
+    with sampler.units(batch):
+        dpo_unit_losses(model, reference, units, batch).sum().backward()
     norms = sampler.clip_and_accumulate(0.5)
     got = sampler.take_clipped_sum()
     torch.testing.assert_close(norms, torch.stack(naive_norms), rtol=1e-5, atol=1e-7)
@@ -200,24 +251,44 @@ def test_autograd_weight_gradients_are_skipped_and_restored():
     model, tokenizer = tiny(lora=False)
     examples = sft_examples(tokenizer, 3)
     sampler = PerUnitGradients(model)
-    with sampler.units(row_units("sft", 3), 3):
-        sft_unit_losses(model, examples).sum().backward()
+    model._sink = sampler.head_sink
+    batch = unit_batch("sft", examples, "packed")
+    with sampler.units(batch):
+        sft_unit_losses(model, examples, batch).sum().backward()
     assert all(p.grad is None for p in model.parameters())
     assert all(p.requires_grad for p in sampler.params)
     assert len(sampler.samples) == len(sampler.params)
 
 
-def test_bfloat16_clipped_units_stay_within_the_norm():
-    """In bfloat16 the clip factor is rounded down, so a clipped unit never exceeds C."""
+@pytest.mark.parametrize("ghost", [False, True], ids=["per-unit", "ghost"])
+def test_bfloat16_clipped_units_stay_within_the_norm(ghost):
+    """In bfloat16 the clip factor is rounded down (and ghost norms inflated), so a
+    clipped unit never exceeds C."""
     model, tokenizer = tiny(lora=False)
     model.to(torch.bfloat16)
     examples = sft_examples(tokenizer, 4)
-    sampler = PerUnitGradients(model)
+    sampler = PerUnitGradients(model, ghost=ghost)
+    model._sink = sampler.head_sink
     for i in range(4):  # one unit at a time: each clipped sum is one clipped gradient
-        with sampler.units(row_units("sft", 1), 1):
-            sft_unit_losses(model, examples[i : i + 1]).sum().backward()
+        batch = unit_batch("sft", examples[i : i + 1], "packed")
+        with sampler.units(batch):
+            sft_unit_losses(model, examples[i : i + 1], batch).sum().backward()
         norm = sampler.clip_and_accumulate(1e-3)
         assert norm.item() > 1e-2  # really clipped
         clipped = sampler.take_clipped_sum()
-        total = torch.sqrt(sum(t.pow(2).sum() for t in clipped.values()))
-        assert 0.97e-3 < total.item() <= 1e-3
+        total = torch.sqrt(sum(t.double().pow(2).sum() for t in clipped.values()))
+        assert 0.95e-3 < total.item() <= 1e-3
+
+
+def test_ghost_clipping_keeps_no_per_unit_copy_of_the_vocabulary_layers():
+    """With ghost clipping the tied embedding/head gets no [U, vocab, hidden] tensor."""
+    model, tokenizer = tiny(lora=False)
+    examples = sft_examples(tokenizer, 3)
+    sampler = PerUnitGradients(model, ghost=True)
+    model._sink = sampler.head_sink
+    batch = unit_batch("sft", examples, "packed")
+    with sampler.units(batch):
+        sft_unit_losses(model, examples, batch).sum().backward()
+        tied = model.get_input_embeddings().weight
+        assert id(tied) not in sampler.samples
+        assert len(sampler.samples) == len(sampler.params) - 1

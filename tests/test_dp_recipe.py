@@ -159,3 +159,27 @@ def test_privacy_plan_prints_the_plan_without_training(tmp_path, capsys):
     eps = epsilon(0.2, sigma, 15, 1e-4)
     assert 0.99 * 4 <= eps <= 4
     assert not (tmp_path / "never").exists()
+
+
+def test_gradient_checkpointing_leaves_a_private_lora_run_unchanged(tmp_path):
+    """DP-DPO with LoRA and the adapter-disabled reference (whose context switches the
+    adapters back to trainable) ends with the same adapter with or without recomputed
+    activations."""
+    data = write_jsonl(tmp_path / "pairs.jsonl", marker_pairs(24))
+    args = [
+        "privacy.enabled=true",
+        "privacy.noise_multiplier=1.0",
+        "train.max_steps=3",
+        "train.batch_size=8",
+        "model.lora.enabled=true",
+        "data.eval_fraction=0",
+    ]
+    assert run(tmp_path, "dpo", "plain", data, *args) == 0
+    assert (
+        run(tmp_path, "dpo", "checkpointed", data, *args, "train.gradient_checkpointing=true") == 0
+    )
+    a = load_file(tmp_path / "plain" / "adapter" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "checkpointed" / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and a
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-6)

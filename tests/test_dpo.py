@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import crash_after_step, without_timing, write_jsonl
+from conftest import TIMING, crash_after_step, without_timing, write_jsonl
 from privdpo.cli import main
 from privdpo.losses import PREFERENCE_LOSSES, REFERENCE_FREE
 from privdpo.metrics import read_metrics
@@ -112,7 +112,7 @@ def test_precomputed_reference_equals_live_and_is_cached(tmp_path, capsys):
     assert len(live) == len(cached)
     for a, b in zip(live, cached, strict=True):
         for key, value in a.items():
-            if key not in ("tokens_per_second",):
+            if key not in TIMING:
                 assert b[key] == pytest.approx(value, rel=1e-6, abs=1e-7), key
     files = sorted((tmp_path / "cache").glob("*.safetensors"))
     assert len(files) == 1

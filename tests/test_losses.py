@@ -277,9 +277,7 @@ def test_loss_params_rejects_bad_values_all_at_once():
 
 
 def test_sft_loss():
-    # Two sequences of 3 tokens; the mask keeps 2 + 1 = 3 label tokens. The logical batch
-    # has 6 label tokens (another micro-batch holds the other 3), so the divisor is 6.
-    token_logps = torch.tensor([[-1.0, -2.0, -3.0], [-0.5, -4.0, -8.0]])
-    mask = torch.tensor([[0.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
-    # (2 + 3 + 0.5) / 6 = 5.5 / 6.
-    assert sft_loss(token_logps, mask, num_tokens=6).item() == pytest.approx(5.5 / 6)
+    # A micro-batch's 3 label tokens; the logical batch has 6 label tokens (another
+    # micro-batch holds the other 3), so the divisor is 6: (2 + 3 + 0.5) / 6 = 5.5 / 6.
+    token_logps = torch.tensor([-2.0, -3.0, -0.5])
+    assert sft_loss(token_logps, num_tokens=6).item() == pytest.approx(5.5 / 6)

@@ -8,11 +8,9 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 from conftest import write_jsonl
 from privdpo.config import DataConfig
-from privdpo.data.batching import pair_batch
 from privdpo.data.preference import (
     PairExample,
     load_preference_data,
@@ -22,7 +20,7 @@ from privdpo.data.preference import (
     truncate_pair,
 )
 from privdpo.data.summary import DataSummary
-from privdpo.data.tokenize import IGNORE, BadRow
+from privdpo.data.tokenize import BadRow
 from privdpo.errors import DataError
 
 PROMPT = "Question: what is two plus two? Answer:"
@@ -568,56 +566,6 @@ def test_explicit_eval_file(tmp_path: Path, tiny_tokenizer) -> None:
     assert evals[0].prompt_ids == ids(tok, PROMPT)
     assert summary.kept == {"train": 4, "eval": 1}
     assert summary.rows_read == {str(train_path): 4, str(eval_path): 1}
-
-
-# --- the pair batch -------------------------------------------------------------------
-
-
-def test_pair_batch_layout_padding_mask_and_labels(tiny_tokenizer) -> None:
-    pad = tiny_tokenizer.pad_token_id
-    a = PairExample([10, 11, 12], [20, 21], [30], "a", None)
-    b = PairExample([40], [50, 51, 52, 53], [60, 61], "b", None)
-    batch = pair_batch([a, b], pad)
-    assert set(batch) == {"input_ids", "attention_mask", "labels"}
-    for t in batch.values():
-        assert t.shape == (4, 5)
-        assert t.dtype == torch.long
-    P, X = pad, IGNORE
-    assert batch["input_ids"].tolist() == [
-        [10, 11, 12, 20, 21],
-        [40, 50, 51, 52, 53],
-        [10, 11, 12, 30, P],
-        [40, 60, 61, P, P],
-    ]
-    assert batch["attention_mask"].tolist() == [
-        [1, 1, 1, 1, 1],
-        [1, 1, 1, 1, 1],
-        [1, 1, 1, 1, 0],
-        [1, 1, 1, 0, 0],
-    ]
-    assert batch["labels"].tolist() == [
-        [X, X, X, 20, 21],
-        [X, 50, 51, 52, 53],
-        [X, X, X, 30, X],
-        [X, 60, 61, X, X],
-    ]
-
-
-def test_pair_batch_from_loaded_pairs(tmp_path: Path, tiny_tokenizer) -> None:
-    tok = tiny_tokenizer
-    path = write_jsonl(tmp_path / "p.jsonl", pair_rows(2))
-    pairs, _, _ = load(tok, path)
-    batch = pair_batch(pairs, tok.pad_token_id)
-    B = len(pairs)
-    assert batch["input_ids"].shape[0] == 2 * B
-    for i, p in enumerate(pairs):
-        for row, response in ((i, p.chosen_ids), (B + i, p.rejected_ids)):
-            n = len(p.prompt_ids) + len(response)
-            assert batch["input_ids"][row, :n].tolist() == p.prompt_ids + response
-            assert batch["attention_mask"][row].sum().item() == n
-            labels = batch["labels"][row].tolist()
-            assert labels[len(p.prompt_ids) : n] == response
-            assert set(labels[: len(p.prompt_ids)] + labels[n:]) == {IGNORE}
 
 
 # --- the prompt/response boundary -----------------------------------------------------

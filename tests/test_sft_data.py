@@ -11,7 +11,6 @@ import pytest
 
 from conftest import sft_rows, write_jsonl
 from privdpo.config import DataConfig
-from privdpo.data.batching import pad_batch
 from privdpo.data.sft import Example, load_sft_data
 from privdpo.data.tokenize import IGNORE
 from privdpo.errors import DataError
@@ -461,34 +460,3 @@ def test_user_id_column_absent_gives_none(tmp_path: Path, tiny_tokenizer) -> Non
     p = write_jsonl(tmp_path / "d.jsonl", [GOOD, GOOD])
     train, _, _ = load(tiny_tokenizer, p)
     assert [e.user_id for e in train] == [None, None]
-
-
-# --- padding ----------------------------------------------------------------------------
-
-
-def test_pad_batch(tmp_path: Path, tiny_tokenizer) -> None:
-    p = write_jsonl(tmp_path / "d.jsonl", [GOOD, {"prompt": PROMPT, "completion": COMPLETION}])
-    short, long = load(tiny_tokenizer, p)[0]
-    pad = tiny_tokenizer.pad_token_id
-    batch = pad_batch([short, long], pad)
-    n, width = len(short.input_ids), len(long.input_ids)
-    assert n < width
-    assert set(batch) == {"input_ids", "attention_mask", "labels"}
-    assert all(t.shape == (2, width) for t in batch.values())
-    assert batch["input_ids"][0].tolist() == short.input_ids + [pad] * (width - n)
-    assert batch["input_ids"][1].tolist() == long.input_ids
-    assert batch["attention_mask"][0].tolist() == [1] * n + [0] * (width - n)
-    assert batch["attention_mask"][1].tolist() == [1] * width
-    assert batch["labels"][0].tolist() == short.labels + [IGNORE] * (width - n)
-    assert batch["labels"][1].tolist() == long.labels
-
-
-def test_pad_batch_with_hand_made_examples() -> None:
-    examples = [
-        Example([5, 6, 7], [IGNORE, 6, 7], "a:1", None),
-        Example([8], [8], "a:2", "u"),
-    ]
-    batch = pad_batch(examples, pad_id=1)
-    assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 1, 1]]
-    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
-    assert batch["labels"].tolist() == [[IGNORE, 6, 7], [8, IGNORE, IGNORE]]

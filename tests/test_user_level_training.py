@@ -17,6 +17,7 @@ import torch
 from conftest import write_jsonl
 from privdpo.cli import main
 from privdpo.config import PrivacyConfig
+from privdpo.data.batching import pair_batch
 from privdpo.data.preference import PairExample
 from privdpo.models import build_preset
 from privdpo.privacy.accounting import epsilon
@@ -82,11 +83,14 @@ def test_uls_clipped_user_averages_equal_the_naive_loop(micro):
     plan = PrivacyPlan("user", 4, 1.0, 1, 0.0, max_norm, 1e-5, "pld", 0.0, None, bound)
     dp = DPSGD(model, plan, PrivacyConfig(enabled=True), seed=0, groups=groups)
     seen_users = 0
+    model._sink = dp.head_sink
     for items, item_unit, weight in dp.micro_batches([0, 1, 2, 3], micro):
         chunk = [user_pairs[i] for i in items]
         seen_users += int(item_unit.max()) + 1
-        with dp.micro_batch(item_unit, rows_per_item=2):
-            (dpo_unit_losses(model, reference, chunk) * weight).sum().backward()
+        batch = pair_batch(chunk, 1, item_unit=item_unit.tolist())
+        with dp.micro_batch(batch):
+            (dpo_unit_losses(model, reference, chunk, batch) * weight).sum().backward()
+    del model._sink
     got = dp.clipper.take_clipped_sum()
     assert seen_users == 4
     for p, e in zip(params, expected, strict=True):
@@ -102,6 +106,9 @@ def test_micro_batches_never_split_a_user():
     assert batches[0][1].tolist() == [0, 0, 0, 1]
     assert batches[0][2].tolist() == pytest.approx([1 / 3] * 3 + [1.0])
     assert batches[1][1].tolist() == [0] * 5  # larger than the size: a batch of its own
+    # A token budget closes a micro-batch early, but never splits a user either.
+    by_tokens = list(dp.micro_batches([0, 1, 2], 100, max_tokens=30, tokens_of=lambda i: 10))
+    assert [items for items, _, _ in by_tokens] == [[0, 1, 2], [3], [4, 5, 6, 7, 8]]
 
 
 # ---- end to end ------------------------------------------------------------------------

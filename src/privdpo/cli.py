@@ -15,6 +15,9 @@ import sys
 for _var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
     os.environ[_var] = "1"
 os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
+# Packed batches change shape every step; expandable segments keep the CUDA caching
+# allocator from fragmenting (and reserving far more than it uses). A user's own setting wins.
+os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 
 from privdpo.config import (  # noqa: E402
     DemoRunConfig,

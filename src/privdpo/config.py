@@ -67,7 +67,6 @@ class ModelConfig:
     trust_remote_code: bool = opt(
         False, "run Python code shipped in the model directory (off: only built-in archs)"
     )
-    gradient_checkpointing: bool = opt(False, "recompute activations to save memory")
     lora: LoraConfig = sub(LoraConfig, "LoRA adapters")
 
 
@@ -117,7 +116,34 @@ class TrainConfig:
     epochs: int = opt(1, "passes over the training data (ignored when max_steps is set)")
     max_steps: int | None = opt(None, "optimizer steps to run; overrides epochs")
     batch_size: int = opt(8, "rows per optimizer step (the logical batch)")
-    micro_batch_size: int = opt(8, "rows per forward/backward pass; must divide batch_size")
+    micro_batch_size: int = opt(
+        8, "examples/pairs per forward/backward pass at most; must divide batch_size"
+    )
+    micro_batch_tokens: int | None = opt(
+        None,
+        "also cap a forward pass at this many tokens (packed): micro-batches are filled up to"
+        " it instead of a fixed count (a longer example/pair or DP unit gets a pass alone)",
+    )
+    packing: bool = opt(
+        True,
+        "one padding-free packed row per forward pass (false: right-padded rows, for model"
+        " code that cannot take packed position ids)",
+    )
+    share_prompt: bool = opt(
+        True, "DPO: run each pair's prompt once for both responses (needs packing)"
+    )
+    attention: Literal["auto", "varlen", "flex", "sdpa"] = opt(
+        "auto",
+        "attention over packed rows: varlen (FlashAttention, CUDA), flex (FlexAttention),"
+        " sdpa (dense mask, CPU); auto = varlen on CUDA in half precision, else sdpa",
+    )
+    gradient_checkpointing: bool = opt(False, "recompute activations to save memory")
+    compile: bool = opt(
+        False, "torch.compile each decoder layer (dynamic shapes; compiles on the first steps)"
+    )
+    profile: bool = opt(
+        False, "profile 3 steps after 2 warm-up steps: profile.json (GPU-busy share) and a trace"
+    )
     lr: float = opt(1e-4, "peak learning rate")
     weight_decay: float = opt(0.0, "AdamW weight decay")
     adam_betas: list[float] = opt([0.9, 0.999], "AdamW betas")
@@ -217,6 +243,12 @@ class PrivacyConfig:
     accountant: Literal["pld", "rdp"] = opt("pld", "dp-accounting accountant")
     secure_noise: bool = opt(
         False, "draw noise from a cryptographically seeded generator (runs not reproducible)"
+    )
+    ghost_clipping: bool = opt(
+        False,
+        "per-unit norms of the token embedding and output layer from Gram matrices, not"
+        " per-unit copies of them (less memory at a large vocabulary; a second pass forms"
+        " their clipped sum)",
     )
 
 
@@ -684,6 +716,15 @@ def check_common(cfg: Any) -> list[str]:
         value = getattr(t, key)
         if value is not None and value < 1:
             problems.append(f"train.{key}: must be at least 1 or null, got {value}")
+    if t.micro_batch_tokens is not None and t.micro_batch_tokens < 2:
+        problems.append(
+            f"train.micro_batch_tokens: must be at least 2 or null, got {t.micro_batch_tokens}"
+        )
+    if t.share_prompt and not t.packing and hasattr(cfg, "dpo"):
+        problems.append(
+            "train.share_prompt: needs train.packing=true (a padded row holds one sequence);"
+            " set train.share_prompt=false"
+        )
     if t.micro_batch_size >= 1 and t.batch_size % t.micro_batch_size:
         problems.append(
             f"train.micro_batch_size: {t.micro_batch_size} does not divide train.batch_size"
@@ -710,6 +751,11 @@ def check_privacy(cfg: Any) -> list[str]:
             "privacy: set privacy.target_epsilon (the noise is calibrated to it) or"
             " privacy.noise_multiplier (its epsilon is reported), or both (the target is then"
             " a budget the run stops before crossing)"
+        )
+    if cfg.train.compile:
+        problems.append(
+            "train.compile: the per-unit gradient hooks of differential privacy do not run"
+            " inside compiled graphs; set train.compile=false for a private run"
         )
     if pv.target_epsilon is not None and not pv.target_epsilon > 0:
         problems.append(f"privacy.target_epsilon: must be positive, got {pv.target_epsilon}")

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from privdpo.data.batching import pad_batch
+from privdpo.data.batching import example_batch
 from privdpo.data.tokenize import IGNORE, Tokenized
 from privdpo.logprobs import sequence_logps
 
@@ -123,8 +123,7 @@ def completion_logps(
                 strict=True,
             )
         ]
-        batch = {k: v.to(device) for k, v in pad_batch(rows, pad_id).items()}
-        logps, _ = sequence_logps(model, batch)
+        logps, _ = sequence_logps(model, example_batch(rows, pad_id).to(device))
         out.append(logps.float().cpu())
     model.train(was_training)
     return torch.cat(out) if out else torch.zeros(0)

@@ -11,14 +11,15 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
-def sft_loss(token_logps: torch.Tensor, mask: torch.Tensor, num_tokens: int) -> torch.Tensor:
+def sft_loss(token_logps: torch.Tensor, num_tokens: int) -> torch.Tensor:
     """Negative log-likelihood summed over label tokens, divided by `num_tokens`.
 
-    token_logps, mask: [B, T]. `num_tokens` is the count of label tokens in the whole
-    logical batch (all micro-batches), so accumulating micro-batch losses gives exactly
-    the token-mean NLL of the logical batch, however it is split.
+    token_logps: [N] log-prob of each label token of a micro-batch. `num_tokens` is the
+    count of label tokens in the whole logical batch (all micro-batches), so accumulating
+    micro-batch losses gives exactly the token-mean NLL of the logical batch, however it
+    is split.
     """
-    return -(token_logps * mask).sum() / num_tokens
+    return -token_logps.sum() / num_tokens
 
 
 # ---------------------------------------------------------------------------

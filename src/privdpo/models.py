@@ -23,6 +23,7 @@ from transformers import (
     Qwen2Tokenizer,
 )
 
+from privdpo import attention
 from privdpo.config import LoraConfig, ModelConfig
 from privdpo.errors import UserError
 
@@ -119,6 +120,7 @@ def build_preset(
         pad_token_id=tokenizer.pad_token_id,
     )
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.set_attn_implementation(attention.register())
     model.generation_config.eos_token_id = [
         tokenizer.eos_token_id,
         tokenizer.convert_tokens_to_ids("<|im_end|>"),
@@ -197,10 +199,17 @@ def load_model_and_tokenizer(cfg: ModelConfig, seed: int = 0):
     if tokenizer.pad_token_id is None:
         # Padding positions are masked out of attention and loss, so any id works.
         tokenizer.pad_token = tokenizer.eos_token
-    if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.config.use_cache = False
+    if attention.packable(model):
+        model.set_attn_implementation(attention.register())
     return model, tokenizer
+
+
+def compile_layers(model) -> None:
+    """torch.compile each decoder layer (regional compilation): identical layers share one
+    compiled graph, so compiling costs one layer's time; packed lengths vary from batch to
+    batch, hence dynamic shapes. The packed attention itself stays eager between them."""
+    for layer in model.get_decoder().layers:
+        layer.compile(dynamic=True)
 
 
 def add_lora(model: PreTrainedModel, cfg: LoraConfig):

@@ -21,8 +21,12 @@ from privdpo.config import DPORunConfig, ModelConfig
 from privdpo.data.batching import pair_batch
 from privdpo.logprobs import sequence_logps
 from privdpo.losses import REFERENCE_FREE
-from privdpo.models import load_model_and_tokenizer
+from privdpo.models import compile_layers, load_model_and_tokenizer
 from privdpo.training import micro_batches
+
+# Version of the log-prob computation behind cached reference log-probs (2: chunked head
+# on packed or padded batches).
+LOGPS_VERSION = 2
 
 
 def reference_kind(cfg: DPORunConfig) -> str:
@@ -43,23 +47,31 @@ class Reference:
         self.policy = policy  # adapter_disabled: the LoRA policy itself
         self.cache: dict[str, torch.Tensor] | None = None  # precomputed: where -> [2]
 
-    @torch.no_grad()
-    def logps(self, pairs, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """(ref_chosen [B], ref_rejected [B]) for `pairs`, whose padded `batch` is given."""
+    def logps(
+        self, pairs, batch, attention: str = "auto", compiled: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ref_chosen [B], ref_rejected [B]) for `pairs`, whose `TokenBatch` (on the
+        device) is given. Computed under inference mode: no autograd bookkeeping at all."""
+        device = batch.input_ids.device
         if self.cache is not None:
-            both = torch.stack([self.cache[p.where] for p in pairs])
-            return both[:, 0].to(batch["input_ids"].device), both[:, 1].to(
-                batch["input_ids"].device
-            )
-        if self.kind == "adapter_disabled":
-            was_training = self.policy.training
-            self.policy.eval()  # the reference has no dropout
-            with self.policy.disable_adapter():
-                logps, _ = sequence_logps(self.policy, batch)
-            self.policy.train(was_training)
-        else:
-            logps, _ = sequence_logps(self.model, batch)
-        return logps.chunk(2)
+            both = torch.stack([self.cache[p.where] for p in pairs]).to(device, non_blocking=True)
+            return both[:, 0], both[:, 1]
+        with torch.inference_mode():
+            if self.kind == "adapter_disabled":
+                was_training = self.policy.training
+                # Leaving disable_adapter() sets the adapters trainable again; inside DP's
+                # per-unit backward they must stay as they were (a recomputed checkpoint
+                # would otherwise see other parameters than its forward).
+                flags = [(p, p.requires_grad) for p in self.policy.parameters()]
+                self.policy.eval()  # the reference has no dropout
+                with self.policy.disable_adapter():
+                    logps, _ = sequence_logps(self.policy, batch, None, attention, compiled)
+                for p, flag in flags:
+                    p.requires_grad_(flag)
+                self.policy.train(was_training)
+            else:
+                logps, _ = sequence_logps(self.model, batch, None, attention, compiled)
+        return logps.clone().chunk(2)  # a normal tensor again, usable in the loss's graph
 
 
 def _frozen(model):
@@ -74,7 +86,10 @@ def build_reference(cfg: DPORunConfig, base_model, device) -> Reference:
     copy. Call before LoRA wraps the model."""
     kind = reference_kind(cfg)
     if kind == "copy":
-        return Reference(kind, _frozen(copy.deepcopy(base_model)).to(device))
+        reference = _frozen(copy.deepcopy(base_model)).to(device)
+        if cfg.train.compile:
+            compile_layers(reference)
+        return Reference(kind, reference)
     if kind == "path":
         ref_cfg = ModelConfig(
             path=cfg.dpo.reference_path,
@@ -82,6 +97,8 @@ def build_reference(cfg: DPORunConfig, base_model, device) -> Reference:
             trust_remote_code=cfg.model.trust_remote_code,
         )
         model, _ = load_model_and_tokenizer(ref_cfg, cfg.train.seed)
+        if cfg.train.compile:
+            compile_layers(model)
         return Reference(kind, _frozen(model).to(device))
     return Reference(kind)
 
@@ -106,7 +123,10 @@ def cache_key(cfg: DPORunConfig, kind: str, pairs) -> str:
         identity = model_identity(ref_cfg, cfg.train.seed)
     else:
         identity = model_identity(cfg.model, cfg.train.seed)
-    digest = hashlib.sha256(identity.encode())
+    # The layout and the log-prob computation are part of the key: their rounding differs.
+    t = cfg.train
+    layout = f"logps={LOGPS_VERSION};packing={t.packing};share_prompt={t.share_prompt}"
+    digest = hashlib.sha256(f"{identity};{layout}".encode())
     for p in pairs:
         digest.update(json.dumps([p.where, p.prompt_ids, p.chosen_ids, p.rejected_ids]).encode())
     return digest.hexdigest()[:32]
@@ -126,9 +146,11 @@ def precompute(
         reused = True
     else:
         wheres, rows = [], []
+        t = cfg.train
+        layout = "packed" if t.packing else "padded"
         for chunk in micro_batches(pairs, batch_size):
-            batch = {k: v.to(device) for k, v in pair_batch(chunk, pad_id).items()}
-            chosen, rejected = reference.logps(chunk, batch)
+            batch = pair_batch(chunk, pad_id, layout, t.share_prompt and t.packing).to(device)
+            chosen, rejected = reference.logps(chunk, batch, t.attention)
             rows.append(torch.stack([chosen, rejected], dim=1).float().cpu())
             wheres += [p.where for p in chunk]
         logps = torch.cat(rows)

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from privdpo.attention import packable
 from privdpo.checkpoint import (
     BEST,
     CHECKPOINTS,
@@ -23,7 +24,9 @@ from privdpo.checkpoint import (
     save_best,
 )
 from privdpo.config import TrainConfig, dump_yaml, to_dict
+from privdpo.data.batching import token_count
 from privdpo.errors import UserError
+from privdpo.models import compile_layers
 from privdpo.privacy.accounting import PrivacyLedger
 from privdpo.privacy.dpsgd import write_statement
 from privdpo.report import write_report
@@ -109,14 +112,37 @@ def pick_device(name: str) -> torch.device:
 
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters; the fused (one-kernel) version on a GPU."""
     params = [p for p in model.parameters() if p.requires_grad]
+    fused = bool(params) and all(p.is_cuda for p in params)
     return torch.optim.AdamW(
         params,
         lr=cfg.lr,
         betas=tuple(cfg.adam_betas),
         eps=cfg.adam_eps,
         weight_decay=cfg.weight_decay,
+        fused=fused or None,
     )
+
+
+def configure_model(model, cfg: TrainConfig) -> None:
+    """The training-step options that act on the model: packing's precondition, gradient
+    checkpointing, torch.compile of each decoder layer. Call on the policy only (after LoRA,
+    after a reference copy was taken)."""
+    if cfg.packing and not packable(model):
+        raise UserError(
+            "train.packing: this model has sliding-window attention layers, which packed"
+            " batches would ignore; set train.packing=false"
+        )
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    if cfg.compile:
+        compile_layers(model)
+
+
+def batch_layout(cfg: TrainConfig) -> str:
+    return "packed" if cfg.packing else "padded"
 
 
 def lr_factor(step: int, warmup: int, total: int, schedule: str) -> float:
@@ -160,24 +186,47 @@ def batch_indices(step: int, num_units: int, cfg: TrainConfig) -> list[int]:
     return order[index * cfg.batch_size : (index + 1) * cfg.batch_size]
 
 
-def micro_batches(items: list, size: int) -> list[list]:
-    return [items[i : i + size] for i in range(0, len(items), size)]
+def micro_batches(
+    items: list, size: int, max_tokens: int | None = None, tokens_of=None
+) -> list[list]:
+    """Consecutive runs of `items`, each of at most `size` items and (when `max_tokens` is
+    set) at most `max_tokens` tokens by `tokens_of(item)`; an item over the token cap alone."""
+    out: list[list] = []
+    tokens = 0
+    for item in items:
+        n = tokens_of(item) if max_tokens is not None else 0
+        if not out or len(out[-1]) >= size or (max_tokens is not None and tokens + n > max_tokens):
+            out.append([])
+            tokens = 0
+        out[-1].append(item)
+        tokens += n
+    return out
 
 
-def logical_batch(step: int, train: list, cfg: TrainConfig, dp) -> tuple[list, list[int] | None]:
+def logical_batch(
+    step: int, train: list, cfg: TrainConfig, dp, share_prompt: bool = False
+) -> tuple[list, list[int] | None]:
     """The micro-batches of optimizer step `step`, as (items, item_unit, weight) triples,
     and the units DP sampled (None without DP).
 
-    Without DP: a seeded shuffle cut in batches (`batch_indices`); item_unit and weight are
-    None. With DP: a Poisson sample of units (the batch size varies), each unit's items in
-    one micro-batch, with their unit and loss weight (`DPSGD.micro_batches`)."""
+    Without DP: a seeded shuffle cut in batches (`batch_indices`), then in micro-batches of
+    at most `micro_batch_size` items and `micro_batch_tokens` tokens; item_unit and weight
+    are None. With DP: a Poisson sample of units (the batch size varies), each unit's items
+    in one micro-batch, with their unit and loss weight (`DPSGD.micro_batches`)."""
+
+    def tokens_of(item) -> int:
+        return token_count(item, share_prompt)
+
+    size, max_tokens = cfg.micro_batch_size, cfg.micro_batch_tokens
     if dp is None:
         items = [train[i] for i in batch_indices(step, len(train), cfg)]
-        return [(c, None, None) for c in micro_batches(items, cfg.micro_batch_size)], None
+        return [(c, None, None) for c in micro_batches(items, size, max_tokens, tokens_of)], None
     units = dp.sample(step)
     chunks = [
         ([train[i] for i in items], item_unit, weight)
-        for items, item_unit, weight in dp.micro_batches(units, cfg.micro_batch_size)
+        for items, item_unit, weight in dp.micro_batches(
+            units, size, max_tokens, lambda i: tokens_of(train[i])
+        )
     ]
     return chunks, units
 

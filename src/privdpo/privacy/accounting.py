@@ -368,8 +368,27 @@ class PrivacyLedger:
         """Total number of steps recorded."""
         return sum(segment[2] for segment in self.segments)
 
-    def _key(self) -> tuple[tuple[float, float, int], ...]:
+    def key(self) -> tuple[tuple[float, float, int], ...]:
+        """The segments as a hashable tuple: what epsilon is a function of."""
         return tuple((q, sigma, steps) for q, sigma, steps in self.segments)
+
+    def key_after(self, more: int, sampling_rate: float, noise_multiplier: float) -> tuple:
+        """The key this ledger will have after `more` steps with (q, sigma) are recorded."""
+        segments = [list(s) for s in self.segments]
+        if more > 0:
+            if (
+                segments
+                and segments[-1][0] == sampling_rate
+                and segments[-1][1] == noise_multiplier
+            ):
+                segments[-1][2] += more
+            else:
+                segments.append([sampling_rate, noise_multiplier, more])
+        return tuple(tuple(s) for s in segments)
+
+    def epsilon_of_key(self, key: tuple) -> float:
+        """Epsilon of a `key` (or `key_after`) at this ledger's delta and accountant."""
+        return self._epsilon_of(key)
 
     def _epsilon_of(self, segments: tuple[tuple[float, float, int], ...]) -> float:
         if self.els_bound is None:
@@ -388,7 +407,7 @@ class PrivacyLedger:
         accountant run (about 0.05 s for 10k steps with PLD; with els_bound the one-step
         PLD is cached too, so a new step costs one composition).
         """
-        return self._epsilon_of(self._key())
+        return self._epsilon_of(self.key())
 
     def max_more_steps(
         self, sampling_rate: float, noise_multiplier: float, target_epsilon: float
@@ -401,7 +420,7 @@ class PrivacyLedger:
         q = _check_sampling_rate(sampling_rate)
         sigma = _check_noise_multiplier(noise_multiplier)
         target_epsilon = _check_target_epsilon(target_epsilon)
-        key = self._key()
+        key = self.key()
         if self._epsilon_of(key) > target_epsilon:
             return 0
         return _largest_steps_within(

@@ -1,17 +1,32 @@
 """Per-unit gradient clipping for DP-SGD, with per-layer gradient samplers.
 
-A *unit* is a group of batch rows whose gradients are added before clipping: one row for an
-SFT example, two rows (chosen and rejected) for a DPO pair, all of a user's rows at the user
-level. No library offers that grouping (Opacus clips per batch row), so the samplers here
-take a `row_unit` map and sum each unit's rows before taking norms.
+A *unit* is what one privacy unit contributes to a micro-batch: one SFT example, one DPO
+pair (its prompt, chosen and rejected tokens), or all of a user's rows at the user level.
+In a `TokenBatch` the tokens of a unit are one contiguous range of the flat token axis
+(and its label tokens one range of the label axis), whether the batch is packed (several
+units in one row, prompts shared) or padded; so each unit's gradient is a sum over a
+token range ("segment sums"), never over batch rows. No library offers that grouping
+(Opacus clips per batch row).
 
 How: a forward hook on each module with trainable parameters keeps its input, and a hook
 on its output's gradient computes, during the backward pass, each unit's gradient for that
 module's parameters (autograd's own batch-summed weight gradients are switched off, as they
-would be thrown away). After the backward pass every unit's gradient norm over all
-parameters is known (in float32); each unit is scaled by min(1, C / norm) and the scaled
-gradients are summed with one matrix product per parameter. One forward and one backward
+would be thrown away). The language-model head runs inside `logprobs.LabelLogps`, which
+hands each chunk's logits gradient to this module's head sink. After the backward pass
+every unit's gradient norm over all parameters is known (in float32); each unit is scaled
+by min(1, C / norm) and the scaled gradients are summed. One forward and one backward
 pass, as without privacy.
+
+Ghost clipping (`ghost=True`), for the layers whose per-unit gradients are big: the token
+embedding and the head ([U, vocab, hidden] each, the same tensor when tied). Their
+per-unit norms come from Gram matrices instead (Li et al. 2022, "Large Language Models
+Can Be Strong Differentially Private Learners"): for the head, ||sum_s d_s h_s^T||^2 =
+sum_{s,s'} (d_s . d_s')(h_s . h_s') over a unit's label tokens (d the logits gradient, h
+the hidden state); for the embedding, the gradient rows summed per distinct token id;
+and, when tied, twice the inner product of the two parts. The clipped sum is then formed
+in a second pass: the embedding's rows reweighted by each unit's clip factor, the head's
+logits gradients recomputed chunk by chunk and reweighted. Memory O(tokens x hidden)
+instead of O(units x vocab x hidden).
 
 Supported modules (the layers of Llama/Qwen-style models and of LoRA adapters):
 `nn.Linear` (weight and bias), `nn.Embedding` and RMSNorm layers (a `weight` scaling the
@@ -23,12 +38,17 @@ gradient would escape clipping and void the guarantee.
 
 from __future__ import annotations
 
+import bisect
 from contextlib import contextmanager
 
 import torch
 from torch import nn
 
 from privdpo.errors import UserError
+
+# A ghost norm in half precision is computed from rounded values; inflating it by 1/64
+# before clipping keeps every clipped unit gradient at or under C despite that rounding.
+HALF_GHOST_MARGIN = 1 + 2.0**-6
 
 
 def _is_rmsnorm(module: nn.Module) -> bool:
@@ -65,18 +85,167 @@ def _check_rmsnorm(module: nn.Module) -> None:
         )
 
 
+class _Units:
+    """A micro-batch's units: offsets on the token and label axes, and the device index
+    tensors derived from them (built once per micro-batch)."""
+
+    def __init__(self, batch, device):
+        self.tokens = batch.unit_tokens
+        self.labels = batch.unit_labels
+        self.count = len(self.tokens) - 1
+        self.device = device
+        self._token_unit = None
+        self._label_unit = None
+        self._padded = None
+
+    def token_ranges(self) -> list[tuple[int, int]]:
+        return list(zip(self.tokens[:-1], self.tokens[1:], strict=True))
+
+    def label_ranges(self) -> list[tuple[int, int]]:
+        return list(zip(self.labels[:-1], self.labels[1:], strict=True))
+
+    def padded_tokens(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(index [U, Tmax] into the flat token axis, mask [U, Tmax, 1]): each unit's
+        tokens in one row, padded to the longest unit (padding points at the unit's first
+        token and is masked to zero), so per-unit products are one batched matmul."""
+        if self._padded is None:
+            ranges = self.token_ranges()
+            width = max(b - a for a, b in ranges)
+            index = torch.zeros((len(ranges), width), dtype=torch.long)
+            mask = torch.zeros((len(ranges), width, 1), dtype=torch.bool)
+            for u, (a, b) in enumerate(ranges):
+                index[u, : b - a] = torch.arange(a, b)
+                index[u, b - a :] = a
+                mask[u, : b - a] = True
+            self._padded = (
+                index.to(self.device, non_blocking=True),
+                mask.to(self.device, non_blocking=True),
+            )
+        return self._padded
+
+    def token_unit(self) -> torch.Tensor:
+        if self._token_unit is None:
+            self._token_unit = _unit_index(self.tokens, self.device)
+        return self._token_unit
+
+    def label_unit(self) -> torch.Tensor:
+        if self._label_unit is None:
+            self._label_unit = _unit_index(self.labels, self.device)
+        return self._label_unit
+
+
+def _unit_index(offsets: list[int], device) -> torch.Tensor:
+    lengths = torch.tensor([b - a for a, b in zip(offsets[:-1], offsets[1:], strict=True)])
+    index = torch.repeat_interleave(torch.arange(len(lengths)), lengths)
+    return index.to(device, non_blocking=True)
+
+
+class _GhostEmbedding:
+    """The token embedding's per-unit gradient rows, summed per distinct (unit, token id):
+    a [R, hidden] tensor instead of [U, vocab, hidden]. Built from the host's input ids."""
+
+    def __init__(self, input_ids: torch.Tensor, units: _Units, vocab: int):
+        flat = input_ids.flatten()
+        unit = torch.repeat_interleave(
+            torch.arange(units.count),
+            torch.tensor([b - a for a, b in units.token_ranges()]),
+        )
+        keys, inverse = torch.unique(unit * vocab + flat, return_inverse=True)
+        device = units.device
+        self.inverse = inverse.to(device, non_blocking=True)  # token -> row
+        self.row_unit = (keys // vocab).to(device, non_blocking=True)
+        self.row_id = (keys % vocab).to(device, non_blocking=True)
+        # Rows of unit u are one contiguous range (keys are sorted by unit first).
+        counts = torch.bincount(keys // vocab, minlength=units.count).tolist()
+        self.unit_rows = [0]
+        for c in counts:
+            self.unit_rows.append(self.unit_rows[-1] + c)
+        self.host_ids = (keys % vocab).tolist()  # sorted within each unit's rows
+        self.rows: torch.Tensor | None = None  # [R, hidden] summed gradient rows
+
+    def add(self, g: torch.Tensor) -> None:
+        rows = torch.zeros((len(self.row_id), g.shape[-1]), dtype=torch.float32, device=g.device)
+        rows.index_add_(0, self.inverse, g.reshape(-1, g.shape[-1]).float())
+        self.rows = rows if self.rows is None else self.rows + rows
+
+
+class _GhostHead:
+    """What the head's ghost norm and second pass need: per unit, the Gram matrix of its
+    logits gradients (summed over vocabulary tiles) and of its hidden states; the rows of
+    B_u = sum_s d_s h_s^T at the unit's own token ids (for the tied cross term); and the
+    inputs to recompute the logits gradients."""
+
+    def __init__(self, units: _Units, device, embedding: _GhostEmbedding | None):
+        self.units = units
+        self.device = device
+        self.embedding = embedding
+        self.grams: list[torch.Tensor | None] = [None] * units.count  # [T_u, T_u] of d
+        self.cross_rows: torch.Tensor | None = None  # [R, hidden], on the first tile
+        self.gram: torch.Tensor | None = None  # [U] squared norms, once kept
+        self.kept = None
+
+    def add(self, v0: int, v1: int, d: torch.Tensor, h: torch.Tensor) -> None:
+        e = self.embedding
+        if e is not None and self.cross_rows is None:
+            self.cross_rows = torch.zeros(
+                (len(e.row_id), h.shape[1]), dtype=torch.float32, device=h.device
+            )
+        for u, (a, b) in enumerate(self.units.label_ranges()):
+            if a == b:
+                continue
+            du = d[a:b].float()
+            gram = du @ du.t()
+            self.grams[u] = gram if self.grams[u] is None else self.grams[u] + gram
+            if e is not None:  # B_u's rows at the unit's ids that fall in this tile
+                ra, rb = e.unit_rows[u], e.unit_rows[u + 1]
+                ids = e.host_ids[ra:rb]
+                lo, hi = bisect.bisect_left(ids, v0), bisect.bisect_left(ids, v1)
+                if lo < hi:
+                    cols = e.row_id[ra + lo : ra + hi] - v0
+                    self.cross_rows[ra + lo : ra + hi] = (
+                        du.index_select(1, cols).t() @ h[a:b].float()
+                    )
+
+    def keep(self, hidden, target, lse, grad) -> None:
+        """The backward pass is done: fold the Gram matrices into [U] squared norms."""
+        self.kept = (hidden, target, lse, grad)
+        self.gram = torch.zeros(self.units.count, dtype=torch.float32, device=self.device)
+        for u, (a, b) in enumerate(self.units.label_ranges()):
+            if self.grams[u] is not None:
+                hu = hidden[a:b].float()
+                self.gram[u] = (self.grams[u] * (hu @ hu.t())).sum()
+        self.grams = [None] * self.units.count
+
+
+class _HeadSink:
+    """Receives the head's logits gradients chunk by chunk from `LabelLogps`."""
+
+    def __init__(self, owner: PerUnitGradients, head: nn.Linear):
+        self.owner = owner
+        self.head = head
+
+    def add(self, v0: int, v1: int, d: torch.Tensor, h: torch.Tensor) -> None:
+        self.owner._head_tile(self.head, v0, v1, d, h)
+
+    def keep(self, hidden, target, lse, grad) -> None:
+        ghost = self.owner._ghost_heads.get(id(self.head.weight))
+        if ghost is not None:
+            ghost.keep(hidden, target, lse, grad)
+
+
 class PerUnitGradients:
-    """Attach to a model; then a backward pass inside `units(...)` leaves per-unit gradients.
+    """Attach to a model; then a backward pass inside `units(batch)` leaves per-unit
+    gradients.
 
-    Usage per micro-batch::
+    Usage per micro-batch (a `TokenBatch` with `unit_tokens`/`unit_labels`)::
 
-        with clipper.units(row_unit, num_units):
-            losses = ...                 # forward
+        with clipper.units(batch):
+            losses = ...                 # forward, with sink=clipper.head_sink
             losses.sum().backward()      # the SUM of the units' losses
         clipper.clip_and_accumulate(max_norm)
     """
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, ghost: bool = False):
         self.params = [p for p in model.parameters() if p.requires_grad]
         owned: set[int] = set()
         self.handles = []
@@ -103,16 +272,39 @@ class PerUnitGradients:
                 " or freeze these layers"
             )
         self.owned = owned
-        self.row_unit: torch.Tensor | None = None
-        self.num_units = 0
-        self.fold_k: int | None = None
+        head = model.get_output_embeddings()
+        trainable_head = any(p.requires_grad for p in head.parameters())
+        if trainable_head and type(head) is not nn.Linear:
+            raise UserError(
+                f"differential privacy: the output layer is a {type(head).__name__} (LoRA on"
+                " lm_head?); per-unit gradients need a plain Linear head. Drop lm_head from"
+                " model.lora.target_modules"
+            )
+        self.head = head if trainable_head else None
+        embedding = model.get_input_embeddings()
+        self.embedding = embedding if id(embedding.weight) in owned else None
+        self.ghost = ghost
+        self.ghost_params: set[int] = set()
+        if ghost:
+            if self.embedding is not None:
+                self.ghost_params.add(id(self.embedding.weight))
+            if self.head is not None:
+                self.ghost_params.add(id(self.head.weight))
+        self.units_now: _Units | None = None
         self.samples: dict[int, torch.Tensor] = {}  # id(param) -> [U, *param.shape]
         self.clipped_sum: dict[int, torch.Tensor] = {}  # id(param) -> param.shape, fp32
+        self._ghost_embeddings: dict[int, _GhostEmbedding] = {}
+        self._ghost_heads: dict[int, _GhostHead] = {}
+
+    @property
+    def head_sink(self) -> _HeadSink | None:
+        """What `logprobs.sequence_logps(..., sink=)` needs: the trainable head's sink."""
+        return _HeadSink(self, self.head) if self.head is not None else None
 
     @contextmanager
-    def units(self, row_unit: torch.Tensor, num_units: int):
-        """Record per-unit gradients of the forward and backward passes run inside;
-        `row_unit[i]` is the unit of batch row i, in 0..num_units-1.
+    def units(self, batch):
+        """Record per-unit gradients of the forward and backward passes run inside, for
+        `batch` (its host copy: the unit offsets and, for ghost clipping, the input ids).
 
         Inside, the trainable parameters are switched to requires_grad=False, so autograd
         computes only the gradients flowing back through the layers, not the weight
@@ -120,13 +312,23 @@ class PerUnitGradients:
         would be thrown away (a third of a full fine-tuning backward pass). A module whose
         output would then need no gradient (the embedding, a LoRA adapter's first matrix)
         has its output marked as requiring one, so the backward pass reaches it."""
-        self.row_unit = row_unit
-        self.num_units = num_units
+        if batch.unit_tokens is None:
+            raise ValueError("a private micro-batch needs unit offsets (item_unit)")
+        device = self.params[0].device
+        self.units_now = _Units(batch, device)
         self.samples = {}
-        n = len(row_unit)
-        k = n // num_units if num_units and n % num_units == 0 else 0
-        blocks = torch.arange(num_units).repeat(k) if k else None
-        self.fold_k = k if blocks is not None and torch.equal(row_unit.cpu(), blocks) else None
+        self._ghost_embeddings, self._ghost_heads = {}, {}
+        if self.ghost:
+            emb = None
+            if self.embedding is not None:
+                weight = self.embedding.weight
+                emb = _GhostEmbedding(batch.input_ids, self.units_now, weight.shape[0])
+                self._ghost_embeddings[id(weight)] = emb
+            if self.head is not None:
+                tied = self.embedding is not None and self.head.weight is self.embedding.weight
+                self._ghost_heads[id(self.head.weight)] = _GhostHead(
+                    self.units_now, device, emb if tied else None
+                )
         for p in self.params:
             p.requires_grad_(False)
         try:
@@ -134,7 +336,6 @@ class PerUnitGradients:
         finally:
             for p in self.params:
                 p.requires_grad_(True)
-            self.row_unit = None
 
     def detach(self) -> None:
         for h in self.handles:
@@ -142,7 +343,7 @@ class PerUnitGradients:
 
     # ---- hooks ------------------------------------------------------------------------
     def _forward_hook(self, module, inputs, output):
-        if not torch.is_grad_enabled() or self.row_unit is None:
+        if not torch.is_grad_enabled() or self.units_now is None:
             return None
         if not output.requires_grad:  # nothing before it is trainable: start the graph here
             output = output.detach().requires_grad_()
@@ -151,52 +352,72 @@ class PerUnitGradients:
         return output
 
     def _per_unit(self, module, x: torch.Tensor, g: torch.Tensor) -> None:
-        # Tokens are flattened into one axis per row: [N, T, features].
-        n = g.shape[0]
-        g3 = g.reshape(n, -1, g.shape[-1])
+        units = self.units_now
+        g2 = g.reshape(-1, g.shape[-1])  # the flat token axis
         if isinstance(module, nn.Linear):
+            x2 = x.reshape(-1, x.shape[-1])
             if id(module.weight) in self.owned:
-                self._store(module.weight, self._unit_outer(g3, x.reshape(n, -1, x.shape[-1])))
+                self._store(module.weight, self._unit_outer(g2, x2, units))
             if module.bias is not None and id(module.bias) in self.owned:
-                self._store(module.bias, self._rows_to_units(g3.sum(1)))
+                self._store(module.bias, self._unit_sums(g2, units.token_unit()))
         elif isinstance(module, nn.Embedding):
-            self._embedding(module.weight, x.reshape(n, -1), g3)
+            ghost = self._ghost_embeddings.get(id(module.weight))
+            if ghost is not None and module is self.embedding:
+                ghost.add(g2)
+            else:
+                self._embedding(module.weight, x.reshape(-1), g2)
         else:  # RMSNorm
-            x3 = _rms_normalize(module, x).reshape(n, -1, x.shape[-1])
-            self._store(module.weight, self._rows_to_units((g3 * x3).sum(1)))
+            xn = _rms_normalize(module, x).reshape(-1, x.shape[-1])
+            self._store(module.weight, self._unit_sums(g2 * xn, units.token_unit()))
 
-    def _unit_outer(self, g3: torch.Tensor, x3: torch.Tensor) -> torch.Tensor:
-        """[U, out, in]: sum over each unit's rows and tokens of g x^T (a Linear weight's
-        gradient). When the rows are k blocks of units 0..U-1 (SFT: k = 1; DPO: chosen rows
-        then rejected rows, k = 2), one batched matmul per block accumulates straight into
-        the units, with no per-row tensor. Otherwise per-row gradients are summed."""
-        u = self.num_units
-        if self.fold_k is None:
-            return self._rows_to_units(torch.bmm(g3.transpose(1, 2), x3))
-        out = torch.bmm(g3[:u].transpose(1, 2), x3[:u])
-        for b in range(1, self.fold_k):
-            rows = slice(b * u, (b + 1) * u)
-            out.baddbmm_(g3[rows].transpose(1, 2), x3[rows])
-        return out
+    def _head_tile(self, head: nn.Linear, v0: int, v1: int, d: torch.Tensor, h: torch.Tensor):
+        """Vocabulary columns v0..v1 of the head: d [N, v1 - v0] logits gradient of every
+        label token, h [N, H] their hidden states."""
+        ghost = self._ghost_heads.get(id(head.weight))
+        ranges = self.units_now.label_ranges()
+        if ghost is not None:
+            ghost.add(v0, v1, d, h)
+        elif id(head.weight) in self.owned:
+            out = self._zeros_samples(head.weight, d.dtype)
+            for u, (a, b) in enumerate(ranges):
+                if a < b:
+                    out[u, v0:v1].addmm_(d[a:b].t(), h[a:b])
+        if head.bias is not None and id(head.bias) in self.owned:
+            out = self._zeros_samples(head.bias, d.dtype)
+            for u, (a, b) in enumerate(ranges):
+                out[u, v0:v1] += d[a:b].sum(0)
 
-    def _rows_to_units(self, per_row: torch.Tensor) -> torch.Tensor:
+    def _unit_outer(self, g2, x2, units: _Units) -> torch.Tensor:
+        """[U, out, in]: sum over each unit's tokens of g x^T (a Linear weight's gradient).
+        One unit alone is one matrix product; several are one batched product over their
+        padded token rows (padding has zero gradient, so it adds nothing)."""
+        if units.count == 1:
+            return torch.mm(g2.t(), x2).unsqueeze(0)
+        index, mask = units.padded_tokens()
+        g3 = g2[index] * mask  # [U, Tmax, out]
+        return torch.bmm(g3.transpose(1, 2), x2[index])
+
+    def _unit_sums(self, values: torch.Tensor, unit_of: torch.Tensor) -> torch.Tensor:
         out = torch.zeros(
-            (self.num_units, *per_row.shape[1:]), dtype=per_row.dtype, device=per_row.device
+            (self.units_now.count, values.shape[-1]), dtype=values.dtype, device=values.device
         )
-        return out.index_add_(0, self.row_unit.to(per_row.device), per_row)
+        return out.index_add_(0, unit_of, values)
 
-    def _embedding(self, weight: nn.Parameter, ids: torch.Tensor, g3: torch.Tensor) -> None:
+    def _zeros_samples(self, param: nn.Parameter, dtype) -> torch.Tensor:
+        key = id(param)
+        if key not in self.samples:
+            self.samples[key] = torch.zeros(
+                (self.units_now.count, *param.shape), dtype=dtype, device=param.device
+            )
+        return self.samples[key]
+
+    def _embedding(self, weight: nn.Parameter, ids: torch.Tensor, g2: torch.Tensor) -> None:
         """Scatter each token's output gradient into row `id` of its unit's gradient, in
         place into the tied output layer's per-unit gradient when there is one."""
         vocab, dim = weight.shape
-        key = id(weight)
-        if key not in self.samples:
-            self.samples[key] = torch.zeros(
-                (self.num_units, vocab, dim), dtype=g3.dtype, device=g3.device
-            )
-        unit = self.row_unit.to(ids.device).view(-1, 1)
-        flat = (unit * vocab + ids).flatten()
-        self.samples[key].view(-1, dim).index_add_(0, flat, g3.reshape(-1, dim))
+        buffer = self._zeros_samples(weight, g2.dtype)
+        flat = self.units_now.token_unit() * vocab + ids
+        buffer.view(-1, dim).index_add_(0, flat, g2)
 
     def _store(self, param: nn.Parameter, per_unit: torch.Tensor) -> None:
         key = id(param)
@@ -206,15 +427,37 @@ class PerUnitGradients:
             self.samples[key] = per_unit
 
     # ---- clipping ---------------------------------------------------------------------
+    def _ghost_squared_norms(self, key: int) -> torch.Tensor:
+        """[U] squared norm of the ghost parameter `key`'s per-unit gradients."""
+        u = self.units_now.count
+        device = self.params[0].device
+        total = torch.zeros(u, dtype=torch.float32, device=device)
+        emb = self._ghost_embeddings.get(key)
+        head = self._ghost_heads.get(key)
+        if emb is not None and emb.rows is not None:
+            total.index_add_(0, emb.row_unit, emb.rows.square().sum(1))
+        if head is not None and head.gram is not None:
+            total += head.gram
+            if head.embedding is not None and head.cross_rows is not None and emb.rows is not None:
+                cross = (emb.rows * head.cross_rows).sum(1)
+                total.index_add_(0, emb.row_unit, 2 * cross)
+        return total.clamp(min=0)
+
     def unit_norms(self) -> torch.Tensor:
         """[U] L2 norm of each unit's gradient over all trainable parameters, in float32
         whatever the parameters' dtype."""
         total = None
         for p in self.params:
-            s = self.samples.get(id(p))
-            if s is None:
-                continue
-            sq = torch.linalg.vector_norm(s.flatten(1), dim=1, dtype=torch.float32).square()
+            key = id(p)
+            if key in self.ghost_params:
+                sq = self._ghost_squared_norms(key)
+                if p.dtype in (torch.float16, torch.bfloat16):
+                    sq = sq * HALF_GHOST_MARGIN**2
+            else:
+                s = self.samples.get(key)
+                if s is None:
+                    continue
+                sq = torch.linalg.vector_norm(s.flatten(1), dim=1, dtype=torch.float32).square()
             total = sq if total is None else total + sq
         if total is None:
             raise RuntimeError("no per-unit gradient was recorded; was backward called?")
@@ -227,17 +470,42 @@ class PerUnitGradients:
         norms = self.unit_norms()
         scale = (max_norm / (norms + 1e-6)).clamp(max=1.0)
         for p in self.params:
-            s = self.samples.get(id(p))
-            if s is None:
-                continue
-            weights = _round_down(scale, s.dtype).unsqueeze(0)
-            clipped = torch.mm(weights, s.view(len(scale), -1)).view(p.shape).float()
             key = id(p)
+            if key in self.ghost_params:
+                clipped = self._ghost_clipped_sum(p, scale)
+            else:
+                s = self.samples.get(key)
+                if s is None:
+                    continue
+                weights = _round_down(scale, s.dtype).unsqueeze(0)
+                clipped = torch.mm(weights, s.view(len(scale), -1)).view(p.shape).float()
             self.clipped_sum[key] = (
                 self.clipped_sum[key] + clipped if key in self.clipped_sum else clipped
             )
         self.samples = {}
+        self._ghost_embeddings, self._ghost_heads = {}, {}
+        self.units_now = None
         return norms
+
+    def _ghost_clipped_sum(self, p: nn.Parameter, scale: torch.Tensor) -> torch.Tensor:
+        """The second pass: sum_u scale_u g_u for a ghost parameter, float32. The head's
+        part recomputes each tile's logits gradient with every token's upstream gradient
+        scaled by its unit's clip factor (the gradient is linear in it)."""
+        from privdpo.logprobs import tile_grad, tile_logits, vocab_tiles
+
+        out = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
+        emb = self._ghost_embeddings.get(id(p))
+        if emb is not None and emb.rows is not None:
+            out.index_add_(0, emb.row_id, emb.rows * scale[emb.row_unit, None])
+        head = self._ghost_heads.get(id(p))
+        if head is not None and head.kept is not None:
+            hidden, target, lse, grad = head.kept
+            scaled = grad * scale[self.units_now.label_unit()]
+            for v0, v1 in vocab_tiles(p.shape[0], hidden.shape[0]):
+                logits = tile_logits(hidden, p, self.head.bias, v0, v1)
+                d = tile_grad(logits, lse, target, scaled, v0, p.dtype)
+                out[v0:v1] += torch.mm(d.t(), hidden).float()
+        return out
 
     def take_clipped_sum(self) -> dict[int, torch.Tensor]:
         """The clipped sum over every micro-batch since the last call (float32, by id of

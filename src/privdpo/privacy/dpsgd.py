@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import secrets
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -243,7 +244,8 @@ class DPSGD:
         self.groups: list[list[int]] = groups  # unit -> its item indices
         self.secure = cfg.secure_noise
         self.seed = seed
-        self.clipper = PerUnitGradients(model)
+        self.clipper = PerUnitGradients(model, ghost=cfg.ghost_clipping)
+        self._epsilon_ahead: EpsilonAhead | None = None
         self.ledger = PrivacyLedger(
             unit=plan.unit, delta=plan.delta, accountant=plan.accountant, els_bound=plan.els_bound
         )
@@ -287,41 +289,51 @@ class DPSGD:
         return keep.nonzero().flatten().tolist()
 
     def micro_batches(
-        self, units: list[int], size: int
+        self, units: list[int], size: int, max_tokens: int | None = None, tokens_of=None
     ) -> Iterator[tuple[list[int], torch.Tensor, torch.Tensor]]:
-        """Pack the sampled units into micro-batches of at most `size` items; yield (item
-        indices, each item's unit within the micro-batch, each item's loss weight).
+        """Pack the sampled units into micro-batches of at most `size` items (and at most
+        `max_tokens` tokens, counted by `tokens_of(item index)`); yield (item indices, each
+        item's unit within the micro-batch, each item's loss weight).
 
-        A unit is never split, since its clipping needs all its rows: a unit of more than
-        `size` items gets a micro-batch of its own. The weight is 1 / (items in the unit),
-        so the gradient of the weighted loss sum is each unit's average item gradient
-        (ULS); a one-item unit has weight 1."""
+        A unit is never split, since its clipping needs all its items: a unit over either
+        cap gets a micro-batch of its own. The weight is 1 / (items in the unit), so the
+        gradient of the weighted loss sum is each unit's average item gradient (ULS); a
+        one-item unit has weight 1."""
         items: list[int] = []
         unit_of: list[int] = []
         weights: list[float] = []
+        tokens = 0
         for u in units:
             group = self.groups[u]
-            if items and len(items) + len(group) > size:
+            group_tokens = sum(tokens_of(i) for i in group) if max_tokens else 0
+            full = len(items) + len(group) > size or (
+                max_tokens is not None and tokens + group_tokens > max_tokens
+            )
+            if items and full:
                 yield items, torch.tensor(unit_of), torch.tensor(weights)
-                items, unit_of, weights = [], [], []
+                items, unit_of, weights, tokens = [], [], [], 0
             n = (unit_of[-1] + 1) if unit_of else 0
             items += group
             unit_of += [n] * len(group)
             weights += [1.0 / len(group)] * len(group)
+            tokens += group_tokens
         if items:
             yield items, torch.tensor(unit_of), torch.tensor(weights)
 
     # ---- clip and accumulate ------------------------------------------------------------
     @contextmanager
-    def micro_batch(self, item_unit: torch.Tensor, rows_per_item: int = 1):
+    def micro_batch(self, batch):
         """Run the micro-batch's forward and `backward()` on the (weighted) SUM of its item
         losses inside; on leaving, each unit's gradient is clipped and added to the step's
-        sum. Batch rows are `rows_per_item` blocks of items (DPO: chosen rows, then
-        rejected rows)."""
-        num_units = int(item_unit.max()) + 1
-        with self.clipper.units(item_unit.repeat(rows_per_item), num_units):
+        sum. `batch`: the host `TokenBatch`, built with the micro-batch's item_unit."""
+        with self.clipper.units(batch):
             yield
         self.clipper.clip_and_accumulate(self.plan.max_grad_norm)
+
+    @property
+    def head_sink(self):
+        """Pass to `sequence_logps(..., sink=)` inside `micro_batch`."""
+        return self.clipper.head_sink
 
     # ---- noise and scale ----------------------------------------------------------------
     @torch.no_grad()
@@ -331,15 +343,37 @@ class DPSGD:
         std = self.plan.noise_multiplier * self.plan.max_grad_norm
         expected_batch = self.plan.sampling_rate * self.plan.num_units
         seed = secrets.randbits(63) if self.secure else hash_seed(self.seed, step, "noise")
-        for i, p in enumerate(self.clipper.params):
+        gen = None
+        for p in self.clipper.params:
             total = sums[id(p)]
             if std > 0:
-                gen = torch.Generator(device=total.device).manual_seed(seed + i)
-                total = total + torch.normal(
-                    0.0, std, size=total.shape, generator=gen, device=total.device
+                if gen is None:  # one generator per step, drawn from in parameter order
+                    gen = torch.Generator(device=total.device).manual_seed(seed)
+                noise = torch.randn(
+                    total.shape, generator=gen, device=total.device, dtype=torch.float32
                 )
-            p.grad = (total / expected_batch).to(p.dtype)
+                total = total.add_(noise, alpha=std)
+            p.grad = total.div_(expected_batch).to(p.dtype)
         self.ledger.record_step(self.plan.sampling_rate, self.plan.noise_multiplier)
+
+    # ---- epsilon, off the training thread ----------------------------------------------
+    def plan_logged_epsilons(self, steps: list[int]) -> None:
+        """Start computing, in a background thread, the epsilon after each of `steps` (the
+        steps that will be logged): the noise and sampling rate are fixed, so each is known
+        before the step runs, and the accountant stays off the training step."""
+        q, sigma = self.plan.sampling_rate, self.plan.noise_multiplier
+        keys = {
+            s: self.ledger.key_after(s - self.ledger.steps, q, sigma)
+            for s in steps
+            if s > self.ledger.steps
+        }
+        self._epsilon_ahead = EpsilonAhead(keys, self.ledger.epsilon_of_key)
+
+    def logged_epsilon(self) -> float:
+        """The ledger's epsilon now: from the background thread when it is ready."""
+        if self._epsilon_ahead is not None:
+            return self._epsilon_ahead.get(self.ledger.steps, self.ledger.key())
+        return self.ledger.epsilon()
 
     def out_of_budget(self) -> bool:
         return self.budget_steps is not None and self.ledger.steps >= self.budget_steps
@@ -403,6 +437,27 @@ class DPSGD:
             f" accounted with dp-accounting's {p.accountant.upper()} accountant."
         )
         return out
+
+
+class EpsilonAhead:
+    """Epsilons of ledger keys (step -> segments), computed in order by a daemon thread.
+    `get` returns the computed value when the key matches, and otherwise computes it on
+    the calling thread: the number is the same either way (an exact function of the key)."""
+
+    def __init__(self, keys: dict[int, tuple], epsilon_of):
+        self.keys = keys
+        self.epsilon_of = epsilon_of
+        self.values: dict[int, float] = {}
+        threading.Thread(target=self._run, daemon=True, name="privdpo-epsilon").start()
+
+    def _run(self) -> None:
+        for step, key in sorted(self.keys.items()):
+            self.values[step] = self.epsilon_of(key)
+
+    def get(self, step: int, key: tuple) -> float:
+        if self.keys.get(step) == key and step in self.values:
+            return self.values[step]
+        return self.epsilon_of(key)
 
 
 def write_statement(statement: dict, *directories: Path) -> None:

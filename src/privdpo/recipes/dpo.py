@@ -27,10 +27,13 @@ from privdpo.losses import LossParams, PairLogps, preference_loss
 from privdpo.metrics import MetricsLogger
 from privdpo.models import add_lora, load_model_and_tokenizer
 from privdpo.privacy.dpsgd import DPSGD, privacy_units
+from privdpo.profiling import StepProfiler
 from privdpo.reference import build_reference, precompute
 from privdpo.training import (
     EarlyStopping,
+    batch_layout,
     check_run_dir,
+    configure_model,
     create_run_dir,
     finish_run,
     logical_batch,
@@ -66,15 +69,22 @@ def loss_params(cfg: DPORunConfig) -> LossParams:
     )
 
 
-def pair_forward(model, reference, pairs: list[PairExample], cfg, pad_id, device):
-    """Per-pair losses [B] and the per-pair values behind the metrics (detached)."""
-    batch = {k: v.to(device) for k, v in pair_batch(pairs, pad_id).items()}
-    logps, num_tokens = sequence_logps(model, batch)  # chosen and rejected in one pass
+def build_pair_batch(pairs: list[PairExample], cfg: DPORunConfig, pad_id: int, item_unit=None):
+    """The host `TokenBatch` of `pairs` as the train config lays it out."""
+    t = cfg.train
+    return pair_batch(pairs, pad_id, batch_layout(t), t.share_prompt and t.packing, item_unit)
+
+
+def pair_forward(model, reference, pairs: list[PairExample], batch, cfg, sink=None):
+    """Per-pair losses [B] and the per-pair values behind the metrics (detached), for the
+    `batch` of `pairs` (on the model's device)."""
+    attention, compiled = cfg.train.attention, cfg.train.compile
+    logps, num_tokens = sequence_logps(model, batch, sink, attention, compiled)  # both responses
     chosen, rejected = logps.chunk(2)
     chosen_tokens, rejected_tokens = num_tokens.chunk(2)
     ref_chosen = ref_rejected = None
     if reference.kind != "none":
-        ref_chosen, ref_rejected = reference.logps(pairs, batch)
+        ref_chosen, ref_rejected = reference.logps(pairs, batch, attention, compiled)
     out = preference_loss(
         cfg.dpo.loss,
         PairLogps(chosen, rejected, chosen_tokens, rejected_tokens, ref_chosen, ref_rejected),
@@ -88,11 +98,12 @@ def pair_forward(model, reference, pairs: list[PairExample], cfg, pad_id, device
         "logps/chosen": chosen.detach(),
         "logps/rejected": rejected.detach(),
     }
-    return out.losses, values, int(batch["attention_mask"].sum())
+    return out.losses, values
 
 
-def logical_step_metrics(sums: dict, n: int) -> dict:
-    return {k: v / n for k, v in sums.items()}
+def metric_sums(losses: torch.Tensor, values: dict) -> torch.Tensor:
+    """[1 + len(PAIR_METRICS)] sums over the micro-batch's pairs, on the device (no sync)."""
+    return torch.stack([losses.detach().sum(), *(values[k].sum() for k in PAIR_METRICS)])
 
 
 @torch.no_grad()
@@ -100,14 +111,15 @@ def evaluate(model, reference, pairs, cfg, pad_id, device) -> dict:
     """Mean loss and pair metrics over the held-out pairs, with dropout off."""
     was_training = model.training
     model.eval()
-    sums = {"loss": 0.0, **{k: 0.0 for k in PAIR_METRICS}}
+    sums = None
     for chunk in micro_batches(pairs, cfg.train.micro_batch_size):
-        losses, values, _ = pair_forward(model, reference, chunk, cfg, pad_id, device)
-        sums["loss"] += losses.sum().item()
-        for k in PAIR_METRICS:
-            sums[k] += values[k].sum().item()
+        batch = build_pair_batch(chunk, cfg, pad_id).to(device)
+        losses, values = pair_forward(model, reference, chunk, batch, cfg)
+        part = metric_sums(losses, values)
+        sums = part if sums is None else sums + part
     model.train(was_training)
-    return {f"eval/{k}": v / len(pairs) for k, v in sums.items()}
+    names = ["loss", *PAIR_METRICS]
+    return {f"eval/{k}": v / len(pairs) for k, v in zip(names, sums.tolist(), strict=True)}
 
 
 def _disable_dropout(model) -> None:
@@ -136,6 +148,7 @@ def run_dpo(cfg: DPORunConfig, resume: bool = False) -> dict[str, Path]:
         reference.policy = model
     if cfg.dpo.disable_dropout:
         _disable_dropout(model)
+    configure_model(model, cfg.train)
     model.to(device)
     model.train()
     pad_id = tokenizer.pad_token_id
@@ -169,29 +182,35 @@ def run_dpo(cfg: DPORunConfig, resume: bool = False) -> dict[str, Path]:
         record_eval(0, eval_metrics, logger, stopper, run_dir, model)
 
     # ---- train -----------------------------------------------------------------------
+    # The step never waits for the GPU: metrics stay on the device and are read (one sync)
+    # on logging steps only, where the wall time since the last one is also taken.
+    log_steps = [s for s in range(step + 1, total_steps + 1) if s % cfg.train.log_every == 0]
+    if dp is not None:
+        dp.plan_logged_epsilons(log_steps + [total_steps])
+    interval = {"started": time.perf_counter(), "tokens": 0, "steps": 0}
+    share = cfg.train.share_prompt and cfg.train.packing
+    profiler = StepProfiler(run_dir, cfg.train.profile, step, total_steps)
     while step < total_steps and stop_reason is None:
         if dp is not None and dp.out_of_budget():
             stop_reason = dp.budget_message()
             break
-        started = time.perf_counter()
-        chunks, units = logical_batch(step, train, cfg.train, dp)
-        pairs = [item for chunk, _, _ in chunks for item in chunk]
-        sums = {"loss": 0.0, **{k: 0.0 for k in PAIR_METRICS}}
-        seen_tokens = 0
+        profiler.before(step)
+        chunks, units = logical_batch(step, train, cfg.train, dp, share)
+        num_pairs = max(1, sum(len(chunk) for chunk, _, _ in chunks))
+        sums = None
         for chunk, item_unit, weight in chunks:
+            host = build_pair_batch(chunk, cfg, pad_id, item_unit)
+            batch = host.to(device)
             if dp is None:
-                losses, values, tokens = pair_forward(model, reference, chunk, cfg, pad_id, device)
-                (losses.sum() / len(pairs)).backward()
-            else:  # rows i (chosen) and B + i (rejected) belong to pair i's unit
-                with dp.micro_batch(item_unit, rows_per_item=2):
-                    losses, values, tokens = pair_forward(
-                        model, reference, chunk, cfg, pad_id, device
-                    )
-                    (losses * weight.to(losses.device)).sum().backward()
-            sums["loss"] += losses.sum().item()  # a CPU-GPU sync per micro-batch
-            for k in PAIR_METRICS:
-                sums[k] += values[k].sum().item()
-            seen_tokens += tokens
+                losses, values = pair_forward(model, reference, chunk, batch, cfg)
+                (losses.sum() / num_pairs).backward()
+            else:  # the pair (or the user's pairs) is the unit; a user's loss is their mean
+                with dp.micro_batch(host):
+                    losses, values = pair_forward(model, reference, chunk, batch, cfg, dp.head_sink)
+                    (losses * weight.to(device, non_blocking=True)).sum().backward()
+            part = metric_sums(losses, values)
+            sums = part if sums is None else sums + part
+            interval["tokens"] += host.num_tokens
         trainable = [p for p in model.parameters() if p.requires_grad]
         if dp is None:
             max_norm = cfg.train.max_grad_norm
@@ -205,29 +224,35 @@ def run_dpo(cfg: DPORunConfig, resume: bool = False) -> dict[str, Path]:
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
+        profiler.after(step)
         step += 1
-        seconds = time.perf_counter() - started
+        interval["steps"] += 1
         if dp is not None and dp.out_of_budget() and step < total_steps:
             stop_reason = dp.budget_message()
 
-        metrics = logical_step_metrics(sums, max(1, len(pairs)))
-        if dp is not None:
-            metrics["privacy/batch_size"] = len(units)
         if step % cfg.train.log_every == 0 or step == total_steps:
+            names = ["loss", *PAIR_METRICS]
+            metrics = {k: v / num_pairs for k, v in zip(names, sums.tolist(), strict=True)}
+            seconds = time.perf_counter() - interval["started"]  # after the sync above
             if dp is not None:
-                metrics["privacy/epsilon"] = dp.ledger.epsilon()
+                metrics["privacy/batch_size"] = len(units)
+                metrics["privacy/epsilon"] = dp.logged_epsilon()
             logger.log(
                 step,
                 {
                     **metrics,
                     "grad_norm": grad_norm.item(),
                     "learning_rate": lr,
-                    "tokens_per_second": seen_tokens / seconds,
+                    "tokens_per_second": interval["tokens"] / seconds,
+                    "step_seconds": seconds / interval["steps"],
                     "epoch": step / steps_per_epoch(len(train), cfg.train.batch_size),
                 },
             )
+            bar.set_postfix(
+                loss=f"{metrics['loss']:.4f}", acc=f"{metrics['rewards/accuracies']:.2f}"
+            )
+            interval = {"started": time.perf_counter(), "tokens": 0, "steps": 0}
         bar.update(1)
-        bar.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics['rewards/accuracies']:.2f}")
         if evals and (
             (cfg.train.eval_every and step % cfg.train.eval_every == 0) or step == total_steps
         ):
@@ -248,6 +273,7 @@ def run_dpo(cfg: DPORunConfig, resume: bool = False) -> dict[str, Path]:
                 run_state(stopper, dp),
                 cfg.train.keep_checkpoints,
             )
+            interval["started"] = time.perf_counter()  # saving is not training time
     bar.close()
     logger.close()
     return finish_run(cfg, run_dir, model, tokenizer, step, stopper, stop_reason, dp)

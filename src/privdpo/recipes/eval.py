@@ -48,7 +48,7 @@ from privdpo.config import (
     SFTRunConfig,
     load_config,
 )
-from privdpo.data.batching import pad_batch, pair_batch
+from privdpo.data.batching import example_batch, pair_batch
 from privdpo.data.preference import PairExample, load_preference_data, read_pairs
 from privdpo.data.readers import Row, read_rows
 from privdpo.data.sft import messages_field
@@ -98,8 +98,8 @@ def evaluate_preferences(
     parts: dict[str, list[torch.Tensor]] = {k: [] for k in ("c", "r", "rc", "rr")}
     for chunk in micro_batches(pairs, batch_size):
         batch = pair_batch(chunk, pad_id)
-        logps, _ = sequence_logps(policy.eval(), {k: v.to(device) for k, v in batch.items()})
-        ref, _ = sequence_logps(reference.eval(), {k: v.to(ref_device) for k, v in batch.items()})
+        logps, _ = sequence_logps(policy.eval(), batch.to(device))
+        ref, _ = sequence_logps(reference.eval(), batch.to(ref_device))
         for key, value in zip(
             ("c", "r", "rc", "rr"), (*logps.chunk(2), *ref.chunk(2)), strict=True
         ):
@@ -148,8 +148,7 @@ def multiple_choice_correct(
         for t, c in chunk:
             q, choice = tasks[t].question_ids, tasks[t].choice_ids[c]
             seqs.append(_Scored(q + choice, len(q)))
-        batch = {k: v.to(device) for k, v in pad_batch(seqs, pad_id).items()}
-        logps, num_tokens = sequence_logps(model.eval(), batch)
+        logps, num_tokens = sequence_logps(model.eval(), example_batch(seqs, pad_id).to(device))
         if scoring == "mean":
             logps = logps / num_tokens
         for key, value in zip(chunk, logps.tolist(), strict=True):

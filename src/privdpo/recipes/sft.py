@@ -16,16 +16,19 @@ from transformers.utils import logging as hf_logging
 
 from privdpo.checkpoint import save_checkpoint
 from privdpo.config import SFTRunConfig
-from privdpo.data.batching import pad_batch
+from privdpo.data.batching import example_batch
 from privdpo.data.sft import Example, load_sft_data
-from privdpo.logprobs import token_logps
+from privdpo.logprobs import sequence_logps, token_logps
 from privdpo.losses import sft_loss
 from privdpo.metrics import MetricsLogger
 from privdpo.models import add_lora, load_model_and_tokenizer
 from privdpo.privacy.dpsgd import DPSGD, privacy_units
+from privdpo.profiling import StepProfiler
 from privdpo.training import (
     EarlyStopping,
+    batch_layout,
     check_run_dir,
+    configure_model,
     create_run_dir,
     finish_run,
     logical_batch,
@@ -41,22 +44,16 @@ from privdpo.training import (
 )
 
 
-def _to(batch: dict, device: torch.device) -> dict:
-    return {k: v.to(device) for k, v in batch.items()}
+def build_example_batch(examples: list[Example], cfg: SFTRunConfig, pad_id: int, item_unit=None):
+    """The host `TokenBatch` of `examples` as the train config lays it out."""
+    return example_batch(examples, pad_id, batch_layout(cfg.train), item_unit)
 
 
-def micro_batch_loss(model, batch: dict, num_tokens: int) -> torch.Tensor:
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    logps, mask = token_logps(logits, batch["labels"])
-    return sft_loss(logps, mask, num_tokens)
-
-
-def example_losses(model, batch: dict) -> torch.Tensor:
+def example_losses(model, batch, cfg: SFTRunConfig, sink=None) -> torch.Tensor:
     """[B] each example's token-mean NLL: the per-unit loss under differential privacy
     (a unit's loss may depend on that unit only, so no batch-wide token count)."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    logps, mask = token_logps(logits, batch["labels"])
-    return -logps.sum(-1) / mask.sum(-1).clamp(min=1)
+    logps, num_tokens = sequence_logps(model, batch, sink, cfg.train.attention, cfg.train.compile)
+    return -logps / num_tokens.clamp(min=1)
 
 
 def count_label_tokens(examples: list[Example]) -> int:
@@ -69,12 +66,13 @@ def evaluate(model, examples: list[Example], cfg: SFTRunConfig, pad_id: int, dev
     """Token-mean NLL over the held-out split (dropout off)."""
     was_training = model.training
     model.eval()
-    total_nll, total_tokens = 0.0, count_label_tokens(examples)
+    total_nll, total_tokens = None, count_label_tokens(examples)
     for chunk in micro_batches(examples, cfg.train.micro_batch_size):
-        batch = _to(pad_batch(chunk, pad_id), device)
-        total_nll += micro_batch_loss(model, batch, 1).item()
+        batch = build_example_batch(chunk, cfg, pad_id).to(device)
+        part = sft_loss(token_logps(model, batch, None, cfg.train.attention, cfg.train.compile), 1)
+        total_nll = part if total_nll is None else total_nll + part
     model.train(was_training)
-    loss = total_nll / max(1, total_tokens)
+    loss = total_nll.item() / max(1, total_tokens)
     return {"eval/loss": loss, "eval/perplexity": float(torch.tensor(loss).exp())}
 
 
@@ -98,6 +96,7 @@ def run_sft(cfg: SFTRunConfig, resume: bool = False) -> dict[str, Path]:
     print(summary.table())
     if cfg.model.lora.enabled:
         model = add_lora(model, cfg.model.lora)
+    configure_model(model, cfg.train)
     model.to(device)
     model.train()
     optimizer = make_optimizer(model, cfg.train)
@@ -122,27 +121,38 @@ def run_sft(cfg: SFTRunConfig, resume: bool = False) -> dict[str, Path]:
         record_eval(0, eval_metrics, logger, stopper, run_dir, model)
 
     # ---- train -----------------------------------------------------------------------
+    # The step never waits for the GPU: the loss stays on the device and is read (one
+    # sync) on logging steps only, where the wall time since the last one is also taken.
+    log_steps = [s for s in range(step + 1, total_steps + 1) if s % cfg.train.log_every == 0]
+    if dp is not None:
+        dp.plan_logged_epsilons(log_steps + [total_steps])
+    interval = {"started": time.perf_counter(), "tokens": 0, "steps": 0}
+    attention = cfg.train.attention
+    profiler = StepProfiler(run_dir, cfg.train.profile, step, total_steps)
     while step < total_steps and stop_reason is None:
         if dp is not None and dp.out_of_budget():
             stop_reason = dp.budget_message()
             break
-        started = time.perf_counter()
+        profiler.before(step)
         chunks, units = logical_batch(step, train, cfg.train, dp)
         examples = [item for chunk, _, _ in chunks for item in chunk]
-        num_tokens = count_label_tokens(examples)
-        loss_sum, seen_tokens = 0.0, 0
+        num_tokens = max(1, count_label_tokens(examples))
+        loss_sum = None
         for chunk, item_unit, weight in chunks:
-            batch = _to(pad_batch(chunk, pad_id), device)
+            host = build_example_batch(chunk, cfg, pad_id, item_unit)
+            batch = host.to(device)
             if dp is None:
-                loss = micro_batch_loss(model, batch, max(1, num_tokens))
+                loss = sft_loss(
+                    token_logps(model, batch, None, attention, cfg.train.compile), num_tokens
+                )
                 loss.backward()
             else:  # each item's loss weighted by 1 / (items of its unit): a unit's mean
-                with dp.micro_batch(item_unit):
-                    losses = example_losses(model, batch)
-                    (losses * weight.to(losses.device)).sum().backward()
+                with dp.micro_batch(host):
+                    losses = example_losses(model, batch, cfg, dp.head_sink)
+                    (losses * weight.to(device, non_blocking=True)).sum().backward()
                 loss = losses.sum() / max(1, len(examples))
-            loss_sum += loss.item()  # a CPU-GPU sync per micro-batch; fine at this size
-            seen_tokens += int(batch["attention_mask"].sum())
+            loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
+            interval["tokens"] += host.num_tokens
         trainable = [p for p in model.parameters() if p.requires_grad]
         if dp is None:
             max_norm = cfg.train.max_grad_norm
@@ -156,31 +166,36 @@ def run_sft(cfg: SFTRunConfig, resume: bool = False) -> dict[str, Path]:
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
+        profiler.after(step)
         step += 1
-        seconds = time.perf_counter() - started
+        interval["steps"] += 1
         if dp is not None and dp.out_of_budget() and step < total_steps:
             stop_reason = dp.budget_message()
 
         if step % cfg.train.log_every == 0 or step == total_steps:
+            loss_value = loss_sum.item()
+            seconds = time.perf_counter() - interval["started"]  # after the sync above
             private = {}
             if dp is not None:
                 private = {
-                    "privacy/epsilon": dp.ledger.epsilon(),
+                    "privacy/epsilon": dp.logged_epsilon(),
                     "privacy/batch_size": len(units),
                 }
             logger.log(
                 step,
                 {
                     **private,
-                    "loss": loss_sum,
+                    "loss": loss_value,
                     "grad_norm": grad_norm.item(),
                     "learning_rate": lr,
-                    "tokens_per_second": seen_tokens / seconds,
+                    "tokens_per_second": interval["tokens"] / seconds,
+                    "step_seconds": seconds / interval["steps"],
                     "epoch": step / steps_per_epoch(len(train), cfg.train.batch_size),
                 },
             )
+            bar.set_postfix(loss=f"{loss_value:.4f}")
+            interval = {"started": time.perf_counter(), "tokens": 0, "steps": 0}
         bar.update(1)
-        bar.set_postfix(loss=f"{loss_sum:.4f}", tok_s=f"{seen_tokens / seconds:.0f}")
         if evals and (
             (cfg.train.eval_every and step % cfg.train.eval_every == 0) or step == total_steps
         ):
@@ -201,6 +216,7 @@ def run_sft(cfg: SFTRunConfig, resume: bool = False) -> dict[str, Path]:
                 run_state(stopper, dp),
                 cfg.train.keep_checkpoints,
             )
+            interval["started"] = time.perf_counter()  # saving is not training time
     bar.close()
     logger.close()
     return finish_run(cfg, run_dir, model, tokenizer, step, stopper, stop_reason, dp)

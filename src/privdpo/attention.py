@@ -1,0 +1,227 @@
+"""Attention over packed sequences, registered with transformers as `privdpo`.
+
+A packed batch (`data/batching.py`) is one row of several segments. Within a segment a
+query attends causally to earlier tokens of its own branch and to the segment's shared
+prefix; never to another segment, and a rejected response never to the chosen one.
+
+privdpo loads every model with attention implementation `privdpo`: a call whose mask is
+a `PackedAttention` runs one of the backends below; any other call (generation, a padded
+batch) is transformers' own SDPA attention with its own mask, unchanged.
+
+Backends (`train.attention`):
+- `varlen`: FlashAttention-2 for variable-length sequences through PyTorch's
+  `torch.nn.attention.varlen.varlen_attn` (CUDA, bf16/fp16). Each query block (a prefix
+  with its first continuation; each later continuation) gets its own key set, gathered
+  from the packed keys; the causal mask is aligned to the block's last key, so a
+  continuation's first token sees the whole prefix. Nothing is spent on pairs of tokens
+  that never meet.
+- `flex`: FlexAttention with a block mask built from the same per-token segment and
+  branch ids (compiled; skips the blocks that are fully masked).
+- `sdpa`: PyTorch's scaled_dot_product_attention with a dense [L, L] boolean mask: exact
+  and simple, the reference the others are tested against, and the CPU path. Its cost
+  grows with the square of the packed length, so it is not for long GPU batches.
+`auto` is varlen on CUDA when it applies (no attention dropout, half precision), else sdpa.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+ATTENTION = "privdpo"
+BACKENDS = ("auto", "varlen", "flex", "sdpa")
+
+
+class PackedAttention:
+    """The mask argument of a packed forward pass: the batch's segment layout on the
+    device, and the backend that runs it. Derived tensors are built on first use and
+    shared by every layer."""
+
+    def __init__(self, batch, backend: str = "auto"):
+        if backend not in BACKENDS:
+            raise ValueError(f"attention backend must be one of {BACKENDS}, got {backend!r}")
+        self.batch = batch
+        self.backend = backend
+        self._cache: dict = {}
+
+    def resolve(self, query: torch.Tensor, dropout: float) -> str:
+        if self.backend != "auto":
+            return self.backend
+        if query.is_cuda and dropout == 0 and query.dtype in (torch.bfloat16, torch.float16):
+            if _varlen() is not None:
+                return "varlen"
+        return "sdpa"
+
+    def __call__(self, query, key, value, scaling: float | None, dropout: float):
+        """query [1, Hq, L, D], key/value [1, Hkv, L, D] -> output [1, L, Hq, D]."""
+        backend = self.resolve(query, dropout)
+        if backend == "varlen":
+            if dropout:
+                raise ValueError("train.attention=varlen has no attention dropout; use sdpa")
+            return self._varlen(query, key, value, scaling)
+        if backend == "flex":
+            if dropout:
+                raise ValueError("train.attention=flex has no attention dropout; use sdpa")
+            return self._flex(query, key, value, scaling)
+        return self._sdpa(query, key, value, scaling, dropout)
+
+    # ---- sdpa: a dense mask -----------------------------------------------------------
+    def dense_mask(self, device) -> torch.Tensor:
+        """[1, 1, L, L] True where query q may attend key k."""
+        if "dense" not in self._cache:
+            seg, branch = self.batch.segment.to(device), self.batch.branch.to(device)
+            idx = torch.arange(len(seg), device=device)
+            same = seg[:, None] == seg[None, :]
+            causal = idx[None, :] <= idx[:, None]
+            visible = (branch[None, :] == 0) | (branch[None, :] == branch[:, None])
+            self._cache["dense"] = (same & causal & visible)[None, None]
+        return self._cache["dense"]
+
+    def _sdpa(self, query, key, value, scaling, dropout):
+        out = F.scaled_dot_product_attention(
+            query,
+            key,
+            value,
+            attn_mask=self.dense_mask(query.device),
+            dropout_p=dropout,
+            scale=scaling,
+            enable_gqa=query.shape[1] != key.shape[1],
+        )
+        return out.transpose(1, 2).contiguous()
+
+    # ---- varlen: FlashAttention over query blocks --------------------------------------
+    def _blocks(self, device):
+        if "blocks" not in self._cache:
+            b = self.batch
+            cu_q = torch.tensor([0, *_cumsum(b.query_lengths)], dtype=torch.int32)
+            cu_k = torch.tensor([0, *_cumsum(b.key_lengths)], dtype=torch.int32)
+            index = b.key_index.to(device) if b.key_index is not None else None
+            self._cache["blocks"] = (
+                cu_q.to(device, non_blocking=True),
+                cu_k.to(device, non_blocking=True),
+                max(b.query_lengths),
+                max(b.key_lengths),
+                index,
+            )
+        return self._cache["blocks"]
+
+    def _varlen(self, query, key, value, scaling):
+        attn, params = _varlen()
+        cu_q, cu_k, max_q, max_k, index = self._blocks(query.device)
+        q = query[0].transpose(0, 1)  # [L, Hq, D]
+        k = key[0].transpose(0, 1)
+        v = value[0].transpose(0, 1)
+        if index is not None:  # later continuations see the prefix again: gather its keys
+            k, v = k.index_select(0, index), v.index_select(0, index)
+        kwargs = {"scale": scaling}
+        if "window_size" in params:
+            kwargs["window_size"] = (-1, 0)
+        else:
+            kwargs["is_causal"] = True
+        if q.shape[1] != k.shape[1]:
+            if "enable_gqa" in params:
+                kwargs["enable_gqa"] = True
+            else:
+                repeat = q.shape[1] // k.shape[1]
+                k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
+        out = attn(
+            q.contiguous(), k.contiguous(), v.contiguous(), cu_q, cu_k, max_q, max_k, **kwargs
+        )
+        return out.unsqueeze(0)
+
+    # ---- flex: a block mask ------------------------------------------------------------
+    def _flex(self, query, key, value, scaling):
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        if "block" not in self._cache:
+            seg = self.batch.segment.to(query.device)
+            branch = self.batch.branch.to(query.device)
+
+            def mask_mod(b, h, q, k):
+                visible = (branch[k] == 0) | (branch[k] == branch[q])
+                return (seg[q] == seg[k]) & (k <= q) & visible
+
+            length = len(seg)
+            self._cache["block"] = create_block_mask(
+                mask_mod, None, None, length, length, device=query.device
+            )
+        out = _flex_attention()(
+            query,
+            key,
+            value,
+            block_mask=self._cache["block"],
+            scale=scaling,
+            enable_gqa=query.shape[1] != key.shape[1],
+        )
+        return out.transpose(1, 2).contiguous()
+
+
+def _cumsum(values: list[int]) -> list[int]:
+    out, total = [], 0
+    for v in values:
+        total += v
+        out.append(total)
+    return out
+
+
+@functools.cache
+def _varlen():
+    """(varlen_attn, its parameter names), or None when this torch has none."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    return varlen_attn, set(inspect.signature(varlen_attn).parameters)
+
+
+@functools.cache
+def _flex_attention():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=True)
+
+
+@torch.compiler.disable  # eager between the compiled halves of a layer (train.compile)
+def privdpo_attention(
+    module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs
+):
+    """The attention function transformers calls for every layer of a privdpo model."""
+    packed = getattr(attention_mask, "privdpo_packed", None)
+    if packed is not None:
+        return packed(query, key, value, scaling, dropout), None
+    return sdpa_attention_forward(
+        module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
+    )
+
+
+def register() -> str:
+    """Make `privdpo` a transformers attention implementation (idempotent); its masks for
+    ordinary calls are SDPA's."""
+    AttentionInterface.register(ATTENTION, privdpo_attention)
+    AttentionMaskInterface.register(ATTENTION, sdpa_mask)
+    return ATTENTION
+
+
+def packable(model) -> bool:
+    """Whether packed batches can run through `model`: every layer is full attention (no
+    sliding windows, which packing would ignore)."""
+    layer_types = getattr(model.config, "layer_types", None) or ["full_attention"]
+    return set(layer_types) == {"full_attention"}
+
+
+def mask_argument(attention: PackedAttention, device) -> torch.Tensor:
+    """The `attention_mask` to pass to a decoder for a packed batch.
+
+    transformers takes a 4D tensor as a prepared mask and hands it to every layer's
+    attention unchanged, so the packed layout rides on one: an empty [1, 1, 0, 0] tensor
+    carrying the `PackedAttention` as an attribute. Should a model's code ever hand it to
+    stock attention instead, the empty shape fails loudly rather than attending wrongly."""
+    carrier = torch.empty((1, 1, 0, 0), dtype=torch.bool, device=device)
+    carrier.privdpo_packed = attention
+    return carrier
