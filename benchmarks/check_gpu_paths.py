@@ -1,0 +1,141 @@
+"""The CUDA-only paths checked against the CPU-tested reference, on a GPU (CI has none).
+
+- varlen FlashAttention (and FlexAttention) on packed, prompt-sharing batches against the
+  dense-mask SDPA path: per-sequence log-probs and gradients, bf16 and fp32-accumulated;
+- the chunked head's float32 accumulation of the weight gradient (`addmm(out_dtype=)`);
+- DP clipped sums on the GPU, ghost clipping on and off, against the per-unit path.
+
+    PYTHONPATH=src python benchmarks/check_gpu_paths.py
+Prints one line per check and exits non-zero if one fails.
+"""
+
+from __future__ import annotations
+
+import random
+import sys
+
+import torch
+from transformers import AutoModelForCausalLM, Qwen2Config
+
+from privdpo.attention import _varlen, register
+from privdpo.data.batching import pair_batch
+from privdpo.data.preference import PairExample
+from privdpo.logprobs import add_product, sequence_logps
+from privdpo.privacy.clipping import PerUnitGradients
+
+
+def model(dtype):
+    torch.manual_seed(0)
+    config = Qwen2Config(
+        vocab_size=4096,
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+    )
+    m = AutoModelForCausalLM.from_config(config, dtype=dtype).cuda().train()
+    m.set_attn_implementation(register())
+    return m
+
+
+def pairs(n=6, seed=0):
+    rng = random.Random(seed)
+
+    def ids(k):
+        return [rng.randrange(4096) for _ in range(k)]
+
+    return [
+        PairExample(
+            ids(rng.randint(20, 200)),
+            ids(rng.randint(5, 150)),
+            ids(rng.randint(5, 150)),
+            f"p{i}",
+            None,
+        )
+        for i in range(n)
+    ]
+
+
+def grads_of(m, batch, attention, weights):
+    m.zero_grad(set_to_none=True)
+    logps, _ = sequence_logps(m, batch, attention=attention)
+    (logps * weights).sum().backward()
+    return logps.detach(), torch.cat([p.grad.flatten().float() for p in m.parameters()])
+
+
+def rel(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def main() -> int:
+    failures = 0
+
+    def check(name, value, limit):
+        nonlocal failures
+        ok = value <= limit
+        failures += not ok
+        print(f"{'ok  ' if ok else 'FAIL'} {name}: {value:.3g} (limit {limit:g})", flush=True)
+
+    varlen = _varlen()
+    print("varlen_attn:", None if varlen is None else sorted(varlen[1]))
+    ps = pairs()
+    weights = torch.linspace(-1, 1, 2 * len(ps), device="cuda")
+    for dtype, limit in ((torch.float32, 2e-4), (torch.bfloat16, 2e-2)):
+        m = model(dtype)
+        dense = pair_batch(ps, 0).to("cuda")
+        ref_logps, ref_grads = grads_of(m, dense, "sdpa", weights)
+        padded = pair_batch(ps, 0, "padded", False).to("cuda")
+        lp, g = grads_of(m, padded, "auto", weights)
+        check(f"{dtype} padded vs packed-sdpa logps", rel(lp, ref_logps), limit)
+        check(f"{dtype} padded vs packed-sdpa grads", rel(g, ref_grads), 5 * limit)
+        for backend in ("varlen", "flex"):
+            if backend == "varlen" and (varlen is None or dtype == torch.float32):
+                continue
+            try:
+                lp, g = grads_of(m, dense, backend, weights)
+            except Exception as e:  # report and go on: the benchmark says which backend runs
+                failures += 1
+                print(f"FAIL {dtype} {backend}: {type(e).__name__}: {e}"[:400], flush=True)
+                continue
+            check(f"{dtype} {backend} vs sdpa logps", rel(lp, ref_logps), limit)
+            check(f"{dtype} {backend} vs sdpa grads", rel(g, ref_grads), 5 * limit)
+
+    # float32 accumulation of bf16 products
+    a = torch.randn(4096, 512, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(512, 256, device="cuda", dtype=torch.bfloat16)
+    acc = torch.zeros(4096, 256, device="cuda")
+    try:
+        add_product(acc, a, b)
+        check("add_product vs fp32 matmul", rel(acc, a.float() @ b.float()), 1e-5)
+    except Exception as e:
+        failures += 1
+        print(f"FAIL add_product: {type(e).__name__}: {e}"[:300])
+
+    # DP on the GPU: ghost and per-unit clipped sums agree (fp32)
+    m = model(torch.float32)
+    ref_model = model(torch.float32).eval()
+    batch_host = pair_batch(ps, 0, item_unit=list(range(len(ps))))
+    batch = batch_host.to("cuda")
+    sums = {}
+    for ghost in (False, True):
+        clipper = PerUnitGradients(m, ghost=ghost)
+        with clipper.units(batch_host):
+            logps, _ = sequence_logps(m, batch, clipper.head_sink)
+            with torch.no_grad():
+                ref, _ = sequence_logps(ref_model, batch)
+            margin = (logps - ref).chunk(2)
+            (-torch.nn.functional.logsigmoid(0.1 * (margin[0] - margin[1]))).sum().backward()
+        norms = clipper.clip_and_accumulate(0.5)
+        total = clipper.take_clipped_sum()
+        sums[ghost] = (norms, torch.cat([total[id(p)].flatten() for p in clipper.params]))
+        clipper.detach()
+    check("ghost vs per-unit norms (GPU)", rel(sums[True][0], sums[False][0]), 1e-4)
+    check("ghost vs per-unit clipped sum (GPU)", rel(sums[True][1], sums[False][1]), 1e-4)
+    print("failures:", failures)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
