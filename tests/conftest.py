@@ -19,7 +19,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="session", autouse=True)
 def private_cache_dir(tmp_path_factory):
-    """Accounting results are cached on disk (privdpo.privacy.user_level); tests write
+    """Accounting results are cached on disk (privdpo.privacy.els_accounting); tests write
     them to a temporary directory, never to the user's ~/.cache."""
     os.environ["PRIVDPO_CACHE_DIR"] = str(tmp_path_factory.mktemp("privdpo-cache"))
 

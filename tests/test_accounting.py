@@ -11,13 +11,13 @@ from dp_accounting.rdp.rdp_privacy_accountant import DEFAULT_RDP_ORDERS
 from privdpo.privacy import accounting
 from privdpo.privacy.accounting import (
     ACCOUNTANTS,
-    PrivacyLedger,
     calibrate_noise,
     default_delta,
     dpsgd_event,
     epsilon,
     max_steps_within,
 )
+from privdpo.privacy.ledger import PrivacyLedger
 
 # (sampling_rate, noise_multiplier, steps, delta) -> epsilon observed with dp-accounting
 # 0.6.0, PLD grid 1e-3 and the library's default RDP orders. A change of accountant
@@ -281,7 +281,7 @@ def mog_step(q, sigma, k):
 
 
 def test_els_ledger_matches_direct_mixture_of_gaussians(empty_privacy_cache):
-    from privdpo.privacy.user_level import els_epsilon
+    from privdpo.privacy.els_accounting import els_epsilon
 
     q1, s1, q2, s2, k = 0.05, 1.5, 0.1, 2.0, 2
     ledger = PrivacyLedger(unit="user", delta=1e-5, els_bound=k)
@@ -333,7 +333,7 @@ def test_els_ledger_with_bound_one_is_dp_sgd():
 
 
 def test_els_ledger_max_more_steps(empty_privacy_cache):
-    from privdpo.privacy.user_level import els_epsilon, els_max_steps_within
+    from privdpo.privacy.els_accounting import els_epsilon, els_max_steps_within
 
     q, sigma, k, target = 0.02, 1.5, 3, 2.0
     fresh = PrivacyLedger(unit="user", delta=1e-5, els_bound=k)

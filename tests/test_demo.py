@@ -62,6 +62,28 @@ def test_the_dp_run_states_user_level_privacy(demo):
     assert statement["units_kept"] <= statement["users"] * statement["contribution_bound"]
 
 
+def test_the_statement_is_end_to_end_and_matches_the_lineage(demo):
+    """The tokenizer and SFT saw only public reviewers: the DP-DPO statement's end-to-end
+    bound is its own epsilon by parallel composition, and the lineage says why."""
+    out, summary = demo
+    statement = summary["privacy"]
+    end = statement["end_to_end"]
+    assert end["composition"] == "parallel" and end["no_guarantee"] == []
+    assert end["epsilon"] == statement["stage_epsilon"] == statement["epsilon"]
+    assert [s["recipe"] for s in end["parallel_stages"]] == ["tokenizer fit", "sft"]
+    assert all(s["overlapping_users"] == 0 for s in end["parallel_stages"])
+    lineage = json.loads((out / "dp-dpo" / "adapter" / "lineage.json").read_text())
+    assert [s["recipe"] for s in lineage["stages"]] == ["tokenizer fit", "sft", "dpo"]
+    assert lineage["stages"][-1]["ledger"] == statement["ledger"]
+    # No reviewer is on both sides of the split.
+    pairs = [json.loads(line) for line in (out / "data" / "pairs.jsonl").open()]
+    public = [json.loads(line) for line in (out / "data" / "public_reviews.jsonl").open()]
+    assert not {p["user_id"] for p in pairs} & {r["user_id"] for r in public}
+    report = (out / "dp-dpo" / "report.html").read_text()
+    assert "parallel composition" in report
+    assert f"epsilon = {statement['epsilon']:.4g}" in statement["summary"]
+
+
 def test_the_demo_page_and_every_report_exist(demo):
     out, summary = demo
     page = (out / "demo.html").read_text()

@@ -398,7 +398,9 @@ def test_a_run_with_little_in_it_still_gets_a_report(tmp_path):
     (tmp_path / "privacy.json").write_text(json.dumps({"unit": "example", "epsilon": 3.0}))
     html = write_report(tmp_path).read_text()
     assert "Each training example&#x27;s data influences this model by at most epsilon = 3," in html
-    (tmp_path / "privacy.json").write_text(json.dumps({"epsilon": float("inf")}))
+    (tmp_path / "privacy.json").write_text(json.dumps({"epsilon": float("inf")}))  # older runs
+    assert "NO formal privacy guarantee: epsilon is infinite" in write_report(tmp_path).read_text()
+    (tmp_path / "privacy.json").write_text(json.dumps({"epsilon": None, "private": False}))
     assert "NO formal privacy guarantee: epsilon is infinite" in write_report(tmp_path).read_text()
 
 

@@ -17,6 +17,7 @@ import privdpo.recipes.dpo
 from conftest import REPO, Crash, crash_after_step, without_timing, write_jsonl
 from privdpo.cli import main
 from privdpo.metrics import read_metrics
+from privdpo.privacy.ledger import PrivacyLedger, composed_epsilon
 from privdpo.sweep import parse_grid, plan_sweep, point_name
 from test_dpo import marker_pairs
 from test_report import check_report
@@ -91,6 +92,18 @@ def test_a_sweep_trains_every_point_and_compares_them(whole, tmp_path):
         logged = [r for r in read_metrics(out / p["name"]) if "eval/rewards/accuracies" in r]
         assert p["metric"] == logged[-1]["eval/rewards/accuracies"] and logged[-1]["step"] == 3
         assert p["final_metrics"]["eval/rewards/accuracies"] == p["metric"]
+
+    # The sweep as a release: both private points compose on the same pairs; the non-private
+    # ones void any guarantee for a choice that looks at them, and the page says both.
+    cost = result["privacy"]
+    (group,) = cost["composed"]
+    private = [p for p in points if p["private"]]
+    ledgers = [PrivacyLedger.from_dict(p["ledger"]) for p in private]
+    assert group["points"] == [p["name"] for p in private] and group["unit"] == "pair"
+    assert group["epsilon"] == pytest.approx(composed_epsilon(ledgers, group["delta"]), rel=1e-12)
+    assert group["epsilon"] > max(p["epsilon"] for p in private)
+    assert cost["non_private_points"] == 2 and "has no guarantee" in cost["statement"]
+    assert "Privacy of the sweep" in whole["html"]
 
     # The page: self-contained, both curves decode in a real browser, every point is there.
     page = tmp_path / "sweep.html"

@@ -10,23 +10,25 @@ import dp_accounting
 import numpy as np
 import pytest
 
-from privdpo.privacy import accounting, user_level
+from privdpo.privacy import accounting, els_accounting
 from privdpo.privacy.accounting import calibrate_noise, epsilon
-from privdpo.privacy.user_level import (
-    PlanRow,
+from privdpo.privacy.contributions import cap_contributions, units_per_user
+from privdpo.privacy.els_accounting import (
     calibrate_els_noise,
-    cap_contributions,
-    default_bound_els,
-    default_bound_uls,
-    default_candidates,
     els_epsilon,
     els_group_epsilon,
     els_max_steps_within,
     els_step_event,
+)
+from privdpo.privacy.ledger import PrivacyLedger
+from privdpo.privacy.planning import (
+    PlanRow,
+    default_bound_els,
+    default_bound_uls,
+    default_candidates,
     format_plan,
     plan_user_level,
     uls_predictions,
-    units_per_user,
 )
 
 
@@ -34,7 +36,7 @@ from privdpo.privacy.user_level import (
 def private_cache_dir(tmp_path, monkeypatch):
     """Each test gets an empty disk cache: nothing is read from or written to ~/.cache."""
     directory = tmp_path / "privdpo-cache"
-    monkeypatch.setenv(user_level.CACHE_DIR_ENV, str(directory))
+    monkeypatch.setenv(els_accounting.CACHE_DIR_ENV, str(directory))
     return directory
 
 
@@ -231,14 +233,14 @@ def test_disk_cache_is_json_and_read_back(private_cache_dir):
     files[0].write_text(json.dumps(record))
     assert els_epsilon(0.03, 1.7, 3, 50, 1e-5) == 123.0
     # A ledger asks at every logged step: it keeps its values in memory only.
-    ledger = accounting.PrivacyLedger(unit="user", delta=1e-5, els_bound=3)
+    ledger = PrivacyLedger(unit="user", delta=1e-5, els_bound=3)
     ledger.record_step(0.03, 1.7)
     ledger.epsilon()
     assert len(list(private_cache_dir.rglob("*.json"))) == 1
 
 
 def test_disk_cache_off_with_empty_directory_name(private_cache_dir, monkeypatch):
-    monkeypatch.setenv(user_level.CACHE_DIR_ENV, "")
+    monkeypatch.setenv(els_accounting.CACHE_DIR_ENV, "")
     els_epsilon(0.03, 1.9, 3, 50, 1e-5)
     calibrate_els_noise(4.0, 1e-5, 0.03, 3, 50)
     assert not private_cache_dir.exists()
@@ -283,7 +285,7 @@ def test_cap_contributions_is_deterministic_and_depends_on_the_seed():
 def test_cap_contributions_is_the_same_in_another_process():
     users = interleaved_users()
     code = (
-        "import json, sys; from privdpo.privacy.user_level import cap_contributions;"
+        "import json, sys; from privdpo.privacy.contributions import cap_contributions;"
         "print(json.dumps(cap_contributions(json.loads(sys.argv[1]), 4, 7)))"
     )
     out = subprocess.run(
@@ -431,9 +433,9 @@ def test_plan_for_100k_units_of_5k_users_is_fast():
     # Cold: nothing in memory (the disk cache is this test's empty directory).
     accounting._calibrate_noise.cache_clear()
     accounting._composed_epsilon.cache_clear()
-    user_level._calibrate_els_noise.cache_clear()
-    user_level._els_composed_epsilon.cache_clear()
-    user_level._els_step_pld.cache_clear()
+    els_accounting._calibrate_els_noise.cache_clear()
+    els_accounting._els_composed_epsilon.cache_clear()
+    els_accounting._els_step_pld.cache_clear()
     start = time.perf_counter()
     rows = plan_user_level(counts, 64, 1000, 8.0, 1e-5)
     seconds = time.perf_counter() - start

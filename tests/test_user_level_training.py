@@ -21,8 +21,9 @@ from privdpo.data.batching import pair_batch
 from privdpo.data.preference import PairExample
 from privdpo.models import build_preset
 from privdpo.privacy.accounting import epsilon
-from privdpo.privacy.dpsgd import DPSGD, PrivacyPlan, UserBound
-from privdpo.privacy.user_level import els_epsilon, els_group_epsilon
+from privdpo.privacy.dpsgd import DPSGD
+from privdpo.privacy.els_accounting import els_epsilon, els_group_epsilon
+from privdpo.privacy.planning import PrivacyPlan, UserBound
 from test_clipping import dpo_unit_losses, pairs
 from test_dp_recipe import run
 from test_dpo import marker_pairs

@@ -77,8 +77,13 @@ def _privacy_plan(args: argparse.Namespace) -> None:
     from privdpo.data.preference import load_preference_data
     from privdpo.data.sft import load_sft_data
     from privdpo.models import load_model_and_tokenizer
-    from privdpo.privacy.dpsgd import plan_from_config, privacy_units
-    from privdpo.privacy.user_level import format_plan, plan_user_level, units_per_user
+    from privdpo.privacy.contributions import units_per_user
+    from privdpo.privacy.planning import (
+        format_plan,
+        plan_from_config,
+        plan_user_level,
+        privacy_units,
+    )
     from privdpo.training import planned_steps
 
     is_dpo = "dpo" in (yaml.safe_load(open(args.config, encoding="utf-8")) or {})
@@ -113,6 +118,17 @@ def _privacy_plan(args: argparse.Namespace) -> None:
             f" (delta {plan.delta:.3g}), {len(counts)} users, {len(items)} {unit}s:"
         )
         print(format_plan(rows))
+
+
+def _privacy_verify(args: argparse.Namespace) -> None:
+    """Recompute every epsilon of a run from its ledger with plain dp-accounting."""
+    from privdpo.privacy.verify import report, verify
+
+    checks = verify(args.run_dir)
+    print(report(checks))
+    bad = [c["name"] for c in checks if not c["matches"] or c["below_default"]]
+    if bad:
+        raise UserError(f"privacy verify: {', '.join(bad)} did not reproduce (see the table above)")
 
 
 def _demo(args: argparse.Namespace) -> None:
@@ -258,6 +274,14 @@ example:
     plan.add_argument("config", help="YAML config file (an sft or a dpo config)")
     plan.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides")
     plan.set_defaults(func=_privacy_plan)
+    check = privacy_commands.add_parser(
+        "verify",
+        help="recompute every epsilon of a run from its ledger with plain dp-accounting",
+        description="Recompute every epsilon in RUN_DIR/privacy.json (this run's and the"
+        " end-to-end one) from the ledger with plain dp-accounting calls, and print both.",
+    )
+    check.add_argument("run_dir", metavar="RUN_DIR")
+    check.set_defaults(func=_privacy_verify)
 
     demo = commands.add_parser(
         "demo",

@@ -100,6 +100,11 @@ class DataConfig:
         True, "append the EOS token to plain-text completions (chat templates end turns)"
     )
     user_id_column: str = opt("user_id", "column that names the user a row came from")
+    user_salt_file: str = opt(
+        ".privdpo/user-salt",
+        "the project's salt for hashing user ids in lineage (created on first use; keep it"
+        " out of run directories)",
+    )
     max_prompt_length: int | None = opt(
         None, "DPO: cap on prompt tokens (the prompt's end is kept); null: only max_length"
     )
@@ -243,6 +248,11 @@ class PrivacyConfig:
     accountant: Literal["pld", "rdp"] = opt("pld", "dp-accounting accountant")
     secure_noise: bool = opt(
         False, "draw noise from a cryptographically seeded generator (runs not reproducible)"
+    )
+    require_end_to_end: bool = opt(
+        False,
+        "refuse to start when the statement could not cover every user of this run end to"
+        " end (an earlier stage used their data without privacy, or with another unit)",
     )
     ghost_clipping: bool = opt(
         False,
@@ -635,6 +645,9 @@ class DemoConfig:
     )
     dpo_epochs: int = opt(3, "DPO passes over the pairs")
     target_epsilon: float = opt(8.0, "user-level epsilon of the DP-DPO run (ULS)")
+    user_salt_file: str = opt(
+        ".privdpo/user-salt", "the salt for hashing reviewer ids in the runs' lineage"
+    )
     device: str = opt("auto", "auto (cuda if present), cpu, cuda or cuda:N")
 
 

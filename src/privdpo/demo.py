@@ -6,12 +6,16 @@ ground-truth reward; DPO should raise the reward at a small KL to the reference.
 with nothing downloaded:
 
 1. a review corpus from the project's own generator (`demo_corpus`), reviewers with a
-   skewed number of reviews each;
-2. SFT of a preset model from random initialization on half of the reviews (it learns
-   the grammar, positive and negative alike);
-3. prompts = 2-8-word prefixes of the other reviews; `privdpo pairs` samples completions
-   from the SFT model and the VADER lexicon judge prefers the more positive one;
-4. DPO without privacy, and DPO with user-level DP (ULS, the reviewers are the users);
+   skewed number of reviews each, split into two disjoint groups of reviewers: *public*
+   reviewers (a stand-in for a public corpus) and *private* ones (the users to protect);
+2. a tokenizer fit on, and SFT of a preset model from random initialization on, the
+   public reviews (it learns the grammar, positive and negative alike), without privacy;
+3. prompts = 2-8-word prefixes of the private reviewers' reviews; `privdpo pairs`
+   samples completions from the SFT model and the VADER lexicon judge prefers the more
+   positive one;
+4. DPO without privacy, and DPO with user-level DP (ULS, the private reviewers are the
+   users). The lineage of the DP-DPO model shows that no earlier stage saw a private
+   reviewer (parallel composition), so its epsilon is true end to end for them;
 5. both evaluated against the SFT model on held-out prefixes: mean judge reward,
    positive-review rate, KL to the SFT model, win rate; more betas of non-private DPO
    give the reward-vs-KL frontier;
@@ -25,6 +29,7 @@ reviews, a GPU).
 from __future__ import annotations
 
 import json
+import random
 import shutil
 from pathlib import Path
 
@@ -43,6 +48,7 @@ from privdpo.errors import UserError
 from privdpo.judges import LexiconJudge
 from privdpo.models import PRESETS, build_preset, build_tiny_tokenizer, load_model_and_tokenizer
 from privdpo.pairs import make_pairs, write_pairs
+from privdpo.privacy import lineage
 from privdpo.recipes.dpo import run_dpo
 from privdpo.recipes.eval import run_eval
 from privdpo.recipes.sft import run_sft
@@ -60,26 +66,35 @@ def run_demo(cfg: DemoRunConfig) -> dict:
     data.mkdir(parents=True)
     (root / MARKER).write_text('{"status": "running"}\n', encoding="utf-8")
 
-    # ---- 1. corpus -------------------------------------------------------------------
+    # ---- 1. corpus, split by reviewer ------------------------------------------------
     reviews = generate_reviews(d.reviews, d.seed)
-    held = d.pair_prompts + d.eval_prompts
-    sft_reviews, prompt_reviews = reviews[held:], reviews[:held]
+    private_reviews, public_reviews = split_by_reviewer(reviews, d.pair_prompts, d.seed)
+    eval_reviews, sft_reviews = public_reviews[: d.eval_prompts], public_reviews[d.eval_prompts :]
     corpus = _write_jsonl(
-        data / "reviews.jsonl", [{"text": r["text"], "user_id": r["user_id"]} for r in sft_reviews]
+        data / "public_reviews.jsonl",
+        [{"text": r["text"], "user_id": r["user_id"]} for r in sft_reviews],
     )
-    prompts = review_prompts(prompt_reviews, d.seed)
-    pair_prompts, eval_prompts = prompts[: d.pair_prompts], prompts[d.pair_prompts :]
+    pair_prompts = review_prompts(private_reviews, d.seed)
+    eval_prompts = review_prompts(eval_reviews, d.seed + 1)
     _write_jsonl(data / "eval_prompts.jsonl", eval_prompts)
-    users = len({r["user_id"] for r in reviews})
+    private_users = {r["user_id"] for r in private_reviews}
+    public_users = {r["user_id"] for r in public_reviews}
     _say(
-        f"1/6 corpus: {len(reviews)} reviews by {users} reviewers; {len(sft_reviews)} for SFT,"
-        f" {len(pair_prompts)} prefixes for pairs, {len(eval_prompts)} held out for evaluation"
+        f"1/6 corpus: {len(reviews)} reviews by {len(private_users | public_users)} reviewers,"
+        f" split by reviewer: {len(public_users)} public reviewers ({len(sft_reviews)} reviews"
+        f" for the tokenizer and SFT, {len(eval_prompts)} prefixes held out for evaluation)"
+        f" and {len(private_users)} private reviewers ({len(pair_prompts)} prefixes for the"
+        " DPO pairs)"
     )
 
     # ---- 2. SFT from random initialization -------------------------------------------
-    _say(f"2/6 SFT of the {d.preset} preset from random initialization on the reviews")
-    # The preset's shape with a tokenizer fit to the generated reviews (no one's data): a
-    # word is then about one token, which a model this small needs to learn the grammar.
+    _say(
+        f"2/6 SFT of the {d.preset} preset from random initialization on the public reviews"
+        " (no privacy: the public reviewers are not the users protected below)"
+    )
+    # The preset's shape with a tokenizer fit to the public reviews: a word is then about
+    # one token, which a model this small needs to learn the grammar. The fit is a stage
+    # of the lineage: the DP-DPO statement checks its users against its own.
     torch.manual_seed(d.seed)
     tokenizer = build_tiny_tokenizer(
         PRESETS[d.preset]["vocab_size"] * 2, [r["text"] for r in sft_reviews]
@@ -89,7 +104,12 @@ def run_demo(cfg: DemoRunConfig) -> dict:
     model.save_pretrained(init, safe_serialization=True)
     tokenizer.save_pretrained(init)
     del model
-    common = [f"train.device={d.device}", f"output.progress_bar={cfg.output.progress_bar}"]
+    tokenizer_lineage(init, corpus, [r["user_id"] for r in sft_reviews], cfg.demo.user_salt_file)
+    common = [
+        f"train.device={d.device}",
+        f"output.progress_bar={cfg.output.progress_bar}",
+        f"data.user_salt_file={d.user_salt_file}",
+    ]
     sft_cfg = load_config(
         SFTRunConfig,
         None,
@@ -161,12 +181,70 @@ def run_demo(cfg: DemoRunConfig) -> dict:
     (root / MARKER).write_text(json.dumps(summary_json, indent=2) + "\n", encoding="utf-8")
     _say("6/6 results (mean VADER reward of sampled completions, 95% bootstrap interval):")
     print(format_table(table))
-    print(f"\n{privacy['summary']}")
+    print("\n" + privacy_lines(privacy))
     print(f"\ndemo finished. The report is {page}")
     return summary_json
 
 
 # ---- steps -------------------------------------------------------------------------------
+
+
+def split_by_reviewer(reviews: list[dict], private_reviews: int, seed: int):
+    """(private, public) reviews, no reviewer in both: reviewers in a seeded random order
+    go to the private side until it holds at least `private_reviews` reviews."""
+    users = sorted({r["user_id"] for r in reviews})
+    random.Random(f"privdpo-demo-split-{seed}").shuffle(users)
+    by_user: dict[str, list[dict]] = {}
+    for r in reviews:
+        by_user.setdefault(r["user_id"], []).append(r)
+    private: list[dict] = []
+    public: list[dict] = []
+    for u in users:
+        (private if len(private) < private_reviews else public).extend(by_user[u])
+    return private, public
+
+
+def tokenizer_lineage(model_dir: Path, corpus: Path, user_ids: list[str], salt_file: str) -> None:
+    """The lineage of the demo's starting model: random initialization, and a tokenizer fit
+    on `corpus` (a stage without privacy, whose users are the corpus's reviewers)."""
+    salt = lineage.load_salt(salt_file)
+    record = lineage.input_record(corpus, len(user_ids), "tokenizer")
+    lin = lineage.new_lineage(
+        "tokenizer",
+        model_dir,
+        [record],
+        {"kind": "random initialization", "trained_by_privdpo": False},
+        {"origin": f"fit on {corpus}"},
+    )
+    hashes = lineage.hash_users(user_ids, salt)
+    stage = lineage.stage_record(
+        lineage.stage_id_for(model_dir, [record]),
+        "tokenizer fit",
+        model_dir,
+        False,
+        None,
+        hashes,
+        salt,
+    )
+    lin["stages"] = [stage]
+    users = {"stages": {stage["id"]: {"salt_id": lineage.salt_id(salt), "hashes": hashes}}}
+    lineage.write_lineage(lin, users, model_dir)
+
+
+def privacy_lines(statement: dict) -> str:
+    """The DP-DPO model's guarantee for the console: this stage's epsilon beside the end-
+    to-end one, what the latter covers, then the statement itself."""
+    end = statement["end_to_end"]
+    earlier = ", ".join(
+        f"{s['recipe']} ({s['overlapping_users']} shared users)" for s in end["parallel_stages"]
+    )
+    lines = [
+        f"privacy of the DP-DPO model: this stage epsilon = {statement['stage_epsilon']:.4g},"
+        f" end to end epsilon = {end['epsilon']:.4g} (delta = {end['delta']:.3g},"
+        f" {end['composition']} composition{'; earlier stages: ' + earlier if earlier else ''})",
+        statement["summary"],
+    ]
+    return "\n".join(lines)
 
 
 def _dpo(cfg: DemoRunConfig, run_dir: Path, sft_model: Path, pairs: Path, beta, private):
@@ -194,6 +272,7 @@ def _dpo(cfg: DemoRunConfig, run_dir: Path, sft_model: Path, pairs: Path, beta, 
         f"output.dir={run_dir}",
         f"train.device={d.device}",
         f"output.progress_bar={cfg.output.progress_bar}",
+        f"data.user_salt_file={d.user_salt_file}",
     ]
     if private:
         overrides += [

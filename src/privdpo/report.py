@@ -51,7 +51,8 @@ UNIT_NOUNS = {"example": "training example", "pair": "preference pair", "user": 
 PRIVACY_LABELS = {
     "unit": "privacy unit",
     "level": "level",
-    "epsilon": "epsilon",
+    "epsilon": "epsilon, end to end (for the users it covers)",
+    "stage_epsilon": "epsilon of this run alone",
     "delta": "delta",
     "user_algorithm": "user-level algorithm",
     "contribution_bound": "contribution bound k (most examples or pairs per user)",
@@ -70,7 +71,10 @@ PRIVACY_LABELS = {
     "steps": "steps",
     "dataset_size": "units in the training set (N)",
     "secure_noise": "cryptographically secure noise",
+    "accountant_settings": "accountant settings",
 }
+# Shown in their own parts of the section, not in the numbers table.
+PRIVACY_NOT_TABULATED = {"summary", "ledger", "end_to_end", "units_per_user_histogram", "private"}
 
 
 # ---- entry points ------------------------------------------------------------------------
@@ -284,10 +288,17 @@ def _privacy_sentence(p: dict) -> str:
         algorithm = f", under {str(p['user_algorithm']).upper()}"
         if p.get("contribution_bound") is not None:
             algorithm += f" with k = {fmt_number(p['contribution_bound'])}"
+    end = p.get("end_to_end") or {}
+    who = f"Each {noun}'s data"
+    if end.get("no_guarantee"):
+        who = f"The data of each {noun} of this run other than those named below"
+    relative = ""
+    if end.get("relative_to_starting_model"):
+        relative = f", relative to the starting model {end['relative_to_starting_model']}"
     return (
-        f"Each {noun}'s data influences this model by at most"
+        f"{who} influences this model by at most"
         f" epsilon = {fmt_number(p.get('epsilon'))}, delta = {fmt_number(p.get('delta'))}"
-        f"{algorithm} ({', '.join(how)})."
+        f"{algorithm} ({', '.join(how)}){relative}."
     )
 
 
@@ -350,7 +361,7 @@ def privacy_section(run_dir: Path, config: dict, records: list[dict]) -> str:
     if not isinstance(statement, dict):
         raise UserError(f"report: {run_dir / 'privacy.json'} must hold a JSON object")
     eps = statement.get("epsilon")
-    if isinstance(eps, int | float) and math.isinf(eps):
+    if statement.get("private") is False or eps is None or not _finite(eps):
         sentence = (
             "This model has NO formal privacy guarantee: epsilon is infinite (noise"
             f" multiplier {escape(fmt_number(statement.get('noise_multiplier')))})."
@@ -360,7 +371,7 @@ def privacy_section(run_dir: Path, config: dict, records: list[dict]) -> str:
         sentence = escape(_privacy_sentence(statement))
         meaning = f'<p class="meaning">{_privacy_meaning(statement)}</p>'
     known = [k for k in PRIVACY_LABELS if k in statement]
-    other = [k for k in statement if k not in PRIVACY_LABELS and k != "summary"]
+    other = [k for k in statement if k not in PRIVACY_LABELS and k not in PRIVACY_NOT_TABULATED]
     rows = [[PRIVACY_LABELS.get(k, k), _exact(statement[k])] for k in known + other]
     recorded = ""
     if statement.get("summary"):
@@ -370,9 +381,77 @@ def privacy_section(run_dir: Path, config: dict, records: list[dict]) -> str:
         )
     return (
         '<section id="privacy"><h2>Privacy guarantee</h2>'
-        f'<p class="statement">{sentence}</p>{meaning}'
+        f'<p class="statement">{sentence}</p>{meaning}{_coverage(statement)}'
+        f"{_contributions(statement)}"
         f"<h3>Exact numbers</h3>{html_table(['quantity', 'value'], rows, 'numbers')}{recorded}"
         "</section>"
+    )
+
+
+def _coverage(p: dict) -> str:
+    """What the end-to-end bound covers: the earlier stages composed or on other users,
+    the users it does not cover (as warnings), the starting model it is relative to."""
+    end = p.get("end_to_end")
+    if not end:
+        return ""
+    items = []
+    stage = p.get("stage_epsilon")
+    if end.get("composition") == "sequential":
+        names = ", ".join(_stage_name(s) for s in end.get("composed_stages", []))
+        items.append(
+            f"End to end over this run and {escape(names)} (sequential composition of every"
+            f" stage's steps in {escape(str(end.get('accountant')))}): epsilon ="
+            f" {escape(fmt_number(end.get('epsilon')))}; this run alone: epsilon ="
+            f" {escape(fmt_number(stage))}."
+        )
+    elif end.get("composition") == "parallel":
+        names = ", ".join(_stage_name(s) for s in end.get("parallel_stages", []))
+        items.append(
+            f"End to end: the same epsilon. {escape(names)} trained on other users (no overlap"
+            " by salted hash of the user ids): parallel composition."
+        )
+    else:
+        items.append("End to end: the same epsilon; no earlier stage used private data.")
+    warnings = [
+        f'<p class="statement warn">{escape(s["reason"][0].upper() + s["reason"][1:])}.</p>'
+        for s in end.get("no_guarantee", [])
+    ]
+    if end.get("relative_to_starting_model"):
+        items.append(
+            f"Relative to the starting model {escape(str(end['relative_to_starting_model']))},"
+            " which privdpo did not train: what it learned before is not covered."
+        )
+    return "".join(warnings) + "".join(f'<p class="coverage">{t}</p>' for t in items)
+
+
+def _stage_name(stage: dict) -> str:
+    where = f" ({stage['run_dir']})" if stage.get("run_dir") else ""
+    return f"the {stage.get('recipe')} stage{where}"
+
+
+def _contributions(p: dict) -> str:
+    """The per-user histogram of examples/pairs and how many were used (user level)."""
+    histogram = p.get("units_per_user_histogram")
+    if not histogram:
+        return ""
+    counts = sorted((int(k), int(v)) for k, v in histogram.items())
+    k = p.get("contribution_bound")
+    fig = Figure(figsize=(6.4, 2.6))
+    ax = fig.add_subplot()
+    ax.bar([str(c) for c, _ in counts], [n for _, n in counts], color="#4c72b0")
+    ax.set_xlabel("examples/pairs per user")
+    ax.set_ylabel("users")
+    ax.set_title(f"Contributions per user (bound k = {k})")
+    used, dropped = p.get("units_kept"), p.get("units_dropped")
+    caption = escape(
+        f"{fmt_number(p.get('users'))} users; {fmt_number(used)} examples/pairs used for"
+        f" training (at most k = {fmt_number(k)} per user), {fmt_number(dropped)} left out."
+    )
+    table = html_table(["per user", "users"], [[c, n] for c, n in counts], "numbers")
+    return (
+        "<h3>Contributions per user</h3>"
+        + figure_img("contributions", "histogram of examples or pairs per user", fig, caption)
+        + table
     )
 
 

@@ -33,6 +33,7 @@ from privdpo.checkpoint import list_checkpoints
 from privdpo.config import DPORunConfig, SFTRunConfig, load_config, to_dict
 from privdpo.errors import ConfigError, UserError
 from privdpo.metrics import read_metrics
+from privdpo.privacy.ledger import PrivacyLedger, composed_epsilon, composition_accountant
 from privdpo.report import (
     CSS,
     REPORT_FILE,
@@ -378,11 +379,12 @@ def point_record(point: Point, metric: str) -> dict:
         value = m.get("value") if isinstance(m, dict) else m
         if isinstance(value, int | float) and not isinstance(value, bool):
             eval_metrics[name] = value
-    epsilon, delta, unit = math.inf, None, None
+    epsilon, delta, unit, ledger = math.inf, None, None, None
     if point.cfg.privacy.enabled:
         statement = _read_json(run_dir / "privacy.json") or {}
         epsilon = statement.get("epsilon")
         delta, unit = statement.get("delta"), statement.get("unit")
+        ledger = statement.get("ledger")
     # metrics.jsonl first; eval.json's names (win_rate, kl_to_reference, ...) differ.
     source = "metrics.jsonl" if metric in final else "eval.json" if metric in eval_metrics else None
     steps = [r["step"] for r in records if "loss" in r]
@@ -393,6 +395,7 @@ def point_record(point: Point, metric: str) -> dict:
         "epsilon": epsilon,
         "delta": delta,
         "unit": unit,
+        "ledger": ledger,
         "steps": max(steps, default=0),
         "final_metrics": final,
         "eval_metrics": eval_metrics,
@@ -423,6 +426,55 @@ def best_point(points: list[Point], metric: str) -> Point | None:
     return min(scored, key=lambda p: sign * p.record["metric"])
 
 
+def sweep_privacy(points: list[Point]) -> dict | None:
+    """The privacy cost of the sweep as a release. Every point trains on the same data, so
+    choosing one model by the points' results releases something about all of them: the
+    private points' mechanisms compose (dp-accounting, sequential, per privacy unit), and a
+    choice that also looks at non-private points has no guarantee. Tuning bounds such as
+    Papernot and Steinke 2022 need a random number of runs; a fixed grid gets composition."""
+    done = [p for p in points if p.record]
+    private = [p for p in done if p.record["private"] and p.record.get("ledger")]
+    if not private:
+        return None
+    out = {"private_points": len(private), "non_private_points": len(done) - len(private)}
+    by_unit: dict[str, list[Point]] = {}
+    for p in private:
+        by_unit.setdefault(p.record["unit"], []).append(p)
+    groups = []
+    for unit, group in by_unit.items():
+        ledgers = [PrivacyLedger.from_dict(p.record["ledger"]) for p in group]
+        delta = min(p.record["delta"] for p in group)
+        groups.append(
+            {
+                "unit": unit,
+                "points": [p.name for p in group],
+                "delta": delta,
+                "epsilon": composed_epsilon(ledgers, delta),
+                "accountant": f"dp-accounting {composition_accountant(ledgers).upper()}",
+            }
+        )
+    out["composed"] = groups
+    parts = []
+    for g in groups:
+        parts.append(
+            f"Choosing among the {len(g['points'])} private points ({g['unit']} level) releases"
+            f" all of them: their steps compose (sequentially, {g['accountant']}) to epsilon ="
+            f" {fmt_number(g['epsilon'])} at delta = {fmt_number(g['delta'])} for the sweep as a"
+            " whole, next to each point's own epsilon."
+        )
+    if out["non_private_points"]:
+        parts.append(
+            f"{out['non_private_points']} point(s) trained on the same data without privacy: a"
+            " model chosen by comparing with them has no guarantee from the sweep."
+        )
+    parts.append(
+        "This is a fixed grid, so no private-tuning bound (e.g. Papernot and Steinke 2022, which"
+        " needs a random number of runs) applies."
+    )
+    out["statement"] = " ".join(parts)
+    return out
+
+
 def _finite(x) -> bool:
     return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
 
@@ -439,6 +491,7 @@ def write_results(
         "metric": metric,
         "lower_is_better": lower_is_better(metric),
         "best": best.name if best else None,
+        "privacy": sweep_privacy(points),
         "points": [
             {
                 "name": p.name,
@@ -478,6 +531,8 @@ def _print_summary(result: dict, sweep_dir: Path) -> None:
     missing = [p["name"] for p in result["points"] if p.get("metric") is None]
     if missing and len(missing) < len(result["points"]):
         print(f"{metric} is missing from {', '.join(missing)}: they cannot be the best point")
+    if result.get("privacy"):
+        print(f"privacy of the sweep: {result['privacy']['statement']}")
     print(f"sweep.json: {sweep_dir / SWEEP_JSON}\nsweep.html: {sweep_dir / SWEEP_HTML}")
 
 
@@ -527,6 +582,7 @@ def render_sweep(
         " of an interrupted run), restarted (an earlier attempt left no checkpoint), reused"
         " (finished earlier; its files untouched), pending (not run yet).</p></section>",
         _figures_section(axes, done, metric, best),
+        _privacy_section(points),
         _metrics_section(done),
     ]
     return (
@@ -534,6 +590,29 @@ def render_sweep(
         f"<title>{escape(title)}</title><style>{CSS}{SWEEP_CSS}</style></head><body>"
         f'<h1>{escape(title)}</h1><p class="when">{escape(str(sweep_dir.resolve()))}<br>'
         f"written {escape(when)}</p>{''.join(body)}</body></html>\n"
+    )
+
+
+def _privacy_section(points: list[Point]) -> str:
+    cost = sweep_privacy(points)
+    if cost is None:
+        return ""
+    rows = [
+        [
+            g["unit"],
+            len(g["points"]),
+            fmt_number(g["epsilon"]),
+            fmt_number(g["delta"]),
+            g["accountant"],
+        ]
+        for g in cost["composed"]
+    ]
+    table = html_table(
+        ["unit", "private points", "epsilon of the sweep", "delta", "accountant"], rows
+    )
+    return (
+        f'<section id="privacy"><h2>Privacy of the sweep</h2><p>{escape(cost["statement"])}</p>'
+        f"{table}</section>"
     )
 
 

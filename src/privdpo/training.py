@@ -27,8 +27,7 @@ from privdpo.config import TrainConfig, dump_yaml, to_dict
 from privdpo.data.batching import token_count
 from privdpo.errors import UserError
 from privdpo.models import compile_layers
-from privdpo.privacy.accounting import PrivacyLedger
-from privdpo.privacy.dpsgd import write_statement
+from privdpo.privacy.ledger import PrivacyLedger
 from privdpo.report import write_report
 
 # Keys that may differ between a run and its resume: they do not change the result.
@@ -304,9 +303,9 @@ def restore_best(stopper: EarlyStopping, step: int, run_dir: Path, model) -> Non
         )
 
 
-def finish_run(cfg, run_dir: Path, model, tokenizer, step: int, stopper, stop_reason, dp):
+def finish_run(cfg, run_dir: Path, model, tokenizer, step: int, stopper, stop_reason, dp, lineage):
     """Say why training stopped early (if it did), export the best or last weights, and
-    write the privacy statement beside every exported model."""
+    write the lineage (and the privacy statement) beside every exported model."""
     if stop_reason:
         print(stop_reason)
         (run_dir / "stopped_early.txt").write_text(stop_reason + "\n", encoding="utf-8")
@@ -314,9 +313,8 @@ def finish_run(cfg, run_dir: Path, model, tokenizer, step: int, stopper, stop_re
     exported = export_model(model, tokenizer, run_dir, cfg.output.merge_lora)
     for kind, path in exported.items():
         print(f"exported {kind}: {path}")
-    if dp is not None:
-        statement = dp.statement()
-        write_statement(statement, run_dir, *exported.values())
+    statement = lineage.finish(run_dir, list(exported.values()), dp)
+    if statement is not None:
         print(statement["summary"])
     print(f"report: {write_report(run_dir)}")
     return exported

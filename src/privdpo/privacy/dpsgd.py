@@ -18,222 +18,20 @@ with User-Level Differential Privacy") each user first keeps at most k items, th
 
 from __future__ import annotations
 
-import json
 import secrets
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
 from privdpo.config import PrivacyConfig
-from privdpo.errors import UserError
-from privdpo.privacy.accounting import (
-    PrivacyLedger,
-    calibrate_noise,
-    default_delta,
-    epsilon,
-    max_steps_within,
-)
+from privdpo.privacy.accounting import max_steps_within
 from privdpo.privacy.clipping import PerUnitGradients
-from privdpo.privacy.user_level import (
-    calibrate_els_noise,
-    cap_contributions,
-    default_bound_els,
-    default_bound_uls,
-    els_epsilon,
-    els_group_epsilon,
-    els_max_steps_within,
-    units_per_user,
-)
-
-ALGORITHM = (
-    "DP-SGD (Abadi et al. 2016): Poisson sampling of units, per-unit gradient clipping,"
-    " Gaussian noise added once per step"
-)
-USER_ALGORITHMS = {
-    "els": (
-        "ELS user-level DP-SGD (Charles et al. 2024): each user capped at k examples/pairs;"
-        " Poisson sampling and clipping of examples/pairs; Gaussian noise once per step;"
-        " user-level epsilon from the mixture-of-Gaussians PLD of Binomial(k, q)"
-        " contributions per step"
-    ),
-    "uls": (
-        "ULS user-level DP-SGD (Charles et al. 2024): each user capped at k examples/pairs;"
-        " Poisson sampling of users; each sampled user's gradient is the average over its"
-        " examples/pairs, clipped once; Gaussian noise once per step"
-    ),
-}
-
-
-@dataclass
-class UserBound:
-    """What user-level DP's contribution bound did to the training data."""
-
-    algorithm: str  # "els" or "uls"
-    bound: int  # k
-    chosen_by: str  # how k was chosen
-    users: int
-    units_kept: int
-    units_dropped: int
-
-
-@dataclass
-class PrivacyPlan:
-    """The numbers fixed before training."""
-
-    unit: str
-    num_units: int  # the units sampled: examples, pairs, or (ULS) users
-    sampling_rate: float
-    steps: int
-    noise_multiplier: float
-    max_grad_norm: float
-    delta: float
-    accountant: str
-    epsilon: float  # at the planned number of steps
-    target_epsilon: float | None
-    users: UserBound | None = None
-
-    @property
-    def els_bound(self) -> int | None:
-        return self.users.bound if self.users and self.users.algorithm == "els" else None
-
-    def table(self) -> str:
-        rows = [("unit", self.unit)]
-        uls = self.users is not None and self.users.algorithm == "uls"
-        if self.users is not None:
-            u = self.users
-            rows += [
-                ("algorithm", u.algorithm.upper()),
-                ("contribution bound k", f"{u.bound} ({u.chosen_by})"),
-                ("examples/pairs kept", u.units_kept),
-                ("examples/pairs dropped", u.units_dropped),
-            ]
-            if not uls:
-                rows.append(("users", u.users))
-        rows += [
-            ("users (N)" if uls else "units (N)", self.num_units),
-            ("sampling rate q", f"{self.sampling_rate:.6g}"),
-            ("expected batch q*N", f"{self.sampling_rate * self.num_units:.4g}"),
-            ("steps", self.steps),
-            ("noise multiplier sigma", f"{self.noise_multiplier:.6g}"),
-            ("clipping norm C", self.max_grad_norm),
-            ("epsilon", f"{self.epsilon:.6g}"),
-            ("delta", f"{self.delta:.3g}"),
-            ("accountant", self.accountant),
-        ]
-        width = max(len(k) for k, _ in rows)
-        return "\n".join(f"  {k:<{width}}  {v}" for k, v in rows)
-
-
-def privacy_units(
-    cfg, items: list, recipe_unit: str, steps: int
-) -> tuple[list, list[list[int]], UserBound | None]:
-    """The items a private run trains on and its units, as groups of item indices.
-
-    Example/pair level: every item is its own unit. User level: every item must name its
-    user (`user_id`); each user keeps at most k items, a random k of theirs seeded by the
-    run's seed; ELS keeps one unit per item, ULS makes each user's kept items one unit.
-    `steps`: the run's planned steps (the ULS default k is chosen for them).
-    """
-    pv = cfg.privacy
-    if not pv.enabled or pv.unit != "user":
-        return items, [[i] for i in range(len(items))], None
-    missing = [it.where for it in items if it.user_id is None]
-    if missing:
-        raise UserError(
-            f"privacy.unit=user needs a user id on every row, but {len(missing)} rows have"
-            f" none in column '{cfg.data.user_id_column}' (e.g. {', '.join(missing[:5])}):"
-            f" add it, set data.user_id_column to the column that has it, or set"
-            f" privacy.unit={recipe_unit}"
-        )
-    users = [it.user_id for it in items]
-    counts = list(units_per_user(users).values())
-    if pv.contribution_bound is not None:
-        k, chosen_by = pv.contribution_bound, "privacy.contribution_bound"
-    elif pv.user_algorithm == "els":
-        k, chosen_by = default_bound_els(counts), "default: the median per user"
-    else:
-        delta = pv.delta if pv.delta is not None else default_delta(len(counts))
-        k = default_bound_uls(
-            counts,
-            cfg.train.batch_size,
-            steps,
-            pv.target_epsilon,
-            delta,
-            pv.accountant,
-        )
-        chosen_by = "default: least predicted noise"
-    kept = cap_contributions(users, k, cfg.train.seed)
-    kept_items = [items[i] for i in kept]
-    bound = UserBound(
-        pv.user_algorithm, k, chosen_by, len(counts), len(kept), len(items) - len(kept)
-    )
-    if pv.user_algorithm == "els":
-        return kept_items, [[i] for i in range(len(kept_items))], bound
-    by_user: dict[str, list[int]] = {}
-    for i, it in enumerate(kept_items):
-        by_user.setdefault(it.user_id, []).append(i)
-    return kept_items, list(by_user.values()), bound
-
-
-def make_plan(
-    cfg: PrivacyConfig,
-    unit: str,
-    num_units: int,
-    batch_size: int,
-    steps: int,
-    users: UserBound | None = None,
-    num_items: int | None = None,
-) -> PrivacyPlan:
-    """Sampling rate from the expected batch size (in items); sigma calibrated to the target
-    epsilon for the planned steps (or the epsilon of the given sigma).
-
-    ULS samples users at q = batch_size / items kept: a sampled user brings its items, so
-    the expected number of items per step is batch_size. Delta is set below 1/N for the N
-    protected units (users at user level)."""
-    num_items = num_items if num_items is not None else num_units
-    q = min(1.0, batch_size / num_items)
-    protected = users.users if users is not None else num_units
-    delta = cfg.delta if cfg.delta is not None else default_delta(protected)
-    if cfg.delta is not None and cfg.delta >= 1 / protected:
-        raise UserError(
-            f"privacy.delta: {cfg.delta} is not below 1/N = {1 / protected:.3g} for N ="
-            f" {protected} {unit}s; such a delta allows leaking a whole {unit}. Lower it"
-        )
-    k = users.bound if users is not None and users.algorithm == "els" else None
-    if cfg.noise_multiplier is not None:
-        sigma = cfg.noise_multiplier
-    elif k is not None:
-        sigma = calibrate_els_noise(cfg.target_epsilon, delta, q, k, steps)
-    else:
-        sigma = calibrate_noise(cfg.target_epsilon, delta, q, steps, cfg.accountant)
-    if k is not None:
-        eps = els_epsilon(q, sigma, k, steps, delta)
-    else:
-        eps = epsilon(q, sigma, steps, delta, cfg.accountant)
-    return PrivacyPlan(
-        unit,
-        num_units,
-        q,
-        steps,
-        sigma,
-        cfg.max_grad_norm,
-        delta,
-        cfg.accountant,
-        eps,
-        cfg.target_epsilon,
-        users,
-    )
-
-
-def plan_from_config(cfg, groups: list[list[int]], steps: int, users: UserBound | None):
-    """The plan of a run config whose units `privacy_units` made."""
-    unit = "user" if users is not None else ("pair" if hasattr(cfg, "dpo") else "example")
-    num_items = sum(len(g) for g in groups)
-    return make_plan(cfg.privacy, unit, len(groups), cfg.train.batch_size, steps, users, num_items)
+from privdpo.privacy.els_accounting import els_max_steps_within
+from privdpo.privacy.ledger import PrivacyLedger
+from privdpo.privacy.planning import PrivacyPlan, UserBound, plan_from_config
+from privdpo.privacy.statement import statement
 
 
 class DPSGD:
@@ -386,57 +184,10 @@ class DPSGD:
         )
 
     # ---- statement ----------------------------------------------------------------------
-    def statement(self) -> dict:
-        eps = self.ledger.epsilon()
-        p = self.plan
-        algorithm = USER_ALGORITHMS[p.users.algorithm] if p.users else ALGORITHM
-        out = {
-            "unit": p.unit,
-            "level": f"{p.unit}-level",
-            "epsilon": eps,
-            "delta": p.delta,
-            "algorithm": algorithm,
-            "accountant": f"dp-accounting {p.accountant.upper()}",
-            "neighbouring": f"add or remove one {p.unit}"
-            + (" (with all of their data)" if p.users else ""),
-            "sampling": f"Poisson, rate q = {p.sampling_rate:.6g}",
-            "sampling_rate": p.sampling_rate,
-            "clipping_norm": p.max_grad_norm,
-            "noise_multiplier": p.noise_multiplier,
-            "steps": self.ledger.steps,
-            "dataset_size": p.num_units,
-            "secure_noise": self.secure,
-        }
-        under = ""
-        if p.users is not None:
-            u = p.users
-            out |= {
-                "user_algorithm": u.algorithm.upper(),
-                "contribution_bound": u.bound,
-                "contribution_bound_chosen_by": u.chosen_by,
-                "users": u.users,
-                "units_kept": u.units_kept,
-                "units_dropped": u.units_dropped,
-                "sampling": (
-                    f"Poisson over {'users' if u.algorithm == 'uls' else 'examples/pairs'},"
-                    f" rate q = {p.sampling_rate:.6g}"
-                ),
-                "dataset_size": u.users,
-            }
-            if u.algorithm == "els":
-                steps = self.ledger.steps  # the loose bound, for comparison only
-                out["group_privacy_epsilon"] = (
-                    els_group_epsilon(p.sampling_rate, p.noise_multiplier, u.bound, steps, p.delta)
-                    if steps
-                    else 0.0
-                )
-            under = f", under {u.algorithm.upper()} with k = {u.bound}"
-        out["summary"] = (
-            f"Each {p.unit}'s influence on this model is bounded by (epsilon ="
-            f" {eps:.4g}, delta = {p.delta:.3g})-differential privacy{under}: {algorithm},"
-            f" accounted with dp-accounting's {p.accountant.upper()} accountant."
-        )
-        return out
+    def statement(self, coverage=None) -> dict:
+        """privacy.json: this run's mechanism and, with the run's `Coverage` in its lineage,
+        the end-to-end bound (`statement.statement`)."""
+        return statement(self.plan, self.ledger, self.secure, coverage)
 
 
 class EpsilonAhead:
@@ -458,11 +209,6 @@ class EpsilonAhead:
         if self.keys.get(step) == key and step in self.values:
             return self.values[step]
         return self.epsilon_of(key)
-
-
-def write_statement(statement: dict, *directories: Path) -> None:
-    for d in directories:
-        (d / "privacy.json").write_text(json.dumps(statement, indent=2) + "\n", encoding="utf-8")
 
 
 def hash_seed(seed: int, step: int, purpose: str) -> int:

@@ -26,7 +26,9 @@ from privdpo.logprobs import sequence_logps
 from privdpo.losses import LossParams, PairLogps, preference_loss
 from privdpo.metrics import MetricsLogger
 from privdpo.models import add_lora, load_model_and_tokenizer
-from privdpo.privacy.dpsgd import DPSGD, privacy_units
+from privdpo.privacy.dpsgd import DPSGD
+from privdpo.privacy.lineage import RunLineage
+from privdpo.privacy.planning import privacy_units
 from privdpo.profiling import StepProfiler
 from privdpo.reference import build_reference, precompute
 from privdpo.training import (
@@ -141,6 +143,9 @@ def run_dpo(cfg: DPORunConfig, resume: bool = False) -> dict[str, Path]:
     total_steps = planned_steps(len(train), cfg.train)
     # The private run's units; at user level each user's pairs are capped at k here.
     train, groups, users = privacy_units(cfg, train, "pair", total_steps)
+    # Where this run stands in its lineage, said (or refused) before anything is written.
+    unit = None if not cfg.privacy.enabled else ("user" if users is not None else "pair")
+    lineage = RunLineage.begin(cfg, "dpo", train, evals, summary, unit)
     reference = build_reference(cfg, model, device)
     if cfg.model.lora.enabled:
         model = add_lora(model, cfg.model.lora)
@@ -232,7 +237,8 @@ def run_dpo(cfg: DPORunConfig, resume: bool = False) -> dict[str, Path]:
 
         if step % cfg.train.log_every == 0 or step == total_steps:
             names = ["loss", *PAIR_METRICS]
-            metrics = {k: v / num_pairs for k, v in zip(names, sums.tolist(), strict=True)}
+            values = sums.tolist() if sums is not None else [0.0] * len(names)  # DP: none sampled
+            metrics = {k: v / num_pairs for k, v in zip(names, values, strict=True)}
             seconds = time.perf_counter() - interval["started"]  # after the sync above
             if dp is not None:
                 metrics["privacy/batch_size"] = len(units)
@@ -276,4 +282,4 @@ def run_dpo(cfg: DPORunConfig, resume: bool = False) -> dict[str, Path]:
             interval["started"] = time.perf_counter()  # saving is not training time
     bar.close()
     logger.close()
-    return finish_run(cfg, run_dir, model, tokenizer, step, stopper, stop_reason, dp)
+    return finish_run(cfg, run_dir, model, tokenizer, step, stopper, stop_reason, dp, lineage)

@@ -22,7 +22,9 @@ from privdpo.logprobs import sequence_logps, token_logps
 from privdpo.losses import sft_loss
 from privdpo.metrics import MetricsLogger
 from privdpo.models import add_lora, load_model_and_tokenizer
-from privdpo.privacy.dpsgd import DPSGD, privacy_units
+from privdpo.privacy.dpsgd import DPSGD
+from privdpo.privacy.lineage import RunLineage
+from privdpo.privacy.planning import privacy_units
 from privdpo.profiling import StepProfiler
 from privdpo.training import (
     EarlyStopping,
@@ -91,6 +93,9 @@ def run_sft(cfg: SFTRunConfig, resume: bool = False) -> dict[str, Path]:
     total_steps = planned_steps(len(train), cfg.train)
     # The private run's units; at user level each user's examples are capped at k here.
     train, groups, users = privacy_units(cfg, train, "example", total_steps)
+    # Where this run stands in its lineage, said (or refused) before anything is written.
+    unit = None if not cfg.privacy.enabled else ("user" if users is not None else "example")
+    lineage = RunLineage.begin(cfg, "sft", train, evals, summary, unit)
     run_dir = create_run_dir(cfg, resume)
     summary.save(run_dir / "data_summary.json")
     print(summary.table())
@@ -173,7 +178,7 @@ def run_sft(cfg: SFTRunConfig, resume: bool = False) -> dict[str, Path]:
             stop_reason = dp.budget_message()
 
         if step % cfg.train.log_every == 0 or step == total_steps:
-            loss_value = loss_sum.item()
+            loss_value = loss_sum.item() if loss_sum is not None else 0.0  # DP: none sampled
             seconds = time.perf_counter() - interval["started"]  # after the sync above
             private = {}
             if dp is not None:
@@ -219,4 +224,4 @@ def run_sft(cfg: SFTRunConfig, resume: bool = False) -> dict[str, Path]:
             interval["started"] = time.perf_counter()  # saving is not training time
     bar.close()
     logger.close()
-    return finish_run(cfg, run_dir, model, tokenizer, step, stopper, stop_reason, dp)
+    return finish_run(cfg, run_dir, model, tokenizer, step, stopper, stop_reason, dp, lineage)

@@ -1,4 +1,4 @@
-"""User-level differential privacy for DP-SGD fine-tuning: ELS and ULS.
+"""The user-level accountant of ELS: DP-SGD steps as mixtures of Gaussians.
 
 Charles, Ganesh, McKenna, McMahan, Mitchell, Pillutla, Rush 2024, "Fine-Tuning Large
 Language Models with User-Level Differential Privacy" (arXiv:2407.07737), compare two
@@ -15,15 +15,6 @@ ways to protect everything one user contributed. Both first cap each user at k u
   Thakurta 2023, "Privacy Amplification for Matrix Mechanisms", Cor. 4.7, reduce the
   vector case to this scalar one). The run is that step composed `steps` times,
   measured with the PLD accountant (`els_epsilon`).
-- ULS, user-level sampling: users are Poisson-sampled at rate q_u; a sampled user's
-  gradient is the average of its (at most k) units' gradients, clipped once to C. This is
-  ordinary DP-SGD with the user as the unit, so `accounting.epsilon` /
-  `accounting.calibrate_noise` with q_u apply unchanged.
-
-Neighbouring datasets differ by the addition or removal of one user with all of its
-(capped) units. A user holding n < k units is covered too: it is a user with k units of
-which k - n have zero gradient, and the analysis holds for any clipped gradients.
-
 The MoG privacy-loss distribution is built by dp-accounting's own
 `MixtureGaussianPrivacyLoss`, except that its inverse privacy loss (a binary search done
 one tree node per Python call, the library's stated bottleneck) is run for all grid
@@ -40,13 +31,9 @@ import functools
 import hashlib
 import json
 import math
-import numbers
 import os
-import random
-import statistics
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
@@ -62,36 +49,26 @@ from privdpo.privacy.accounting import (
     PLD_VALUE_DISCRETIZATION,
     _check_delta,
     _check_noise_multiplier,
+    _check_positive_steps,
     _check_sampling_rate,
     _check_steps,
     _check_target_epsilon,
 )
-
-USER_ALGORITHMS = ("els", "uls")
+from privdpo.privacy.contributions import _check_bound
 
 # `calibrate_els_noise` aims at this fraction of the target, and accepts anything in
 # [CALIBRATION_FLOOR * target, target]: the 1% window of `accounting.calibrate_noise`.
 _CALIBRATION_AIM = 0.995
+
+
 CALIBRATION_FLOOR = 0.99
 
-# Candidate bounds: powers of two up to the largest count (thinned to at most this many),
-# plus the median.
-MAX_POWER_CANDIDATES = 10
 
 CACHE_DIR_ENV = "PRIVDPO_CACHE_DIR"
+
+
 # Part of every disk-cache key: bump it when a cached computation changes.
 _CACHE_SCHEMA = 1
-
-
-# ---------------------------------------------------------------------------
-# Input checks
-# ---------------------------------------------------------------------------
-
-
-def _check_bound(k: int, name: str = "k") -> int:
-    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
-        raise ValueError(f"{name} (the contribution bound) must be an integer >= 1, got {k!r}")
-    return int(k)
 
 
 def _check_els_accountant(accountant: str) -> None:
@@ -101,90 +78,6 @@ def _check_els_accountant(accountant: str) -> None:
             "mixture of Gaussians, which only dp-accounting's PLD accountant measures. Use "
             "accountant='pld', or ULS (user-level sampling), which any accountant handles"
         )
-
-
-def _check_counts(counts: Sequence[int]) -> list[int]:
-    counts = list(counts)
-    if not counts:
-        raise ValueError("counts (units per user) must not be empty")
-    bad = [c for c in counts if isinstance(c, bool) or not isinstance(c, numbers.Integral) or c < 1]
-    if bad:
-        raise ValueError(
-            f"counts (units per user) must be integers >= 1; {len(bad)} are not, e.g. {bad[:3]}"
-        )
-    return [int(c) for c in counts]
-
-
-def _check_batch_size(batch_size: float) -> float:
-    if not (
-        isinstance(batch_size, numbers.Real)
-        and not isinstance(batch_size, bool)
-        and batch_size > 0
-        and math.isfinite(batch_size)
-    ):
-        raise ValueError(
-            f"batch_size (expected units per step) must be a number > 0, got {batch_size!r}"
-        )
-    return float(batch_size)
-
-
-def _check_positive_steps(steps: int) -> int:
-    steps = _check_steps(steps)
-    if steps == 0:
-        raise ValueError("steps must be >= 1 to calibrate noise, got 0")
-    return steps
-
-
-# ---------------------------------------------------------------------------
-# Contribution bounds on the data
-# ---------------------------------------------------------------------------
-
-
-def units_per_user(user_of_unit: Sequence[str]) -> dict[str, int]:
-    """Number of units of each user, in order of first appearance."""
-    out: dict[str, int] = {}
-    for user in user_of_unit:
-        out[user] = out.get(user, 0) + 1
-    return out
-
-
-def _user_rng(user: str, seed: int) -> random.Random:
-    """A generator that depends only on (seed, user): SHA-256, not Python's salted hash()."""
-    digest = hashlib.sha256(f"{seed}\x00{user}".encode()).digest()
-    return random.Random(int.from_bytes(digest[:8], "big"))
-
-
-def cap_contributions(user_of_unit: Sequence[str], k: int, seed: int) -> list[int]:
-    """Indices of the units kept when each user is capped at k units (Charles et al. 2024).
-
-    user_of_unit: the user id (a string) of each unit, by unit index.
-    Each user keeps all of its units if it has at most k, otherwise a uniformly random
-    k-subset of them. The choice for a user depends only on (seed, user id, that user's
-    unit indices), so it is the same in every process and unaffected by other users.
-    Returns the kept indices in increasing order.
-    """
-    k = _check_bound(k)
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
-        raise ValueError(f"seed must be an integer, got {seed!r}")
-    by_user: dict[str, list[int]] = {}
-    for index, user in enumerate(user_of_unit):
-        if not isinstance(user, str):
-            raise ValueError(
-                f"user ids must be strings, got {type(user).__name__} {user!r} for unit {index}"
-            )
-        by_user.setdefault(user, []).append(index)
-    kept: list[int] = []
-    for user, indices in by_user.items():
-        if len(indices) <= k:
-            kept.extend(indices)
-        else:
-            kept.extend(_user_rng(user, int(seed)).sample(indices, k))
-    return sorted(kept)
-
-
-# ---------------------------------------------------------------------------
-# ELS accounting: the mixture-of-Gaussians step
-# ---------------------------------------------------------------------------
 
 
 def els_sensitivity_pmf(sampling_rate: float, k: int) -> list[float]:
@@ -295,11 +188,6 @@ def _els_step_pld(q: float, sigma: float, k: int) -> pld_lib.PrivacyLossDistribu
     return _mog_pld(sigma, list(event.sensitivities), list(event.sampling_probs))
 
 
-# ---------------------------------------------------------------------------
-# Disk cache: JSON files keyed by the exact arguments and the library version
-# ---------------------------------------------------------------------------
-
-
 def _cache_dir() -> Path | None:
     value = os.environ.get(CACHE_DIR_ENV)
     if value == "":
@@ -354,11 +242,6 @@ def _disk_store(kind: str, key: dict, value: float) -> None:
             "or to the empty string to turn the disk cache off",
             stacklevel=3,
         )
-
-
-# ---------------------------------------------------------------------------
-# ELS epsilon, calibration and budget
-# ---------------------------------------------------------------------------
 
 
 @functools.lru_cache(maxsize=4096)
@@ -658,336 +541,3 @@ def els_max_steps_within(
     return accounting._largest_steps_within(
         lambda n: _els_composed_epsilon(((q, sigma, n),), k, delta), target_epsilon
     )
-
-
-# ---------------------------------------------------------------------------
-# Many calibrations at once (the planner's cost)
-# ---------------------------------------------------------------------------
-
-
-def _calibration(task: tuple) -> float:
-    """One calibration: ("dpsgd", target, delta, q, steps, accountant) or
-    ("els", target, delta, q, k, steps). Both are cached in memory."""
-    if task[0] == "dpsgd":
-        return accounting.calibrate_noise(*task[1:])
-    return calibrate_els_noise(*task[1:])
-
-
-def _calibrate_all(tasks: list[tuple]) -> dict[tuple, float]:
-    """Sigma for each distinct task (a calibration takes 0.2-3 s of single-threaded
-    numpy; the planner needs about two per candidate k)."""
-    return {task: _calibration(task) for task in dict.fromkeys(tasks)}
-
-
-# ---------------------------------------------------------------------------
-# Default contribution bounds
-# ---------------------------------------------------------------------------
-
-
-def default_bound_els(counts: Sequence[int]) -> int:
-    """The ELS default k: the median number of units per user.
-
-    counts: units per user (each >= 1). With an even number of users the median is the
-    mean of the two middle values, rounded up: e.g. counts 1, 1, 10, 10 give ceil(5.5) = 6.
-    """
-    return math.ceil(statistics.median(_check_counts(counts)))
-
-
-def default_candidates(counts: Sequence[int]) -> list[int]:
-    """Candidate bounds k: 1, 2, 4, ... up to the largest count, plus the median.
-
-    With more than MAX_POWER_CANDIDATES powers of two, every second (or third, ...) one
-    is kept (a plan costs about 3 s of CPU per candidate), so a list has at most
-    MAX_POWER_CANDIDATES + 1 values.
-    """
-    counts = _check_counts(counts)
-    largest = max(counts)
-    powers = [2**e for e in range(largest.bit_length())]  # 2**e <= largest
-    stride = math.ceil(len(powers) / MAX_POWER_CANDIDATES)
-    chosen = set(powers[::stride]) | {default_bound_els(counts)}
-    return sorted(chosen)
-
-
-def _check_candidates(candidates: Sequence[int] | None, counts: list[int]) -> list[int]:
-    if candidates is None:
-        return default_candidates(counts)
-    chosen = sorted({_check_bound(k, "candidates") for k in candidates})
-    if not chosen:
-        raise ValueError("candidates must name at least one bound k, got none")
-    return chosen
-
-
-@dataclass(frozen=True)
-class UlsPrediction:
-    """What ULS with bound k keeps and how noisy its steps are predicted to be.
-
-    predicted_noise: noise std over expected clipped signal, sigma / users_per_step
-    (see `uls_predictions`); lower is better.
-    """
-
-    k: int
-    users: int
-    units_kept: int
-    units_dropped: int
-    mean_units_per_user: float  # m_k = mean over users of min(n_u, k)
-    users_per_step: float  # q_u * users (= batch_size / m_k unless q_u is capped at 1)
-    sampling_rate: float  # q_u
-    noise_multiplier: float
-    predicted_noise: float
-
-
-def _kept(counts: list[int], k: int) -> int:
-    return sum(min(n, k) for n in counts)
-
-
-def uls_predictions(
-    counts: Sequence[int],
-    batch_size: float,
-    steps: int,
-    target_epsilon: float,
-    delta: float,
-    accountant: str = "pld",
-    candidates: Sequence[int] | None = None,
-) -> list[UlsPrediction]:
-    """ULS's predicted noise for each candidate bound k at a fixed compute budget.
-
-    counts: units per user; batch_size: expected units processed per step; steps: fixed.
-    For bound k:
-        m_k = (1/U) sum_u min(n_u, k)             (a user with n_u < k brings n_u units)
-        q_u = min(1, batch_size / (m_k U))        (user sampling rate; U users)
-        users per step = q_u U                    (= batch_size / m_k when q_u < 1)
-        sigma_k = calibrate_noise(target_epsilon, delta, q_u, steps, accountant)
-        predicted_noise = sigma_k / (q_u U)       (= sigma_k m_k / batch_size)
-    Assumptions: every sampled user's clipped average gradient has norm C and all point
-    the same way, so the expected clipped-signal sum is (users per step) C against noise
-    of std sigma_k C; the units per step (compute) and the number of steps are fixed. A
-    larger k keeps more data but spends each step on fewer users, so it needs less noise
-    per step yet gets less signal per unit of compute (the fixed-compute trade-off that
-    Charles et al. 2024 study).
-    Candidates default to `default_candidates(counts)`.
-    """
-    counts = _check_counts(counts)
-    batch_size = _check_batch_size(batch_size)
-    chosen = _check_candidates(candidates, counts)
-    tasks = _uls_tasks(counts, batch_size, steps, target_epsilon, delta, accountant, chosen)
-    return _uls_rows(counts, chosen, tasks, _calibrate_all(list(tasks.values())))
-
-
-def _uls_tasks(
-    counts: list[int],
-    batch_size: float,
-    steps: int,
-    target_epsilon: float,
-    delta: float,
-    accountant: str,
-    chosen: list[int],
-) -> dict[int, tuple]:
-    """k -> the `calibrate_noise` task of its user sampling rate q_u (arguments checked)."""
-    steps = _check_positive_steps(steps)
-    target_epsilon = _check_target_epsilon(target_epsilon)
-    delta = _check_delta(delta)
-    accounting._check_accountant(accountant)
-    return {
-        k: (
-            "dpsgd",
-            target_epsilon,
-            delta,
-            min(1.0, batch_size / _kept(counts, k)),
-            steps,
-            accountant,
-        )
-        for k in chosen
-    }
-
-
-def _uls_rows(
-    counts: list[int], chosen: list[int], tasks: dict[int, tuple], sigmas: dict[tuple, float]
-) -> list[UlsPrediction]:
-    users, total = len(counts), sum(counts)
-    out = []
-    for k in chosen:
-        kept = _kept(counts, k)
-        q_u = tasks[k][3]  # = min(1, batch_size / (m_k U)), m_k = kept / U
-        sigma = sigmas[tasks[k]]
-        out.append(
-            UlsPrediction(
-                k=k,
-                users=users,
-                units_kept=kept,
-                units_dropped=total - kept,
-                mean_units_per_user=kept / users,
-                users_per_step=q_u * users,
-                sampling_rate=q_u,
-                noise_multiplier=sigma,
-                predicted_noise=sigma / (q_u * users),
-            )
-        )
-    return out
-
-
-def _least_noise(predictions: list[UlsPrediction]) -> UlsPrediction:
-    return min(predictions, key=lambda p: (p.predicted_noise, p.k))  # ties: the smaller k
-
-
-def default_bound_uls(
-    counts: Sequence[int],
-    batch_size: float,
-    steps: int,
-    target_epsilon: float,
-    delta: float,
-    accountant: str = "pld",
-    candidates: Sequence[int] | None = None,
-) -> int:
-    """The ULS default k: the candidate with the least `predicted_noise` (ties: smaller k).
-
-    See `uls_predictions` for the prediction, its formula and its assumptions; candidates
-    default to `default_candidates(counts)`.
-    """
-    predictions = uls_predictions(
-        counts, batch_size, steps, target_epsilon, delta, accountant, candidates
-    )
-    return _least_noise(predictions).k
-
-
-# ---------------------------------------------------------------------------
-# The planner: both algorithms over candidate bounds
-# ---------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class PlanRow:
-    """One (algorithm, k) choice at the plan's target epsilon and compute budget.
-
-    sampling_rate: q over units (ELS) or q_u over users (ULS).
-    units_per_step: expected units processed per step (the batch size unless q is 1).
-    predicted_noise: noise std over expected clipped-signal sum, both in units of C.
-    is_default: the algorithm's default bound (ELS: the median; ULS: least predicted noise).
-    """
-
-    algorithm: str
-    k: int
-    users: int
-    units_kept: int
-    units_dropped: int
-    sampling_rate: float
-    units_per_step: float
-    noise_multiplier: float
-    predicted_noise: float
-    is_default: bool
-
-
-def plan_user_level(
-    counts: Sequence[int],
-    batch_size: float,
-    steps: int,
-    target_epsilon: float,
-    delta: float,
-    candidates: Sequence[int] | None = None,
-) -> list[PlanRow]:
-    """ELS and ULS rows for each candidate k at (target_epsilon, delta), PLD accountant.
-
-    counts: units per user; batch_size: expected units per step; steps: fixed.
-    Candidates default to `default_candidates(counts)`; the ELS default (the median) is
-    always added. Every user keeps min(n_u, k) >= 1 units, so users is the same in all rows.
-    - ELS row: q = min(1, batch_size / units_kept), sigma = calibrate_els_noise(target,
-      delta, q, k, steps); each sampled unit's clipped gradient has norm <= C, so with all
-      aligned the expected clipped-signal sum is q units_kept C and
-      predicted_noise = sigma / (q units_kept) (= sigma / batch_size when q < 1).
-    - ULS row: `uls_predictions` (predicted_noise = sigma_k m_k / batch_size when q_u < 1).
-    The ELS noise is per unit of signal, the ULS noise per user of signal: under the same
-    alignment assumption both are the std of the noise relative to the clipped update.
-    About two calibrations per k: 5,000 users holding 100,000 units (Zipf), 64 units per
-    step, 1,000 steps, epsilon 8 cost about 16 s of CPU (8 candidates).
-    Rows: ELS by increasing k, then ULS by increasing k.
-    """
-    counts = _check_counts(counts)
-    batch_size = _check_batch_size(batch_size)
-    els_default = default_bound_els(counts)
-    chosen = sorted(set(_check_candidates(candidates, counts)) | {els_default})
-    uls_tasks = _uls_tasks(counts, batch_size, steps, target_epsilon, delta, "pld", chosen)
-    els_tasks = {}
-    for k in chosen:
-        q = min(1.0, batch_size / _kept(counts, k))
-        # k = 1 is DP-SGD: the same task as ULS with k = 1, computed once.
-        els_tasks[k] = uls_tasks[k] if k == 1 else ("els", *uls_tasks[k][1:3], q, k, steps)
-    # Slowest first (DP-SGD at small sigma, then ELS by k) so that the processes finish together.
-    sigmas = _calibrate_all([*uls_tasks.values(), *els_tasks.values()])
-    uls = _uls_rows(counts, chosen, uls_tasks, sigmas)
-    uls_default = _least_noise(uls).k
-    users, total = len(counts), sum(counts)
-    rows = []
-    for k in chosen:
-        kept = _kept(counts, k)
-        q = min(1.0, batch_size / kept)
-        sigma = sigmas[els_tasks[k]]
-        rows.append(
-            PlanRow(
-                algorithm="els",
-                k=k,
-                users=users,
-                units_kept=kept,
-                units_dropped=total - kept,
-                sampling_rate=q,
-                units_per_step=q * kept,
-                noise_multiplier=sigma,
-                predicted_noise=sigma / (q * kept),
-                is_default=k == els_default,
-            )
-        )
-    for p in uls:
-        rows.append(
-            PlanRow(
-                algorithm="uls",
-                k=p.k,
-                users=p.users,
-                units_kept=p.units_kept,
-                units_dropped=p.units_dropped,
-                sampling_rate=p.sampling_rate,
-                units_per_step=p.sampling_rate * p.units_kept,
-                noise_multiplier=p.noise_multiplier,
-                predicted_noise=p.predicted_noise,
-                is_default=p.k == uls_default,
-            )
-        )
-    return rows
-
-
-def format_plan(rows: Sequence[PlanRow]) -> str:
-    """A fixed-width text table of `plan_user_level` rows; '*' marks each algorithm's default."""
-    header = (
-        "algo",
-        "k",
-        "users",
-        "units kept",
-        "dropped",
-        "q",
-        "units/step",
-        "sigma",
-        "pred. noise",
-        "",
-    )
-    body = [
-        (
-            r.algorithm.upper(),
-            str(r.k),
-            str(r.users),
-            str(r.units_kept),
-            str(r.units_dropped),
-            f"{r.sampling_rate:.4g}",
-            f"{r.units_per_step:.4g}",
-            f"{r.noise_multiplier:.4g}",
-            f"{r.predicted_noise:.4g}",
-            "*" if r.is_default else "",
-        )
-        for r in rows
-    ]
-    widths = [max(len(line[i]) for line in [header, *body]) for i in range(len(header))]
-
-    def render(line: tuple[str, ...]) -> str:
-        cells = [line[0].ljust(widths[0])]
-        cells += [cell.rjust(width) for cell, width in zip(line[1:-1], widths[1:-1], strict=True)]
-        return ("  ".join(cells) + "  " + line[-1]).rstrip()
-
-    rule = "-" * len(render(header[:-1] + ("*",)))
-    legend = "* default: ELS the median units per user, ULS the least predicted noise"
-    return "\n".join([render(header), rule, *map(render, body), legend])

@@ -1,0 +1,224 @@
+"""Lineage and the end-to-end statement: a DPO run on a model privdpo trained reads that
+model's stages; overlapping users of a non-private stage get no guarantee (warned, stated,
+refused on request), disjoint users compose in parallel, private stages on the same users
+compose in dp-accounting; `privdpo privacy verify` reproduces every epsilon; no user id
+appears in clear in anything a run writes; the privacy package has no import cycle."""
+
+from __future__ import annotations
+
+import ast
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import dp_accounting
+import pytest
+
+from conftest import REPO, sft_rows, write_jsonl
+from privdpo.cli import main
+from privdpo.privacy.accounting import PLD_VALUE_DISCRETIZATION, dpsgd_event
+from privdpo.privacy.verify import verify
+from test_dpo import marker_pairs
+
+
+def cli(tmp_path: Path, command: str, name: str, data: Path, *overrides: str) -> int:
+    config = tmp_path / "empty.yaml"
+    config.write_text("{}\n")
+    base = [
+        f"data.train={data}",
+        f"output.dir={tmp_path / name}",
+        "output.progress_bar=false",
+        "train.lr=1e-3",
+        f"data.user_salt_file={tmp_path / 'salt'}",
+    ]
+    if not any(o.startswith("model.path=") for o in overrides):
+        base.append("model.preset=tiny")
+    return main([command, str(config), *base, *overrides])
+
+
+USER_DP = [
+    "privacy.enabled=true",
+    "privacy.unit=user",
+    "privacy.contribution_bound=2",
+    "privacy.noise_multiplier=1.0",
+    "train.batch_size=4",
+    "train.micro_batch_size=4",
+    "train.max_steps=3",
+    "data.eval_fraction=0",
+]
+
+
+def sft_then_dpo(tmp_path, sft_users: str, *sft_overrides, dpo_overrides=()):
+    """SFT (users `sft_users`0..4) then user-level DP-DPO (users u0..u6) on its model."""
+    rows = [dict(r, user_id=f"{sft_users}{i % 5}") for i, r in enumerate(sft_rows(30))]
+    sft_data = write_jsonl(tmp_path / "sft.jsonl", rows)
+    assert cli(tmp_path, "sft", "sft", sft_data, "train.max_steps=3", *sft_overrides) == 0
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", marker_pairs(28))
+    code = cli(
+        tmp_path,
+        "dpo",
+        "dpo",
+        pairs,
+        f"model.path={tmp_path / 'sft' / 'model'}",
+        *USER_DP,
+        *dpo_overrides,
+    )
+    return code
+
+
+def statement_of(run: Path) -> dict:
+    return json.loads((run / "privacy.json").read_text())
+
+
+def test_a_non_private_parent_on_the_same_users_leaves_them_unprotected(tmp_path, capsys):
+    assert sft_then_dpo(tmp_path, "u") == 0
+    out = capsys.readouterr().out
+    assert "warning: 5 of this run's users also contributed to the sft stage" in out
+    s = statement_of(tmp_path / "dpo")
+    (entry,) = s["end_to_end"]["no_guarantee"]
+    assert entry["recipe"] == "sft" and entry["overlapping_users"] == 5
+    assert "those users have no differential-privacy guarantee in this model" in s["summary"]
+    # The headline bound is claimed only for the others.
+    assert "other than those named below" in s["summary"]
+    report = (tmp_path / "dpo" / "report.html").read_text()
+    assert "those users have no differential-privacy guarantee in this model" in report
+    assert "other than those named below" in report
+    # The same statement sits beside the exported model, with its lineage.
+    assert statement_of(tmp_path / "dpo" / "model") == s
+    assert (tmp_path / "dpo" / "model" / "lineage.json").is_file()
+    lineage = json.loads((tmp_path / "dpo" / "lineage.json").read_text())
+    assert [st["recipe"] for st in lineage["stages"]] == ["sft", "dpo"]
+    assert lineage["start_model"]["trained_by_privdpo"] is True
+
+
+def test_require_end_to_end_refuses_to_start(tmp_path, capsys):
+    code = sft_then_dpo(tmp_path, "u", dpo_overrides=["privacy.require_end_to_end=true"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "privacy.require_end_to_end" in err and "without differential privacy" in err
+    assert "Traceback" not in err
+    assert not (tmp_path / "dpo").exists()  # refused before anything was written
+
+
+def test_disjoint_users_compose_in_parallel(tmp_path):
+    assert sft_then_dpo(tmp_path, "public-reviewer-") == 0
+    s = statement_of(tmp_path / "dpo")
+    end = s["end_to_end"]
+    assert end["composition"] == "parallel" and end["no_guarantee"] == []
+    assert end["parallel_stages"][0]["overlapping_users"] == 0
+    assert end["epsilon"] == s["stage_epsilon"]
+    assert "parallel composition" in s["summary"]
+
+
+def test_private_stages_on_the_same_users_compose_in_dp_accounting(tmp_path):
+    assert sft_then_dpo(tmp_path, "u", *USER_DP) == 0
+    sft, dpo = statement_of(tmp_path / "sft"), statement_of(tmp_path / "dpo")
+    assert dpo["end_to_end"]["composition"] == "sequential"
+    # By hand: both stages' DP-SGD events, composed by dp-accounting's PLD accountant.
+    events = [
+        dpsgd_event(q, sigma, steps)
+        for statement in (sft, dpo)
+        for q, sigma, steps in statement["ledger"]["segments"]
+    ]
+    accountant = dp_accounting.pld.PLDAccountant(
+        neighboring_relation=dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE,
+        value_discretization_interval=PLD_VALUE_DISCRETIZATION,
+    )
+    by_hand = accountant.compose(dp_accounting.ComposedDpEvent(events)).get_epsilon(dpo["delta"])
+    assert dpo["epsilon"] == pytest.approx(by_hand, rel=1e-6)
+    assert dpo["epsilon"] > dpo["stage_epsilon"]  # composing costs privacy
+    checks = verify(tmp_path / "dpo")
+    assert [c["name"] for c in checks] == ["this run", "end to end"]
+    assert all(c["matches"] and not c["below_default"] for c in checks)
+
+
+EXAMPLES = ["dpo_private.yaml", "dpo_user_private.yaml"]
+
+
+@pytest.mark.parametrize("example", EXAMPLES)
+def test_verify_reproduces_the_shipped_examples_epsilons(tmp_path, example, capsys):
+    config = REPO / "examples" / example
+    assert (
+        main(
+            [
+                "dpo",
+                str(config),
+                f"output.dir={tmp_path / 'run'}",
+                "output.progress_bar=false",
+                f"data.train={REPO / 'src/privdpo/assets/sample_pairs.jsonl'}",
+                f"data.user_salt_file={tmp_path / 'salt'}",
+            ]
+        )
+        == 0
+    )
+    capsys.readouterr()
+    assert main(["privacy", "verify", str(tmp_path / "run")]) == 0
+    out = capsys.readouterr().out
+    assert "this run" in out and " ok" in out
+    (check,) = verify(tmp_path / "run")
+    assert check["relative_difference"] <= 1e-9
+    assert check["stated"] == statement_of(tmp_path / "run")["stage_epsilon"]
+
+
+def test_verify_catches_a_tampered_statement(tmp_path, capsys):
+    assert sft_then_dpo(tmp_path, "u", *USER_DP) == 0
+    path = tmp_path / "dpo" / "privacy.json"
+    s = json.loads(path.read_text())
+    s["stage_epsilon"] *= 0.9  # a statement claiming less than its ledger proves
+    path.write_text(json.dumps(s))
+    assert main(["privacy", "verify", str(tmp_path / "dpo")]) == 2
+    captured = capsys.readouterr()
+    assert "MISMATCH" in captured.out and "did not reproduce" in captured.err
+
+
+def test_no_user_id_in_clear_in_anything_a_user_level_run_writes(tmp_path):
+    rows = marker_pairs(28)
+    secret_ids = [f"patient-{i:04d}-kim" for i in range(7)]
+    for r in rows:
+        r["user_id"] = secret_ids[int(r["user_id"][1:])]
+    data = write_jsonl(tmp_path / "pairs.jsonl", rows)
+    assert cli(tmp_path, "dpo", "run", data, *USER_DP, "data.eval_fraction=0.1") == 0
+    written = [p for p in (tmp_path / "run").rglob("*") if p.is_file()]
+    assert any(p.name == "users.json" for p in written)
+    for path in written:
+        blob = path.read_bytes()
+        for uid in secret_ids:
+            assert uid.encode() not in blob, (path, uid)
+
+
+def test_the_privacy_package_has_no_import_cycle():
+    package = REPO / "src" / "privdpo" / "privacy"
+    modules = sorted(p.stem for p in package.glob("*.py") if p.stem != "__init__")
+    for name in modules:  # each imports alone, in a fresh interpreter
+        result = subprocess.run(
+            [sys.executable, "-c", f"import privdpo.privacy.{name}"],
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+        )
+        assert result.returncode == 0, (name, result.stderr[-2000:])
+    graph = {}
+    for name in modules:
+        tree = ast.parse((package / f"{name}.py").read_text())
+        deps = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                if node.module.startswith("privdpo.privacy."):
+                    deps.add(node.module.rsplit(".", 1)[1])
+                elif node.module == "privdpo.privacy":
+                    deps.update(a.name for a in node.names)
+        graph[name] = deps & set(modules)
+    state: dict[str, int] = {}
+
+    def visit(node, path):
+        state[node] = 1
+        for dep in graph[node]:
+            assert state.get(dep) != 1, f"import cycle: {' -> '.join([*path, node, dep])}"
+            if dep not in state:
+                visit(dep, [*path, node])
+        state[node] = 2
+
+    for name in modules:
+        if name not in state:
+            visit(name, [])
