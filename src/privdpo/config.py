@@ -8,6 +8,7 @@ valid key), so a user fixes a config in one pass instead of one error per run.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import math
@@ -449,6 +450,43 @@ class EvalOutputConfig:
 
 
 @dataclass
+class AuditConfig:
+    """`privdpo audit`: canaries in the configured training run, and the one-run bound."""
+
+    canaries: int = opt(
+        1000, "m: canaries (users at user level), each in the data with probability 1/2"
+    )
+    mode: Literal["black_box", "white_box"] = opt(
+        "black_box",
+        "black_box: canary examples/pairs scored from the trained model; white_box: gradient"
+        " canaries inside DP-SGD scored from its privatized updates (private runs only)",
+    )
+    seed: int = opt(0, "seed of the canaries, their inclusion and the held-out split")
+    confidence: float = opt(0.95, "confidence of the empirical lower bound")
+    secret_tokens: int = opt(8, "black box: rare tokens in each canary's secret response")
+    items_per_user: int = opt(2, "black box at user level: canary examples/pairs per canary user")
+
+
+@dataclass
+class AuditSection:
+    """The `audit` section alone (the rest of an audit config is the run's)."""
+
+    audit: AuditConfig = sub(AuditConfig, "the audit")
+
+    def check(self) -> list[str]:
+        a = self.audit
+        problems = []
+        if a.canaries < 10:
+            problems.append(f"audit.canaries: at least 10 for a meaningful bound, got {a.canaries}")
+        if not 0.5 < a.confidence < 1:
+            problems.append(f"audit.confidence: must be in (0.5, 1), got {a.confidence}")
+        for key in ("secret_tokens", "items_per_user"):
+            if getattr(a, key) < 1:
+                problems.append(f"audit.{key}: must be at least 1, got {getattr(a, key)}")
+        return problems
+
+
+@dataclass
 class EvalRunConfig:
     """`privdpo eval`."""
 
@@ -811,6 +849,11 @@ def check_privacy(cfg: Any) -> list[str]:
 def load_config(cls: type, path: str | Path | None, overrides: list[str]) -> Any:
     """Build `cls` from a YAML file and `key=value` overrides; raise ConfigError listing
     every problem (unknown keys with suggestions, wrong types, failed checks)."""
+    return build_config(cls, read_config_file(path), overrides)
+
+
+def read_config_file(path: str | Path | None) -> dict:
+    """The raw sections of a YAML config file ({} for None)."""
     raw: dict = {}
     if path is not None:
         path = Path(path)
@@ -827,7 +870,12 @@ def load_config(cls: type, path: str | Path | None, overrides: list[str]) -> Any
         if not isinstance(loaded, dict):
             raise UserError(f"config file {path}: the top level must be a mapping of sections")
         raw = loaded
+    return raw
 
+
+def build_config(cls: type, raw: dict, overrides: list[str]) -> Any:
+    """`load_config` on raw sections already read (not modified)."""
+    raw = copy.deepcopy(raw)
     problems: list[str] = []
     for item in overrides:
         key, eq, text = item.partition("=")

@@ -247,7 +247,7 @@ def privacy_lines(statement: dict) -> str:
     return "\n".join(lines)
 
 
-def _dpo(cfg: DemoRunConfig, run_dir: Path, sft_model: Path, pairs: Path, beta, private):
+def _dpo(cfg: DemoRunConfig, run_dir: Path, sft_model: Path, pairs: Path, beta, private, extra=()):
     d = cfg.demo
     label = "DP-DPO (user level, ULS)" if private else f"DPO (beta={beta:g})"
     _say(f"4/6 {label}: LoRA on the SFT model, reference = the SFT model")
@@ -282,7 +282,7 @@ def _dpo(cfg: DemoRunConfig, run_dir: Path, sft_model: Path, pairs: Path, beta, 
             f"privacy.target_epsilon={d.target_epsilon}",
             "privacy.max_grad_norm=1.0",
         ]
-    run_dpo(load_config(DPORunConfig, None, overrides))
+    run_dpo(load_config(DPORunConfig, None, [*overrides, *extra]))
     return run_dir
 
 

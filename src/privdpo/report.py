@@ -455,6 +455,60 @@ def _contributions(p: dict) -> str:
     )
 
 
+def audit_section(run_dir: Path) -> str:
+    """`privdpo audit`'s result: the two epsilons side by side, the guesses, and the score
+    histograms of included and excluded canaries."""
+    audit = _read_json(run_dir / "audit.json")
+    if audit is None:
+        return ""
+    proven = audit.get("proven_epsilon")
+    bound = audit.get("empirical_epsilon_lower_bound")
+    verdict = (
+        '<p class="statement warn">The empirical lower bound is ABOVE the proven epsilon: the'
+        " implementation leaks more than its accounting allows. Do not trust this run's"
+        " privacy statement.</p>"
+        if audit.get("exceeds_proven")
+        else ""
+    )
+    rows = [
+        ["proven epsilon", "not private" if proven is None else fmt_number(proven)],
+        [
+            f"empirical lower bound ({fmt_number(audit.get('confidence'))} confidence)",
+            fmt_number(bound),
+        ],
+        [
+            "largest bound this audit could show (all guesses right)",
+            fmt_number(audit.get("attainable_bound")),
+        ],
+        ["canaries (evaluated half)", f"{audit.get('canaries')} ({audit.get('evaluated')})"],
+        ["guesses in / out", f"{audit.get('k_in')} / {audit.get('k_out')}"],
+        ["correct guesses", f"{audit.get('correct')} of {audit.get('guesses')}"],
+        *[[k, str(v)] for k, v in (audit.get("design") or {}).items()],
+    ]
+    scores, included = audit.get("scores") or [], audit.get("included") or []
+    figure = ""
+    if scores:
+        fig = Figure(figsize=(6.4, 2.8))
+        ax = fig.add_subplot()
+        inside = [s for s, i in zip(scores, included, strict=True) if i]
+        outside = [s for s, i in zip(scores, included, strict=True) if not i]
+        ax.hist(
+            [inside, outside], bins=30, label=["included", "excluded"], color=["#c44e52", "#4c72b0"]
+        )
+        ax.set_xlabel("canary score")
+        ax.set_ylabel("canaries")
+        ax.set_title("Canary scores")
+        ax.legend()
+        figure = figure_img(
+            "audit-scores", "histograms of canary scores, included and excluded", fig
+        )
+    return (
+        '<section id="audit"><h2>Privacy audit</h2><p class="statement warn">This is an'
+        " audit run: its model was trained with canaries. Do not ship it.</p>"
+        f"{verdict}{html_table(['quantity', 'value'], rows, 'numbers')}{figure}</section>"
+    )
+
+
 def _exact(x) -> str:
     """A number in full (repr) for the exact-numbers table; other values as text."""
     if isinstance(x, float) and math.isfinite(x):
@@ -744,6 +798,7 @@ def render_report(run_dir: Path) -> str:
     body = "".join(
         [
             privacy_section(run_dir, config, records),  # the guarantee comes first
+            audit_section(run_dir),
             summary_section(kind, config, records),
             curves_section(run_dir, records),
             data_section(run_dir),

@@ -44,6 +44,7 @@ class DPSGD:
         self.seed = seed
         self.clipper = PerUnitGradients(model, ghost=cfg.ghost_clipping)
         self._epsilon_ahead: EpsilonAhead | None = None
+        self.canaries = None  # white-box audit canaries (privacy/audit.py), else None
         self.ledger = PrivacyLedger(
             unit=plan.unit, delta=plan.delta, accountant=plan.accountant, els_bound=plan.els_bound
         )
@@ -135,10 +136,19 @@ class DPSGD:
 
     # ---- noise and scale ----------------------------------------------------------------
     @torch.no_grad()
+    def noise_std(self) -> float:
+        """The std of the Gaussian noise on each coordinate of the clipped sum: sigma * C,
+        what the accountant assumes."""
+        return self.plan.noise_multiplier * self.plan.max_grad_norm
+
     def noise_and_scale(self, step: int) -> None:
-        """Set each `param.grad` to (clipped sum + N(0, sigma^2 C^2)) / (q N)."""
+        """Set each `param.grad` to (clipped sum + N(0, sigma^2 C^2)) / (q N). Gradient
+        canaries of an audit (`privdpo audit`, white box) join the clipped sum as units and
+        read the privatized sum back."""
         sums = self.clipper.take_clipped_sum()
-        std = self.plan.noise_multiplier * self.plan.max_grad_norm
+        if self.canaries is not None:
+            self.canaries.add(sums, self.clipper.params, step, self.plan)
+        std = self.noise_std()
         expected_batch = self.plan.sampling_rate * self.plan.num_units
         seed = secrets.randbits(63) if self.secure else hash_seed(self.seed, step, "noise")
         gen = None
@@ -151,6 +161,8 @@ class DPSGD:
                     total.shape, generator=gen, device=total.device, dtype=torch.float32
                 )
                 total = total.add_(noise, alpha=std)
+            if self.canaries is not None:
+                self.canaries.observe(p, total)
             p.grad = total.div_(expected_batch).to(p.dtype)
         self.ledger.record_step(self.plan.sampling_rate, self.plan.noise_multiplier)
 

@@ -130,7 +130,7 @@ def _disable_dropout(model) -> None:
             module.p = 0.0
 
 
-def run_dpo(cfg: DPORunConfig, resume: bool = False) -> dict[str, Path]:
+def run_dpo(cfg: DPORunConfig, resume: bool = False, audit=None) -> dict[str, Path]:
     # ---- setup -----------------------------------------------------------------------
     # Everything that can fail on a user mistake runs before the run directory is written.
     check_run_dir(cfg, resume)
@@ -139,6 +139,8 @@ def run_dpo(cfg: DPORunConfig, resume: bool = False) -> dict[str, Path]:
     device = pick_device(cfg.train.device)
     model, tokenizer = load_model_and_tokenizer(cfg.model, cfg.train.seed)
     train, evals, summary = load_preference_data(cfg.data, tokenizer, cfg.train.seed)
+    if audit is not None:  # `privdpo audit`: its canaries join the training data
+        train = train + audit.training_items(train, tokenizer)
     # Steps are fixed before the user-level cap (a compute budget the same for every k).
     total_steps = planned_steps(len(train), cfg.train)
     # The private run's units; at user level each user's pairs are capped at k here.
@@ -170,6 +172,8 @@ def run_dpo(cfg: DPORunConfig, resume: bool = False) -> dict[str, Path]:
     optimizer = make_optimizer(model, cfg.train)
     scheduler = make_scheduler(optimizer, cfg.train, total_steps)
     dp = DPSGD.from_config(cfg, model, groups, total_steps, users)
+    if audit is not None and dp is not None:
+        audit.attach(dp, model)
     stopper = EarlyStopping(
         cfg.train.early_stopping_metric or "eval/rewards/accuracies",
         cfg.train.early_stopping_patience,

@@ -78,7 +78,7 @@ def evaluate(model, examples: list[Example], cfg: SFTRunConfig, pad_id: int, dev
     return {"eval/loss": loss, "eval/perplexity": float(torch.tensor(loss).exp())}
 
 
-def run_sft(cfg: SFTRunConfig, resume: bool = False) -> dict[str, Path]:
+def run_sft(cfg: SFTRunConfig, resume: bool = False, audit=None) -> dict[str, Path]:
     # ---- setup -----------------------------------------------------------------------
     # Everything that can fail on a user mistake runs before the run directory is written.
     check_run_dir(cfg, resume)
@@ -89,6 +89,8 @@ def run_sft(cfg: SFTRunConfig, resume: bool = False) -> dict[str, Path]:
     train, evals, summary = load_sft_data(
         cfg.data, tokenizer, cfg.sft.completion_only_loss, cfg.train.seed
     )
+    if audit is not None:  # `privdpo audit`: its canaries join the training data
+        train = train + audit.training_items(train, tokenizer)
     # Steps are fixed before the user-level cap (a compute budget the same for every k).
     total_steps = planned_steps(len(train), cfg.train)
     # The private run's units; at user level each user's examples are capped at k here.
@@ -109,6 +111,8 @@ def run_sft(cfg: SFTRunConfig, resume: bool = False) -> dict[str, Path]:
     pad_id = tokenizer.pad_token_id
 
     dp = DPSGD.from_config(cfg, model, groups, total_steps, users)
+    if audit is not None and dp is not None:
+        audit.attach(dp, model)
     stopper = EarlyStopping(
         cfg.train.early_stopping_metric or "eval/loss",
         cfg.train.early_stopping_patience,

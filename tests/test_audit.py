@@ -1,0 +1,157 @@
+"""The privacy audit: the one-run bound against a direct computation, and `privdpo audit`
+on a tiny model: a memorizing non-private run is caught, DP runs stay below their proven
+epsilon, and a planted bug (noise 4x smaller than the accountant assumes) is caught by
+white-box canaries with a failing exit."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+from scipy import stats
+
+from conftest import sft_rows, write_jsonl
+from privdpo.cli import main
+from privdpo.privacy.audit import epsilon_lower_bound, guesses, p_value
+from privdpo.privacy.dpsgd import DPSGD
+
+
+def direct_p_value(m, r, v, eps, delta):
+    """Theorem 5.2 of Steinke, Nasr and Jagielski 2023, written out with scipy's binomial
+    survival function and pmf (the module computes it from cdf differences)."""
+    p = math.exp(eps) / (1 + math.exp(eps))
+    beta = stats.binom.sf(v - 1, r, p)
+    alpha, band = 0.0, 0.0
+    for i in range(1, v + 1):
+        band += stats.binom.pmf(v - i, r, p)
+        alpha = max(alpha, band / i)
+    return min(1.0, beta + 2 * m * delta * alpha)
+
+
+@pytest.mark.parametrize("m", [20, 200, 1000])
+@pytest.mark.parametrize("delta", [0.0, 1e-5, 1e-3])
+def test_p_value_against_a_direct_computation(m, delta):
+    for r in sorted({1, m // 10, m // 2, m}):
+        for v in sorted({0, r // 2, (3 * r) // 4, r}):
+            for eps in (0.0, 0.5, 1.0, 2.0, 4.0, 8.0):
+                assert p_value(m, r, v, eps, delta) == pytest.approx(
+                    direct_p_value(m, r, v, eps, delta), rel=1e-6, abs=1e-12
+                ), (m, r, v, eps, delta)
+
+
+def test_the_lower_bound_is_the_largest_epsilon_ruled_out():
+    for m, r, v, delta in [(1000, 100, 90, 1e-5), (200, 50, 50, 0.0), (500, 40, 30, 1e-6)]:
+        eps = epsilon_lower_bound(m, r, v, delta)
+        assert eps > 0
+        assert direct_p_value(m, r, v, eps, delta) <= 0.05 + 1e-9
+        assert direct_p_value(m, r, v, eps + 1e-3, delta) > 0.05
+    assert epsilon_lower_bound(1000, 100, 50, 1e-5) == 0.0  # chance: nothing ruled out
+    assert guesses([3.0, 1.0, 2.0, 5.0], 1, 1) == {1: False, 3: True}
+
+
+def audit_config(tmp_path, *lines) -> str:
+    data = write_jsonl(tmp_path / "sft.jsonl", sft_rows(48))
+    config = tmp_path / "audit.yaml"
+    config.write_text(
+        "model: {preset: tiny}\n"
+        f"data: {{train: {data}, eval_fraction: 0}}\n"
+        "train: {epochs: 6, batch_size: 32, micro_batch_size: 32, lr: 3.0e-3,"
+        " eval_at_start: false, schedule: constant}\n"
+        f"output: {{dir: {tmp_path / 'run'}, progress_bar: false}}\n" + "".join(lines)
+    )
+    return str(config)
+
+
+def test_a_memorizing_non_private_run_is_caught(tmp_path, capsys):
+    config = audit_config(tmp_path, "audit: {canaries: 200}\n")
+    assert main(["audit", config]) == 0
+    out = json.loads((tmp_path / "run" / "audit.json").read_text())
+    assert out["proven_epsilon"] is None  # not private: nothing to compare
+    assert out["empirical_epsilon_lower_bound"] >= 2
+    assert out["correct"] > 0.9 * out["guesses"]
+    assert (tmp_path / "run" / "model" / "AUDIT_RUN.txt").is_file()
+    report = (tmp_path / "run" / "report.html").read_text()
+    assert "Privacy audit" in report and 'data-figure="audit-scores"' in report
+    assert "empirical lower bound" in capsys.readouterr().out
+
+
+DP = ["privacy.enabled=true", "privacy.target_epsilon=1", "privacy.delta=1e-5"]
+
+
+def private_audit(tmp_path, seed: int) -> None:
+    config = audit_config(tmp_path, "audit: {canaries: 100}\n")
+    assert (
+        main(["audit", config, *DP, "train.epochs=2", f"audit.seed={seed}", f"train.seed={seed}"])
+        == 0
+    )
+    out = json.loads((tmp_path / "run" / "audit.json").read_text())
+    assert out["proven_epsilon"] == pytest.approx(1, rel=0.01)
+    assert out["empirical_epsilon_lower_bound"] < out["proven_epsilon"]
+    assert not out["exceeds_proven"]
+
+
+def test_a_private_run_stays_below_its_proven_epsilon(tmp_path):
+    private_audit(tmp_path, 0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [1, 2])
+def test_a_private_run_stays_below_its_proven_epsilon_on_more_seeds(tmp_path, seed):
+    private_audit(tmp_path, seed)
+
+
+WHITE_BOX = [
+    *DP,
+    "train.batch_size=16",
+    "train.micro_batch_size=16",
+    "train.epochs=12",
+    "audit.mode=white_box",
+    "audit.canaries=1000",
+]
+
+
+def test_white_box_canaries_catch_noise_smaller_than_the_accountant_assumes(
+    tmp_path, capsys, monkeypatch
+):
+    config = audit_config(tmp_path)
+    assert main(["audit", config, *WHITE_BOX]) == 0  # the implementation as it is
+    honest = json.loads((tmp_path / "run" / "audit.json").read_text())
+    assert honest["empirical_epsilon_lower_bound"] < honest["proven_epsilon"]
+    capsys.readouterr()
+    true_std = DPSGD.noise_std
+    monkeypatch.setattr(DPSGD, "noise_std", lambda self: true_std(self) / 4)  # the bug
+    code = main(["audit", config, *WHITE_BOX, f"output.dir={tmp_path / 'buggy'}"])
+    err = capsys.readouterr().err
+    assert code == 2 and "is above the proven epsilon" in err and "Traceback" not in err
+    buggy = json.loads((tmp_path / "buggy" / "audit.json").read_text())
+    assert buggy["exceeds_proven"]
+    assert buggy["empirical_epsilon_lower_bound"] > buggy["proven_epsilon"]
+
+
+def test_white_box_needs_a_private_run(tmp_path, capsys):
+    config = audit_config(tmp_path, "audit: {mode: white_box}\n")
+    assert main(["audit", config]) == 2
+    assert "privacy.enabled=false" in capsys.readouterr().err
+
+
+def test_user_level_dpo_audit_uses_canary_users(tmp_path):
+    """At user level a canary is a user with several canary pairs; its score sums them."""
+    from test_dpo import marker_pairs
+
+    data = write_jsonl(tmp_path / "pairs.jsonl", marker_pairs(40))
+    config = tmp_path / "audit.yaml"
+    config.write_text(
+        "model: {preset: tiny}\n"
+        f"data: {{train: {data}, eval_fraction: 0}}\n"
+        "train: {max_steps: 2, batch_size: 8, micro_batch_size: 8, eval_at_start: false}\n"
+        "dpo: {beta: 0.1}\n"
+        "privacy: {enabled: true, unit: user, contribution_bound: 2, noise_multiplier: 1.0}\n"
+        "audit: {canaries: 20, items_per_user: 2}\n"
+        f"output: {{dir: {tmp_path / 'run'}, progress_bar: false}}\n"
+    )
+    assert main(["audit", str(config)]) == 0
+    out = json.loads((tmp_path / "run" / "audit.json").read_text())
+    assert out["design"]["unit"] == "user" and out["design"]["items_per_canary"] == 2
+    assert len(out["scores"]) == len(out["included"]) == 20
+    assert out["empirical_epsilon_lower_bound"] <= out["proven_epsilon"]
