@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from privdpo.distributed import SINGLE, barrier
 from privdpo.models import trainable_parameters
 
 CHECKPOINTS = "checkpoints"
@@ -70,7 +71,15 @@ def save_checkpoint(
     scheduler,
     extra: dict,
     keep: int,
+    world=SINGLE,
 ) -> Path:
+    """Call on every rank: a replicated model is written by rank 0; a sharded one (FSDP2)
+    by every rank through torch.distributed.checkpoint (`dcp/`, reloadable on any number
+    of ranks, one included)."""
+    if _is_sharded(model):
+        return _save_sharded(run_dir, step, model, optimizer, scheduler, extra, keep, world)
+    if not world.is_main:
+        return run_dir / CHECKPOINTS / f"step-{step:06d}"
     root = run_dir / CHECKPOINTS
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:06d}"
@@ -118,11 +127,75 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     return sorted(p for p in root.iterdir() if p.name.startswith("step-") and p.is_dir())
 
 
+def _is_sharded(model) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def _save_sharded(run_dir, step, model, optimizer, scheduler, extra, keep, world) -> Path:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    root = run_dir / CHECKPOINTS
+    final = root / f"step-{step:06d}"
+    tmp = root / f".tmp-step-{step:06d}"
+    if world.is_main:
+        root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+    barrier(world)
+    model_state, optim_state = get_state_dict(model, optimizer)
+    dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=str(tmp / "dcp"))
+    barrier(world)
+    if world.is_main:
+        sched = {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
+        version, internal, gauss = random.getstate()
+        _write_json(
+            tmp / "state.json",
+            {
+                "step": step,
+                "format": "dcp",
+                "scheduler": sched,
+                "python_random": [version, list(internal), gauss],
+                "extra": extra,
+            },
+        )
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(root)
+        for old in list_checkpoints(run_dir)[:-keep]:
+            shutil.rmtree(old)
+    barrier(world)
+    return final
+
+
+def _load_sharded(path: Path, model, optimizer) -> None:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model_state, optim_state = get_state_dict(model, optimizer)
+    state = {"model": model_state, "optimizer": optim_state}
+    dcp.load(state, checkpoint_id=str(path / "dcp"))
+    set_state_dict(
+        model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"]
+    )
+
+
 def load_checkpoint(
     path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler
 ) -> dict:
-    """Restore everything `save_checkpoint` wrote; returns the state (step, extra)."""
+    """Restore everything `save_checkpoint` wrote; returns the state (step, extra). A
+    sharded checkpoint loads on any number of ranks (every rank calls this)."""
     state = json.loads((path / "state.json").read_text(encoding="utf-8"))
+    if state.get("format") == "dcp":
+        _load_sharded(path, model, optimizer)
+        scheduler.load_state_dict({**scheduler.state_dict(), **state["scheduler"]})
+        version, internal, gauss = state["python_random"]
+        random.setstate((version, tuple(internal), gauss))
+        return state
     params = trainable_parameters(model)
     saved = load_file(path / "trainable.safetensors")
     if set(saved) != set(params):

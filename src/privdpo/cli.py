@@ -334,7 +334,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.func(args)
     except UserError as e:
-        print(f"privdpo {args.command}: error: {e}", file=sys.stderr)
+        rank = os.environ.get("RANK") if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None
+        where = f" [rank {rank}]" if rank is not None else ""  # torchrun: which rank failed
+        print(f"privdpo {args.command}{where}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"privdpo {args.command}: interrupted", file=sys.stderr)

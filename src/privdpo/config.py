@@ -143,6 +143,11 @@ class TrainConfig:
         "attention over packed rows: varlen (FlashAttention, CUDA), flex (FlexAttention),"
         " sdpa (dense mask, CPU); auto = varlen on CUDA in half precision, else sdpa",
     )
+    parallel: Literal["ddp", "fsdp"] = opt(
+        "ddp",
+        "several processes (torchrun): ddp replicates the model on every rank; fsdp shards"
+        " each decoder layer with FSDP2 (non-private runs, no early stopping)",
+    )
     gradient_checkpointing: bool = opt(False, "recompute activations to save memory")
     compile: bool = opt(
         False, "torch.compile each decoder layer (dynamic shapes; compiles on the first steps)"
@@ -770,6 +775,16 @@ def check_common(cfg: Any) -> list[str]:
     if t.micro_batch_tokens is not None and t.micro_batch_tokens < 2:
         problems.append(
             f"train.micro_batch_tokens: must be at least 2 or null, got {t.micro_batch_tokens}"
+        )
+    if t.parallel == "fsdp" and cfg.privacy.enabled:
+        problems.append(
+            "train.parallel: fsdp shards parameters, which per-unit clipping needs whole; use"
+            " train.parallel=ddp for a private run"
+        )
+    if t.parallel == "fsdp" and t.early_stopping_patience is not None:
+        problems.append(
+            "train.parallel: fsdp does not keep a best checkpoint for early stopping; use"
+            " train.parallel=ddp or set train.early_stopping_patience=null"
         )
     if t.share_prompt and not t.packing and hasattr(cfg, "dpo"):
         problems.append(

@@ -133,7 +133,13 @@ def cache_key(cfg: DPORunConfig, kind: str, pairs) -> str:
 
 
 def precompute(
-    reference: Reference, cfg: DPORunConfig, pairs, pad_id: int, device, batch_size: int
+    reference: Reference,
+    cfg: DPORunConfig,
+    pairs,
+    pad_id: int,
+    device,
+    batch_size: int,
+    write: bool = True,
 ) -> tuple[Path, bool]:
     """Fill `reference.cache` for `pairs`, from disk if this exact input was computed
     before. Returns (cache file, whether it was reused). Frees a held reference model."""
@@ -154,10 +160,11 @@ def precompute(
             rows.append(torch.stack([chosen, rejected], dim=1).float().cpu())
             wheres += [p.where for p in chunk]
         logps = torch.cat(rows)
-        root.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        save_file({"logps": logps}, tmp, metadata={"index": json.dumps(wheres)})
-        tmp.replace(path)
+        if write:  # several ranks compute the same numbers; rank 0 writes them
+            root.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            save_file({"logps": logps}, tmp, metadata={"index": json.dumps(wheres)})
+            tmp.replace(path)
         reference.cache = dict(zip(wheres, logps, strict=True))
         reused = False
     reference.model = None  # the frozen copy is no longer needed: free its memory

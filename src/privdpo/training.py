@@ -25,7 +25,9 @@ from privdpo.checkpoint import (
 )
 from privdpo.config import TrainConfig, dump_yaml, to_dict
 from privdpo.data.batching import token_count
+from privdpo.distributed import SINGLE, all_reduce_sum, barrier, share, units_share
 from privdpo.errors import UserError
+from privdpo.metrics import MetricsLogger
 from privdpo.models import compile_layers
 from privdpo.privacy.ledger import PrivacyLedger
 from privdpo.report import write_report
@@ -79,16 +81,18 @@ def check_run_dir(cfg, resume: bool) -> Path:
     return run_dir
 
 
-def create_run_dir(cfg, resume: bool) -> Path:
+def create_run_dir(cfg, resume: bool, world=SINGLE) -> Path:
     """Make the (checked) run directory, replacing an old run if asked, and save the
-    resolved config."""
+    resolved config (rank 0; the other ranks wait for it)."""
     run_dir = Path(cfg.output.dir)
-    if resume:
+    if resume or not world.is_main:
+        barrier(world)
         return run_dir
     if run_dir.exists():
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True)
     (run_dir / "config.yaml").write_text(dump_yaml(cfg), encoding="utf-8")
+    barrier(world)
     return run_dir
 
 
@@ -102,7 +106,10 @@ def _flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def pick_device(name: str) -> torch.device:
+def pick_device(name: str, world=SINGLE) -> torch.device:
+    """The device of `train.device`; with several CUDA processes, this rank's GPU."""
+    if world.active and name in ("auto", "cuda") and torch.cuda.is_available():
+        return torch.device("cuda", world.local_rank)
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
@@ -203,15 +210,18 @@ def micro_batches(
 
 
 def logical_batch(
-    step: int, train: list, cfg: TrainConfig, dp, share_prompt: bool = False
-) -> tuple[list, list[int] | None]:
-    """The micro-batches of optimizer step `step`, as (items, item_unit, weight) triples,
-    and the units DP sampled (None without DP).
+    step: int, train: list, cfg: TrainConfig, dp, share_prompt: bool = False, world=SINGLE
+) -> tuple[list, list, list[int] | None]:
+    """This rank's micro-batches of optimizer step `step`, as (items, item_unit, weight)
+    triples; every item of the logical batch (all ranks: what losses are divided by); and
+    the units DP sampled (None without DP).
 
-    Without DP: a seeded shuffle cut in batches (`batch_indices`), then in micro-batches of
-    at most `micro_batch_size` items and `micro_batch_tokens` tokens; item_unit and weight
-    are None. With DP: a Poisson sample of units (the batch size varies), each unit's items
-    in one micro-batch, with their unit and loss weight (`DPSGD.micro_batches`)."""
+    Without DP: a seeded shuffle cut in batches (`batch_indices`); this rank's contiguous
+    share of it, in micro-batches of at most `micro_batch_size` items and
+    `micro_batch_tokens` tokens; item_unit and weight are None. With DP: a Poisson sample
+    of units (the batch size varies), this rank's every world-size-th unit, each unit's
+    items in one micro-batch, with their unit and loss weight (`DPSGD.micro_batches`).
+    Both are functions of the seed and the step only, whatever the number of ranks."""
 
     def tokens_of(item) -> int:
         return token_count(item, share_prompt)
@@ -219,15 +229,94 @@ def logical_batch(
     size, max_tokens = cfg.micro_batch_size, cfg.micro_batch_tokens
     if dp is None:
         items = [train[i] for i in batch_indices(step, len(train), cfg)]
-        return [(c, None, None) for c in micro_batches(items, size, max_tokens, tokens_of)], None
+        mine = share(world, items)
+        return (
+            [(c, None, None) for c in micro_batches(mine, size, max_tokens, tokens_of)],
+            items,
+            None,
+        )
     units = dp.sample(step)
     chunks = [
         ([train[i] for i in items], item_unit, weight)
         for items, item_unit, weight in dp.micro_batches(
-            units, size, max_tokens, lambda i: tokens_of(train[i])
+            units_share(world, units), size, max_tokens, lambda i: tokens_of(train[i])
         )
     ]
-    return chunks, units
+    every = [train[i] for u in units for i in dp.groups[u]]
+    return chunks, every, units
+
+
+def shard_model(model, cfg: TrainConfig, world) -> None:
+    """train.parallel=fsdp on several ranks: FSDP2 `fully_shard` on each decoder layer (its
+    parameters, gradients and optimizer state sharded over the ranks, gathered layer by
+    layer in the forward and backward passes); the embeddings, final norm and head stay
+    replicated. Call after the model is on its device, before the optimizer."""
+    if cfg.parallel != "fsdp" or not world.active:
+        return
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in model.get_decoder().layers:
+        fully_shard(layer)
+
+
+def _sharded(t) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
+def reduce_gradients(world, params: list) -> None:
+    """Sum the ranks' gradients (the one-process gradient: losses are divided by global
+    counts); a rank with nothing to do this step contributes zeros. FSDP2 has already
+    reduce-scattered a sharded parameter's gradient as a mean over ranks: times the world
+    size, that is the sum."""
+    if not world.active:
+        return
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    all_reduce_sum(world, [p.grad for p in params if not _sharded(p)])
+    for p in params:
+        if _sharded(p):
+            p.grad.mul_(world.size)
+
+
+def clip_gradients(world, params: list, max_norm: float | None) -> torch.Tensor:
+    """Clip the total gradient norm to `max_norm` (None: no clipping); return the norm.
+    With sharded parameters the norm sums every rank's shards."""
+    limit = max_norm if max_norm is not None else float("inf")
+    if not any(_sharded(p) for p in params):
+        return torch.nn.utils.clip_grad_norm_(params, limit)
+    sharded = [p.grad.to_local().double().pow(2).sum() for p in params if _sharded(p)]
+    local = torch.stack(sharded).sum()
+    all_reduce_sum(world, [local])
+    plain = [p.grad.double().pow(2).sum() for p in params if not _sharded(p)]
+    total = (local + (torch.stack(plain).sum() if plain else 0.0)).sqrt()
+    coef = (limit / (total + 1e-6)).clamp(max=1.0)
+    for p in params:
+        p.grad.mul_(coef.to(p.grad.dtype))
+    return total.float()
+
+
+def full_model(model, cfg, world):
+    """The model with every parameter whole, for export: `model` itself unless sharded;
+    then every rank joins the gather and rank 0 gets an unsharded copy (others None)."""
+    if not any(_sharded(p) for p in model.parameters()):
+        return model
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    from privdpo.models import add_lora, load_model_and_tokenizer
+
+    full = get_model_state_dict(
+        model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+    )
+    if not world.is_main:
+        return None
+    plain, _ = load_model_and_tokenizer(cfg.model, cfg.train.seed)
+    if cfg.model.lora.enabled:
+        plain = add_lora(plain, cfg.model.lora)
+    plain.load_state_dict(full)
+    return plain
 
 
 class EarlyStopping:
@@ -284,11 +373,14 @@ class EarlyStopping:
         )
 
 
-def record_eval(step: int, metrics: dict, logger, stopper: EarlyStopping, run_dir, model):
+def record_eval(
+    step: int, metrics: dict, logger, stopper: EarlyStopping, run_dir, model, world=SINGLE
+):
     """Log an evaluation and do the early-stopping bookkeeping: keep the best weights
-    (only when early stopping is on) and return the reason to stop, or None."""
+    (only when early stopping is on; rank 0 writes them) and return the reason to stop,
+    or None. Every rank evaluates the same model, so every rank decides the same."""
     logger.log(step, metrics)
-    if stopper.update(step, metrics) and stopper.patience is not None:
+    if stopper.update(step, metrics) and stopper.patience is not None and world.is_main:
         save_best(run_dir, step, model, {stopper.metric: stopper.best})
     return stopper.reason() if stopper.should_stop else None
 
@@ -303,9 +395,16 @@ def restore_best(stopper: EarlyStopping, step: int, run_dir: Path, model) -> Non
         )
 
 
-def finish_run(cfg, run_dir: Path, model, tokenizer, step: int, stopper, stop_reason, dp, lineage):
+def finish_run(
+    cfg, run_dir: Path, model, tokenizer, step: int, stopper, stop_reason, dp, lineage, world=SINGLE
+):
     """Say why training stopped early (if it did), export the best or last weights, and
-    write the lineage (and the privacy statement) beside every exported model."""
+    write the lineage (and the privacy statement) beside every exported model: rank 0,
+    the others wait for it."""
+    model = full_model(model, cfg, world)  # every rank joins when sharded
+    if not world.is_main:
+        barrier(world)
+        return {}
     if stop_reason:
         print(stop_reason)
         (run_dir / "stopped_early.txt").write_text(stop_reason + "\n", encoding="utf-8")
@@ -317,7 +416,29 @@ def finish_run(cfg, run_dir: Path, model, tokenizer, step: int, stopper, stop_re
     if statement is not None:
         print(statement["summary"])
     print(f"report: {write_report(run_dir)}")
+    barrier(world)
     return exported
+
+
+class NullLogger:
+    """The metrics logger of ranks other than 0: rank 0 writes the run's metrics."""
+
+    def log(self, step: int, values: dict) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def make_logger(run_dir: Path, resume_step: int | None, world=SINGLE):
+    return MetricsLogger(run_dir, resume_step) if world.is_main else NullLogger()
+
+
+def reduce_metrics(world, values: list[torch.Tensor | float]) -> list[float]:
+    """Sum per-rank metric sums (logging steps only: one collective) and read them."""
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64)
+    all_reduce_sum(world, [t])
+    return t.tolist()
 
 
 def run_state(stopper: EarlyStopping, dp) -> dict:

@@ -26,6 +26,7 @@ from contextlib import contextmanager
 import torch
 
 from privdpo.config import PrivacyConfig
+from privdpo.distributed import SINGLE, all_reduce_sum, broadcast_int
 from privdpo.privacy.accounting import max_steps_within
 from privdpo.privacy.clipping import PerUnitGradients
 from privdpo.privacy.els_accounting import els_max_steps_within
@@ -37,8 +38,11 @@ from privdpo.privacy.statement import statement
 class DPSGD:
     """The private part of a training step; the recipe keeps its loop."""
 
-    def __init__(self, model, plan: PrivacyPlan, cfg: PrivacyConfig, seed: int, groups):
+    def __init__(
+        self, model, plan: PrivacyPlan, cfg: PrivacyConfig, seed: int, groups, world=SINGLE
+    ):
         self.plan = plan
+        self.world = world  # several ranks: clipped sums are summed over them
         self.groups: list[list[int]] = groups  # unit -> its item indices
         self.secure = cfg.secure_noise
         self.seed = seed
@@ -69,7 +73,7 @@ class DPSGD:
 
     @classmethod
     def from_config(
-        cls, cfg, model, groups: list[list[int]], steps: int, users: UserBound | None
+        cls, cfg, model, groups: list[list[int]], steps: int, users: UserBound | None, world=SINGLE
     ) -> DPSGD | None:
         """The private step of a run's config (printing its plan), or None for a run
         without privacy; `groups` and `users` as `privacy_units` returned them."""
@@ -77,7 +81,7 @@ class DPSGD:
             return None
         plan = plan_from_config(cfg, groups, steps, users)
         print("differential privacy plan:\n" + plan.table())
-        return cls(model, plan, cfg.privacy, cfg.train.seed, groups)
+        return cls(model, plan, cfg.privacy, cfg.train.seed, groups, world)
 
     # ---- sample -----------------------------------------------------------------------
     def sample(self, step: int) -> list[int]:
@@ -146,11 +150,14 @@ class DPSGD:
         canaries of an audit (`privdpo audit`, white box) join the clipped sum as units and
         read the privatized sum back."""
         sums = self.clipper.take_clipped_sum()
+        # Each rank clipped its own units; the noise goes once on the sum over ranks.
+        all_reduce_sum(self.world, [sums[id(p)] for p in self.clipper.params])
         if self.canaries is not None:
             self.canaries.add(sums, self.clipper.params, step, self.plan)
         std = self.noise_std()
         expected_batch = self.plan.sampling_rate * self.plan.num_units
         seed = secrets.randbits(63) if self.secure else hash_seed(self.seed, step, "noise")
+        seed = broadcast_int(self.world, seed)  # one seed for the world: rank 0's
         gen = None
         for p in self.clipper.params:
             total = sums[id(p)]

@@ -42,10 +42,19 @@ def load_salt(path: str | Path, run_dir: Path | None = None) -> bytes:
             " stay out of what a run writes (set it to a path outside output.dir)"
         )
     if not path.exists():
+        # Written whole under a private name, then linked into place: several processes
+        # starting at once (torchrun) all end up reading the one salt that won.
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "wb") as f:
             f.write(os.urandom(32))
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            pass
+        finally:
+            tmp.unlink()
     salt = path.read_bytes()
     if len(salt) < 16:
         raise UserError(

@@ -18,9 +18,9 @@ from privdpo.checkpoint import save_checkpoint
 from privdpo.config import SFTRunConfig
 from privdpo.data.batching import example_batch
 from privdpo.data.sft import Example, load_sft_data
+from privdpo.distributed import check_same, init_world
 from privdpo.logprobs import sequence_logps, token_logps
 from privdpo.losses import sft_loss
-from privdpo.metrics import MetricsLogger
 from privdpo.models import add_lora, load_model_and_tokenizer
 from privdpo.privacy.dpsgd import DPSGD
 from privdpo.privacy.lineage import RunLineage
@@ -30,18 +30,23 @@ from privdpo.training import (
     EarlyStopping,
     batch_layout,
     check_run_dir,
+    clip_gradients,
     configure_model,
     create_run_dir,
     finish_run,
     logical_batch,
+    make_logger,
     make_optimizer,
     make_scheduler,
     micro_batches,
     pick_device,
     planned_steps,
     record_eval,
+    reduce_gradients,
+    reduce_metrics,
     resume_run,
     run_state,
+    shard_model,
     steps_per_epoch,
 )
 
@@ -82,9 +87,10 @@ def run_sft(cfg: SFTRunConfig, resume: bool = False, audit=None) -> dict[str, Pa
     # ---- setup -----------------------------------------------------------------------
     # Everything that can fail on a user mistake runs before the run directory is written.
     check_run_dir(cfg, resume)
-    if not cfg.output.progress_bar:
+    world = init_world(cfg.train.device)  # one process, or this rank of torchrun's
+    if not cfg.output.progress_bar or not world.is_main:
         hf_logging.disable_progress_bar()
-    device = pick_device(cfg.train.device)
+    device = pick_device(cfg.train.device, world)
     model, tokenizer = load_model_and_tokenizer(cfg.model, cfg.train.seed)
     train, evals, summary = load_sft_data(
         cfg.data, tokenizer, cfg.sft.completion_only_loss, cfg.train.seed
@@ -98,19 +104,21 @@ def run_sft(cfg: SFTRunConfig, resume: bool = False, audit=None) -> dict[str, Pa
     # Where this run stands in its lineage, said (or refused) before anything is written.
     unit = None if not cfg.privacy.enabled else ("user" if users is not None else "example")
     lineage = RunLineage.begin(cfg, "sft", train, evals, summary, unit)
-    run_dir = create_run_dir(cfg, resume)
-    summary.save(run_dir / "data_summary.json")
+    run_dir = create_run_dir(cfg, resume, world)
+    if world.is_main:
+        summary.save(run_dir / "data_summary.json")
     print(summary.table())
     if cfg.model.lora.enabled:
         model = add_lora(model, cfg.model.lora)
     configure_model(model, cfg.train)
     model.to(device)
+    shard_model(model, cfg.train, world)
     model.train()
     optimizer = make_optimizer(model, cfg.train)
     scheduler = make_scheduler(optimizer, cfg.train, total_steps)
     pad_id = tokenizer.pad_token_id
 
-    dp = DPSGD.from_config(cfg, model, groups, total_steps, users)
+    dp = DPSGD.from_config(cfg, model, groups, total_steps, users, world)
     if audit is not None and dp is not None:
         audit.attach(dp, model)
     stopper = EarlyStopping(
@@ -122,12 +130,17 @@ def run_sft(cfg: SFTRunConfig, resume: bool = False, audit=None) -> dict[str, Pa
     step = 0
     if resume:
         step = resume_run(run_dir, model, optimizer, scheduler, stopper, dp, total_steps)
-    logger = MetricsLogger(run_dir, resume_step=step if resume else None)
-    bar = tqdm(total=total_steps, initial=step, disable=not cfg.output.progress_bar, desc="sft")
+    logger = make_logger(run_dir, step if resume else None, world)
+    bar = tqdm(
+        total=total_steps,
+        initial=step,
+        disable=not cfg.output.progress_bar or not world.is_main,
+        desc="sft",
+    )
     stop_reason = None
     if evals and cfg.train.eval_at_start and step == 0:
         eval_metrics = evaluate(model, evals, cfg, pad_id, device)
-        record_eval(0, eval_metrics, logger, stopper, run_dir, model)
+        record_eval(0, eval_metrics, logger, stopper, run_dir, model, world)
 
     # ---- train -----------------------------------------------------------------------
     # The step never waits for the GPU: the loss stays on the device and is read (one
@@ -137,15 +150,14 @@ def run_sft(cfg: SFTRunConfig, resume: bool = False, audit=None) -> dict[str, Pa
         dp.plan_logged_epsilons(log_steps + [total_steps])
     interval = {"started": time.perf_counter(), "tokens": 0, "steps": 0}
     attention = cfg.train.attention
-    profiler = StepProfiler(run_dir, cfg.train.profile, step, total_steps)
+    profiler = StepProfiler(run_dir, cfg.train.profile and world.is_main, step, total_steps)
     while step < total_steps and stop_reason is None:
         if dp is not None and dp.out_of_budget():
             stop_reason = dp.budget_message()
             break
         profiler.before(step)
-        chunks, units = logical_batch(step, train, cfg.train, dp)
-        examples = [item for chunk, _, _ in chunks for item in chunk]
-        num_tokens = max(1, count_label_tokens(examples))
+        chunks, examples, units = logical_batch(step, train, cfg.train, dp, world=world)
+        num_tokens = max(1, count_label_tokens(examples))  # the whole logical batch's
         loss_sum = None
         for chunk, item_unit, weight in chunks:
             host = build_example_batch(chunk, cfg, pad_id, item_unit)
@@ -163,14 +175,15 @@ def run_sft(cfg: SFTRunConfig, resume: bool = False, audit=None) -> dict[str, Pa
             loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
             interval["tokens"] += host.num_tokens
         trainable = [p for p in model.parameters() if p.requires_grad]
+        logging = (step + 1) % cfg.train.log_every == 0 or step + 1 == total_steps
         if dp is None:
-            max_norm = cfg.train.max_grad_norm
-            grad_norm = torch.nn.utils.clip_grad_norm_(
-                trainable, max_norm if max_norm is not None else float("inf")
-            )
+            reduce_gradients(world, trainable)
+            grad_norm = clip_gradients(world, trainable, cfg.train.max_grad_norm)
         else:  # per-unit clipping replaces global clipping
             dp.noise_and_scale(step)
             grad_norm = torch.nn.utils.get_total_norm([p.grad for p in trainable])
+            if logging:  # noise once for the world: every rank holds the same gradient
+                check_same(world, [p.grad for p in trainable], "the noised gradients")
         lr = scheduler.get_last_lr()[0]
         optimizer.step()
         scheduler.step()
@@ -181,8 +194,9 @@ def run_sft(cfg: SFTRunConfig, resume: bool = False, audit=None) -> dict[str, Pa
         if dp is not None and dp.out_of_budget() and step < total_steps:
             stop_reason = dp.budget_message()
 
-        if step % cfg.train.log_every == 0 or step == total_steps:
-            loss_value = loss_sum.item() if loss_sum is not None else 0.0  # DP: none sampled
+        if logging:
+            local = loss_sum.item() if loss_sum is not None else 0.0  # nothing here this step
+            loss_value, interval["tokens"] = reduce_metrics(world, [local, interval["tokens"]])
             seconds = time.perf_counter() - interval["started"]  # after the sync above
             private = {}
             if dp is not None:
@@ -209,7 +223,7 @@ def run_sft(cfg: SFTRunConfig, resume: bool = False, audit=None) -> dict[str, Pa
             (cfg.train.eval_every and step % cfg.train.eval_every == 0) or step == total_steps
         ):
             eval_metrics = evaluate(model, evals, cfg, pad_id, device)
-            stopped = record_eval(step, eval_metrics, logger, stopper, run_dir, model)
+            stopped = record_eval(step, eval_metrics, logger, stopper, run_dir, model, world)
             stop_reason = stop_reason or stopped
         if (
             (cfg.train.save_every and step % cfg.train.save_every == 0)
@@ -224,8 +238,11 @@ def run_sft(cfg: SFTRunConfig, resume: bool = False, audit=None) -> dict[str, Pa
                 scheduler,
                 run_state(stopper, dp),
                 cfg.train.keep_checkpoints,
+                world,
             )
             interval["started"] = time.perf_counter()  # saving is not training time
     bar.close()
     logger.close()
-    return finish_run(cfg, run_dir, model, tokenizer, step, stopper, stop_reason, dp, lineage)
+    return finish_run(
+        cfg, run_dir, model, tokenizer, step, stopper, stop_reason, dp, lineage, world
+    )

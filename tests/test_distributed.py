@@ -1,0 +1,169 @@
+"""Several processes (torchrun, gloo, CPU) give the one-process run: SFT and DPO, DP-DPO at
+pair and user level (same sampled units, noise once), FSDP2; a 2-process checkpoint
+resumes on 1 process; noise added on every rank is caught."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import REPO, sft_rows, write_jsonl
+from test_dpo import marker_pairs
+
+TORCHRUN = Path(sys.executable).parent / "torchrun"
+PAIRS = ["train.max_steps=3", "train.batch_size=8", "train.micro_batch_size=4", "dpo.beta=0.1"]
+DP_PAIR = ["privacy.enabled=true", "privacy.noise_multiplier=1.0"]
+DP_USER = [*DP_PAIR, "privacy.unit=user", "privacy.contribution_bound=3"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(
+    tmp_path: Path, procs: int, command: str, name: str, data: Path, *overrides, script=None
+):
+    config = tmp_path / "empty.yaml"
+    config.write_text("{}\n")
+    args = [
+        command,
+        str(config),
+        "model.preset=tiny",
+        f"data.train={data}",
+        "data.eval_fraction=0",
+        "train.lr=1e-3",
+        "train.eval_at_start=false",
+        f"data.user_salt_file={tmp_path / 'salt'}",
+        f"dpo.reference_cache_dir={tmp_path / 'cache'}"
+        if command == "dpo"
+        else "sft.completion_only_loss=true",
+        f"output.dir={tmp_path / name}",
+        "output.progress_bar=false",
+        *overrides,
+    ]
+    target = [str(script)] if script else ["-m", "privdpo"]
+    if procs == 1:
+        cmd = [sys.executable, *target, *args]
+    else:
+        cmd = [
+            str(TORCHRUN),
+            "--nproc_per_node",
+            str(procs),
+            "--master_port",
+            str(free_port()),
+            *target,
+            *args,
+        ]
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"}
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+
+
+def weights(run: Path) -> dict:
+    for sub in ("model/model.safetensors", "adapter/adapter_model.safetensors"):
+        if (run / sub).is_file():
+            return load_file(run / sub)
+    raise AssertionError(f"no exported weights in {run}")
+
+
+def assert_same_weights(a: Path, b: Path) -> None:
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys() and wa
+    for key in wa:
+        torch.testing.assert_close(wb[key], wa[key], rtol=1e-5, atol=1e-5, msg=key)
+
+
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory) -> Path:
+    return write_jsonl(tmp_path_factory.mktemp("data") / "pairs.jsonl", marker_pairs(40))
+
+
+@pytest.mark.parametrize(
+    ("name", "overrides"),
+    [("dpo", []), ("dp-pair", DP_PAIR), ("dp-user", DP_USER), ("fsdp", ["train.parallel=fsdp"])],
+)
+def test_two_processes_give_the_one_process_dpo_run(tmp_path, pairs, name, overrides):
+    one = launch(tmp_path, 1, "dpo", "one", pairs, *PAIRS, *overrides)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = launch(tmp_path, 2, "dpo", "two", pairs, *PAIRS, *overrides)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert_same_weights(tmp_path / "one", tmp_path / "two")
+    # Rank 0 alone wrote the run: one metrics file, one report, one ledger.
+    assert (tmp_path / "two" / "report.html").is_file()
+    assert (tmp_path / "two" / "metrics.jsonl").read_text().count("\n") == 3
+    if overrides and overrides[0].startswith("privacy"):
+        s1 = json.loads((tmp_path / "one" / "privacy.json").read_text())
+        s2 = json.loads((tmp_path / "two" / "privacy.json").read_text())
+        assert s1["ledger"] == s2["ledger"] and s1["epsilon"] == s2["epsilon"]
+
+
+def test_two_processes_give_the_one_process_sft_run(tmp_path):
+    data = write_jsonl(tmp_path / "sft.jsonl", sft_rows(40))
+    args = ["train.max_steps=3", "train.batch_size=8", "train.micro_batch_size=4"]
+    assert launch(tmp_path, 1, "sft", "one", data, *args).returncode == 0
+    two = launch(tmp_path, 2, "sft", "two", data, *args)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert_same_weights(tmp_path / "one", tmp_path / "two")
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_a_two_process_checkpoint_resumes_on_one_process(tmp_path, pairs, parallel):
+    args = [*PAIRS[1:], "train.max_steps=4", "train.save_every=2", f"train.parallel={parallel}"]
+    assert launch(tmp_path, 1, "dpo", "whole", pairs, *args).returncode == 0
+    two = launch(tmp_path, 2, "dpo", "killed", pairs, *args)
+    assert two.returncode == 0, two.stderr[-3000:]
+    # As if killed right after the step-2 checkpoint: later state gone.
+    killed = tmp_path / "killed"
+    shutil.rmtree(killed / "checkpoints" / "step-000004")
+    for sub in ("model", "adapter", "privacy.json"):
+        path = killed / sub
+        if path.is_dir():
+            shutil.rmtree(path)
+    if parallel == "fsdp":
+        assert (killed / "checkpoints" / "step-000002" / "dcp").is_dir()  # sharded
+    resumed = launch(tmp_path, 1, "dpo", "killed", pairs, *args, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_same_weights(tmp_path / "whole", killed)
+
+
+NOISE_ON_EVERY_RANK = """
+import sys
+import torch
+import torch.distributed as dist
+from privdpo.privacy import dpsgd
+
+reduce = dpsgd.all_reduce_sum
+
+
+def reduce_then_noise_per_rank(world, tensors):
+    # The bug: each rank adds its own noise to the summed clipped gradients.
+    reduce(world, tensors)
+    if world.active:
+        gen = torch.Generator().manual_seed(1000 + dist.get_rank())
+        for t in tensors:
+            t.add_(torch.randn(t.shape, generator=gen))
+
+
+dpsgd.all_reduce_sum = reduce_then_noise_per_rank
+from privdpo.cli import main
+
+sys.exit(main())
+"""
+
+
+def test_noise_added_on_every_rank_is_caught(tmp_path, pairs):
+    script = tmp_path / "buggy.py"
+    script.write_text(NOISE_ON_EVERY_RANK)
+    result = launch(tmp_path, 2, "dpo", "buggy", pairs, *PAIRS, *DP_PAIR, script=script)
+    assert result.returncode != 0
+    assert "the noised gradients differ between ranks" in result.stderr
