@@ -21,11 +21,13 @@ from privdpo.checkpoint import (
 )
 from privdpo.config import DPORunConfig
 from privdpo.data.batching import pair_batch
+from privdpo.data.loading import require_user_ids
 from privdpo.data.preference import PairExample, load_preference_data
 from privdpo.logprobs import sequence_logps
 from privdpo.losses import LossParams, PairLogps, preference_loss
 from privdpo.metrics import MetricsLogger
 from privdpo.models import add_lora, load_model_and_tokenizer
+from privdpo.prep.inspect import inspect_pairs, save_inspection
 from privdpo.privacy.dpsgd import DPSGD, privacy_units
 from privdpo.profiling import StepProfiler
 from privdpo.reference import build_reference, precompute
@@ -136,7 +138,9 @@ def run_dpo(cfg: DPORunConfig, resume: bool = False) -> dict[str, Path]:
         hf_logging.disable_progress_bar()
     device = pick_device(cfg.train.device)
     model, tokenizer = load_model_and_tokenizer(cfg.model, cfg.train.seed)
-    train, evals, summary = load_preference_data(cfg.data, tokenizer, cfg.train.seed)
+    train, evals, summary = load_preference_data(cfg.data, tokenizer, cfg.train.seed, cfg.scrub)
+    require_user_ids(train, cfg)
+    inspection = inspect_pairs(train, evals, summary, cfg.data.max_length)
     # Steps are fixed before the user-level cap (a compute budget the same for every k).
     total_steps = planned_steps(len(train), cfg.train)
     # The private run's units; at user level each user's pairs are capped at k here.
@@ -155,6 +159,7 @@ def run_dpo(cfg: DPORunConfig, resume: bool = False) -> dict[str, Path]:
     run_dir = create_run_dir(cfg, resume)
     summary.save(run_dir / "data_summary.json")
     print(summary.table())
+    save_inspection(inspection, run_dir)
     print(f"reference policy: {reference.kind}; loss: {cfg.dpo.loss}, beta={cfg.dpo.beta}")
     if cfg.dpo.precompute_reference and reference.kind != "none":
         path, reused = precompute(

@@ -17,11 +17,13 @@ from transformers.utils import logging as hf_logging
 from privdpo.checkpoint import save_checkpoint
 from privdpo.config import SFTRunConfig
 from privdpo.data.batching import example_batch
+from privdpo.data.loading import require_user_ids
 from privdpo.data.sft import Example, load_sft_data
 from privdpo.logprobs import sequence_logps, token_logps
 from privdpo.losses import sft_loss
 from privdpo.metrics import MetricsLogger
 from privdpo.models import add_lora, load_model_and_tokenizer
+from privdpo.prep.inspect import inspect_examples, save_inspection
 from privdpo.privacy.dpsgd import DPSGD, privacy_units
 from privdpo.profiling import StepProfiler
 from privdpo.training import (
@@ -85,8 +87,10 @@ def run_sft(cfg: SFTRunConfig, resume: bool = False) -> dict[str, Path]:
     device = pick_device(cfg.train.device)
     model, tokenizer = load_model_and_tokenizer(cfg.model, cfg.train.seed)
     train, evals, summary = load_sft_data(
-        cfg.data, tokenizer, cfg.sft.completion_only_loss, cfg.train.seed
+        cfg.data, tokenizer, cfg.sft.completion_only_loss, cfg.train.seed, cfg.scrub
     )
+    require_user_ids(train, cfg)
+    inspection = inspect_examples(train, evals, summary, cfg.data.max_length)
     # Steps are fixed before the user-level cap (a compute budget the same for every k).
     total_steps = planned_steps(len(train), cfg.train)
     # The private run's units; at user level each user's examples are capped at k here.
@@ -94,6 +98,7 @@ def run_sft(cfg: SFTRunConfig, resume: bool = False) -> dict[str, Path]:
     run_dir = create_run_dir(cfg, resume)
     summary.save(run_dir / "data_summary.json")
     print(summary.table())
+    save_inspection(inspection, run_dir)
     if cfg.model.lora.enabled:
         model = add_lora(model, cfg.model.lora)
     configure_model(model, cfg.train)
