@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import sys
 import tempfile
 import time
@@ -26,6 +27,12 @@ from privdpo.config import ScrubRunConfig, load_config  # noqa: E402
 from privdpo.prep.scrub import run_scrub  # noqa: E402
 
 TARGET_SECONDS = 120.0
+
+
+def cpu_seconds() -> float:
+    """CPU time of this process and its finished children (the pool's workers)."""
+    me, children = (resource.getrusage(w) for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
+    return me.ru_utime + me.ru_stime + children.ru_utime + children.ru_stime
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -51,16 +58,22 @@ def main(argv: list[str] | None = None) -> dict:
     if args.workers:
         overrides.append(f"scrub.workers={args.workers}")
     cfg = load_config(ScrubRunConfig, None, overrides)
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), cpu_seconds()
     run_scrub(str(source), str(work / "scrubbed.jsonl"), cfg)
-    seconds = time.perf_counter() - started
+    seconds, cpu = time.perf_counter() - started, cpu_seconds() - cpu_started
+    workers = cfg.scrub.workers or len(os.sched_getaffinity(0))
     chars = sum(len(r["prompt"]) + len(r["chosen"]) + len(r["rejected"]) for r in corpus.rows)
     result = {
         "rows": args.rows,
         "mean_chars_per_row": chars / args.rows,
         "cores": len(os.sched_getaffinity(0)),
-        "workers": cfg.scrub.workers or len(os.sched_getaffinity(0)),
+        "workers": workers,
         "seconds": round(seconds, 2),
+        # CPU time of the run (all processes) over the cores it used: the wall time it
+        # would take on cores of its own; on a shared machine the wall time is longer.
+        "cpu_seconds": round(cpu, 2),
+        "cpu_seconds_per_core": round(cpu / workers, 2),
+        "load_average_1min": round(os.getloadavg()[0], 2),
         "rows_per_second": round(args.rows / seconds, 1),
         "generate_seconds": round(generated, 2),
         "projected_seconds_for_100k": round(seconds * 100_000 / args.rows, 1),
