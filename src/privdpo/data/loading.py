@@ -104,9 +104,9 @@ def require_user_ids(items: list, cfg) -> None:
     missing = [it.where for it in items if it.user_id is None]
     if missing:
         raise DataError(
-            f"{missing[0]}: key {cfg.data.user_id_column!r} is blank or missing, but"
-            f" privacy.unit=user needs the user of every row ({len(missing)} rows lack one:"
-            f" {', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''}). Fill it in, set"
-            " data.user_id_column to the column that has it, or set"
+            f"{missing[0]}: privacy.unit=user needs a user id on every row, but"
+            f" {len(missing)} rows have none in column {cfg.data.user_id_column!r} (blank or"
+            f" missing: {', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''}). Fill"
+            " it in, set data.user_id_column to the column that has it, or set"
             " data.missing_user_id=own_user to make each such row a user of its own"
         )
