@@ -91,7 +91,7 @@ def test_list_defaults_are_not_shared_between_instances():
         ({"trian": {"lr": 1.0}}, "trian: unknown key; did you mean 'train'?"),
         (
             {"zzzz": {"lr": 1.0}},
-            "zzzz: unknown key; valid keys: model, data, train, sft, privacy, output",
+            "zzzz: unknown key; valid keys: model, data, train, sft, privacy, scrub, output",
         ),
     ],
 )
@@ -426,7 +426,7 @@ def _all_keys(cls: type, prefix: str = ""):
 def test_describe_config_mentions_every_key_of_every_section():
     text = describe_config(SFTRunConfig)
     entries = list(_all_keys(SFTRunConfig))
-    assert sum(kind == "section" for kind, _, _ in entries) == 7  # six + model.lora
+    assert sum(kind == "section" for kind, _, _ in entries) == 8  # seven + model.lora
     assert sum(kind == "key" for kind, _, _ in entries) > 40
     for kind, key, doc in entries:
         if kind == "section":

@@ -24,10 +24,13 @@ from privdpo.config import (  # noqa: E402
     DemoRunConfig,
     DPORunConfig,
     EvalRunConfig,
+    InspectRunConfig,
     PairsRunConfig,
+    ScrubRunConfig,
     SFTRunConfig,
     describe_config,
     load_config,
+    read_yaml,
 )
 from privdpo.errors import UserError  # noqa: E402
 
@@ -70,11 +73,22 @@ def _sweep(args: argparse.Namespace) -> None:
     run_sweep(args.config, args.grid, args.overrides, args.metric)
 
 
+def _scrub(args: argparse.Namespace) -> None:
+    from privdpo.prep.scrub import run_scrub
+
+    run_scrub(args.input, args.output, load_config(ScrubRunConfig, None, args.overrides))
+
+
+def _inspect(args: argparse.Namespace) -> None:
+    from privdpo.prep.inspect import run_inspect
+
+    run_inspect(args.data, args.overrides)
+
+
 def _privacy_plan(args: argparse.Namespace) -> None:
     """The DP plan of a config (units, q, steps, sigma, C, epsilon, delta), no training;
     at user level also the table over contribution bounds k and ELS/ULS."""
-    import yaml
-
+    from privdpo.data.loading import require_user_ids
     from privdpo.data.preference import load_preference_data
     from privdpo.data.sft import load_sft_data
     from privdpo.models import load_model_and_tokenizer
@@ -87,17 +101,18 @@ def _privacy_plan(args: argparse.Namespace) -> None:
     )
     from privdpo.training import planned_steps
 
-    is_dpo = "dpo" in (yaml.safe_load(open(args.config, encoding="utf-8")) or {})
+    is_dpo = "dpo" in read_yaml(args.config)
     cfg = load_config(DPORunConfig if is_dpo else SFTRunConfig, args.config, args.overrides)
     if not cfg.privacy.enabled:
         raise UserError("privacy.enabled is false in this config: there is no privacy plan")
     _, tokenizer = load_model_and_tokenizer(cfg.model, cfg.train.seed)
     if is_dpo:
-        items, _, _ = load_preference_data(cfg.data, tokenizer, cfg.train.seed)
+        items, _, _ = load_preference_data(cfg.data, tokenizer, cfg.train.seed, cfg.scrub)
     else:
         items, _, _ = load_sft_data(
-            cfg.data, tokenizer, cfg.sft.completion_only_loss, cfg.train.seed
+            cfg.data, tokenizer, cfg.sft.completion_only_loss, cfg.train.seed, cfg.scrub
         )
+    require_user_ids(items, cfg)
     unit = "pair" if is_dpo else "example"
     steps = planned_steps(len(items), cfg.train)
     _, groups, users = privacy_units(cfg, items, unit, steps)
@@ -267,6 +282,41 @@ example:
         " eval/loss for sft)",
     )
     sweep.set_defaults(func=_sweep)
+
+    scrub = commands.add_parser(
+        "scrub",
+        help="replace personal identifiers in a data file (Presidio, Korean patterns)",
+        description="Find e-mail addresses, phone numbers (Korean and international), credit"
+        " cards, IBANs, IP addresses, URLs, US SSNs and Korean resident and business"
+        " registration numbers in the text fields of INPUT (and, with a local spaCy pipeline,"
+        " names and places), and write OUTPUT with each replaced by a typed placeholder"
+        " (<EMAIL>) or a salted pseudonym. Every row and every other field is kept. Writes"
+        " scrub_summary.json beside OUTPUT: counts per entity type and field, never a value.",
+        epilog="config keys (override any as section.key=value):\n"
+        + describe_config(ScrubRunConfig),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    scrub.add_argument("input", help="data file (.jsonl .json .csv .parquet)")
+    scrub.add_argument("output", help="scrubbed file to write, in INPUT's format")
+    scrub.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides")
+    scrub.set_defaults(func=_scrub)
+
+    inspect = commands.add_parser(
+        "inspect",
+        help="what is in preference (or SFT) data: length bias, duplicates, overlap, ...",
+        description="Inspect DATA, a data file or the YAML config of an sft/dpo run: length"
+        " bias (share of pairs whose chosen is longer, mean length difference in tokens),"
+        " exact and near-duplicate prompts, prompts shared by train and eval, contradictory"
+        " pairs, chosen equal to rejected, empty or truncated responses at data.max_length,"
+        " and pairs per user (counts only, never an id). Prints a table and writes"
+        " inspect.json.",
+        epilog="config keys (override any as section.key=value):\n"
+        + describe_config(InspectRunConfig),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    inspect.add_argument("data", help="data file, or the YAML config of a run")
+    inspect.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides")
+    inspect.set_defaults(func=_inspect)
 
     privacy = commands.add_parser(
         "privacy", help="differential privacy tools", description="Differential privacy tools."

@@ -21,6 +21,7 @@ from typing import Any, Literal, Union
 import yaml
 
 from privdpo.errors import ConfigError, UserError
+from privdpo.prep.entities import NER_ENTITIES, PATTERN_ENTITIES
 
 
 def opt(default: Any, help: str) -> Any:
@@ -65,6 +66,9 @@ class ModelConfig:
         None, "built-in random-init model for tests and demos instead of `path` (e.g. tiny)"
     )
     dtype: Literal["float32", "bfloat16"] = opt("float32", "parameter and compute dtype")
+    tokenizer_path: str | None = opt(
+        None, "local directory of the tokenizer files, when they are not in model.path"
+    )
     trust_remote_code: bool = opt(
         False, "run Python code shipped in the model directory (off: only built-in archs)"
     )
@@ -106,6 +110,11 @@ class DataConfig:
         "the project's salt for hashing user ids in lineage (created on first use; keep it"
         " out of run directories)",
     )
+    missing_user_id: Literal["error", "own_user"] = opt(
+        "error",
+        "privacy.unit=user: a row whose user id is blank or missing stops the run (error), or"
+        " counts as a user of its own (own_user)",
+    )
     max_prompt_length: int | None = opt(
         None, "DPO: cap on prompt tokens (the prompt's end is kept); null: only max_length"
     )
@@ -121,6 +130,11 @@ class TrainConfig:
     seed: int = opt(0, "seed for init, data order, dropout and sampling")
     epochs: int = opt(1, "passes over the training data (ignored when max_steps is set)")
     max_steps: int | None = opt(None, "optimizer steps to run; overrides epochs")
+    shuffle: bool = opt(
+        True,
+        "shuffle the training rows each epoch (seeded); false: the file's order, e.g. to"
+        " reproduce another tool's run (not with privacy: DP-SGD samples at random)",
+    )
     batch_size: int = opt(8, "rows per optimizer step (the logical batch)")
     micro_batch_size: int = opt(
         8, "examples/pairs per forward/backward pass at most; must divide batch_size"
@@ -269,6 +283,79 @@ class PrivacyConfig:
 
 
 @dataclass
+class ScrubConfig:
+    """Personal identifiers in the text fields, replaced (Presidio, with Korean patterns)."""
+
+    enabled: bool = opt(
+        False, "sft/dpo: scrub the data as it is loaded (privdpo scrub always scrubs)"
+    )
+    replace: Literal["placeholder", "pseudonym"] = opt(
+        "placeholder",
+        "placeholder: every e-mail becomes <EMAIL>; pseudonym: <EMAIL_1f3a9c2b0d>, the same"
+        " for one value everywhere in the dataset (a salted HMAC of it)",
+    )
+    salt_file: str | None = opt(
+        None,
+        "pseudonym: file holding the secret salt (never written anywhere); null: a random"
+        " salt for this run, so its pseudonyms link to no other run's",
+    )
+    entities: list[str] = opt(
+        [*PATTERN_ENTITIES, *NER_ENTITIES],
+        "what to find: "
+        + ", ".join(PATTERN_ENTITIES)
+        + "; and with spacy_model "
+        + ", ".join(NER_ENTITIES),
+    )
+    fields: list[str] | None = opt(
+        None,
+        "columns to scrub (strings in them, chat messages' content); null: the text columns"
+        " the loaders read (prompt, chosen, rejected, completion, messages, text)",
+    )
+    score_threshold: float = opt(
+        0.35, "least Presidio score kept (a validated check digit scores 1, a bare pattern less)"
+    )
+    phone_regions: list[str] = opt(
+        [],
+        "more regions whose national-format phone numbers are looked for (e.g. [GB, DE]),"
+        " by python-phonenumbers' matcher, slower; found anyway: +CC numbers of every"
+        " country, US national numbers, Korean ones (KR_PHONE)",
+    )
+    kr_rrn_check_digit: bool = opt(
+        True,
+        "a Korean resident registration number needs a valid check digit (false: any"
+        " well-formed one, as numbers issued since October 2020 have none)",
+    )
+    spacy_model: str | None = opt(
+        None,
+        "local spaCy pipeline directory for names and places (PERSON, LOCATION); null:"
+        " pattern-only. Nothing is ever downloaded",
+    )
+    language: str = opt("en", "language code of the text (and of the spaCy pipeline)")
+    workers: int | None = opt(None, "processes scrubbing in parallel (null: every CPU core)")
+    chunk_rows: int = opt(256, "rows handed to a worker at a time")
+
+
+def check_scrub(s: ScrubConfig) -> list[str]:
+    known = (*PATTERN_ENTITIES, *NER_ENTITIES)
+    problems = [
+        f"scrub.entities: unknown entity {e!r}; choose from {', '.join(known)}"
+        for e in s.entities
+        if e not in known
+    ]
+    if not 0 <= s.score_threshold <= 1:
+        problems.append(f"scrub.score_threshold: must be in [0, 1], got {s.score_threshold}")
+    if s.workers is not None and s.workers < 1:
+        problems.append(f"scrub.workers: must be at least 1 or null, got {s.workers}")
+    if s.chunk_rows < 1:
+        problems.append(f"scrub.chunk_rows: must be at least 1, got {s.chunk_rows}")
+    if s.salt_file and s.replace != "pseudonym":
+        problems.append("scrub.salt_file: set, but scrub.replace is not pseudonym; set both")
+    if s.fields is not None and not s.fields:
+        problems.append("scrub.fields: an empty list scrubs nothing; name columns or use null")
+    return problems
+
+
+@dataclass
 class OutputConfig:
     """Where the run directory goes and what is exported."""
 
@@ -289,6 +376,7 @@ class SFTRunConfig:
     train: TrainConfig = sub(TrainConfig, "the training loop")
     sft: SFTConfig = sub(SFTConfig, "SFT options")
     privacy: PrivacyConfig = sub(PrivacyConfig, "differential privacy")
+    scrub: ScrubConfig = sub(ScrubConfig, "personal identifiers scrubbed as the data loads")
     output: OutputConfig = sub(OutputConfig, "the run directory")
 
     def check(self) -> list[str]:
@@ -304,6 +392,7 @@ class DPORunConfig:
     train: TrainConfig = sub(TrainConfig, "the training loop")
     dpo: DPOConfig = sub(DPOConfig, "preference optimization")
     privacy: PrivacyConfig = sub(PrivacyConfig, "differential privacy")
+    scrub: ScrubConfig = sub(ScrubConfig, "personal identifiers scrubbed as the data loads")
     output: OutputConfig = sub(OutputConfig, "the run directory")
 
     def check(self) -> list[str]:
@@ -737,6 +826,71 @@ class DemoRunConfig:
         return problems
 
 
+@dataclass
+class ScrubOutputConfig:
+    """Where `privdpo scrub` writes."""
+
+    overwrite: bool = opt(False, "replace an existing OUTPUT file instead of failing")
+    progress_bar: bool = opt(True, "show a progress bar")
+
+
+@dataclass
+class ScrubRunConfig:
+    """`privdpo scrub INPUT OUTPUT`."""
+
+    scrub: ScrubConfig = sub(ScrubConfig, "what is found and how it is replaced")
+    output: ScrubOutputConfig = sub(ScrubOutputConfig, "the output file")
+
+    def check(self) -> list[str]:
+        return check_scrub(self.scrub)
+
+
+@dataclass
+class InspectConfig:
+    """What `privdpo inspect` flags as a problem."""
+
+    near_duplicate_threshold: float = opt(
+        0.8, "prompts this similar (Jaccard of token 3-grams) are near-duplicates"
+    )
+    length_bias_threshold: float = opt(
+        0.6,
+        "flag length bias when chosen is longer (or shorter) in more than this share of"
+        " pairs whose lengths differ (with at least 20 such pairs)",
+    )
+    output: str = opt("inspect.json", "where `privdpo inspect` writes its JSON report")
+
+
+@dataclass
+class InspectRunConfig:
+    """`privdpo inspect DATA`: the data, the tokenizer that counts tokens, max_length."""
+
+    model: ModelConfig = sub(
+        ModelConfig, "the tokenizer: model.path (or tokenizer_path), or a preset (default tiny)"
+    )
+    data: DataConfig = sub(DataConfig, "the data (data.train is DATA; data.eval is optional)")
+    inspect: InspectConfig = sub(InspectConfig, "thresholds and the output file")
+
+    def check(self) -> list[str]:
+        problems = []
+        if self.model.path and self.model.preset:
+            problems.append("model: set model.path or model.preset, not both")
+        if not self.data.train:
+            problems.append("data.train: required; pass the data file as DATA")
+        if not 0 < self.inspect.near_duplicate_threshold <= 1:
+            problems.append(
+                "inspect.near_duplicate_threshold: must be in (0, 1], got"
+                f" {self.inspect.near_duplicate_threshold}"
+            )
+        if not 0.5 < self.inspect.length_bias_threshold < 1:
+            problems.append(
+                "inspect.length_bias_threshold: must be in (0.5, 1), got"
+                f" {self.inspect.length_bias_threshold}"
+            )
+        if self.data.max_length < 2:
+            problems.append(f"data.max_length: must be at least 2, got {self.data.max_length}")
+        return problems
+
+
 def check_common(cfg: Any) -> list[str]:
     """Cross-field checks that the types alone cannot express."""
     problems = []
@@ -753,6 +907,14 @@ def check_common(cfg: Any) -> list[str]:
     if not 0.0 <= d.eval_fraction < 1.0:
         problems.append(f"data.eval_fraction: must be in [0, 1), got {d.eval_fraction}")
     problems.extend(check_privacy(cfg))
+    problems.extend(check_scrub(cfg.scrub))
+    if not t.shuffle and cfg.privacy.enabled:
+        problems.append(
+            "train.shuffle: false fixes the order, but DP-SGD samples its units at random"
+            " (Poisson) and its guarantee depends on that; set train.shuffle=true"
+        )
+    if m.tokenizer_path and m.preset:
+        problems.append("model.tokenizer_path: a preset builds its own tokenizer; unset one")
     if t.early_stopping_patience is not None and not d.eval and d.eval_fraction == 0:
         problems.append(
             "train.early_stopping_patience: needs a held-out split (data.eval or"
@@ -861,6 +1023,26 @@ def check_privacy(cfg: Any) -> list[str]:
 # ---------------------------------------------------------------------------------------
 
 
+def read_yaml(path: str | Path) -> dict:
+    """The mapping of sections in a YAML config file; a UserError for anything else."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config file {path} not found; pass the path of a YAML config")
+    try:
+        loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise UserError(f"config file {path} is not valid YAML: {e}") from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"config file {path} is not UTF-8 text: {e}") from None
+    except OSError as e:
+        raise UserError(f"config file {path} cannot be read: {e.strerror}") from None
+    if loaded is None:
+        loaded = {}
+    if not isinstance(loaded, dict):
+        raise UserError(f"config file {path}: the top level must be a mapping of sections")
+    return loaded
+
+
 def load_config(cls: type, path: str | Path | None, overrides: list[str]) -> Any:
     """Build `cls` from a YAML file and `key=value` overrides; raise ConfigError listing
     every problem (unknown keys with suggestions, wrong types, failed checks)."""
@@ -869,23 +1051,7 @@ def load_config(cls: type, path: str | Path | None, overrides: list[str]) -> Any
 
 def read_config_file(path: str | Path | None) -> dict:
     """The raw sections of a YAML config file ({} for None)."""
-    raw: dict = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise UserError(f"config file {path} not found; pass the path of a YAML config")
-        try:
-            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except yaml.YAMLError as e:
-            raise UserError(f"config file {path} is not valid YAML: {e}") from None
-        except UnicodeDecodeError as e:
-            raise UserError(f"config file {path} is not UTF-8 text: {e}") from None
-        if loaded is None:
-            loaded = {}
-        if not isinstance(loaded, dict):
-            raise UserError(f"config file {path}: the top level must be a mapping of sections")
-        raw = loaded
-    return raw
+    return read_yaml(path) if path is not None else {}
 
 
 def build_config(cls: type, raw: dict, overrides: list[str]) -> Any:

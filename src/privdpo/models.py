@@ -19,6 +19,7 @@ from transformers import (
     AutoTokenizer,
     PreTrainedModel,
     PreTrainedTokenizerBase,
+    PreTrainedTokenizerFast,
     Qwen2Config,
     Qwen2Tokenizer,
 )
@@ -159,15 +160,62 @@ def check_local_model_dir(path_text: str) -> Path:
     return path
 
 
+# Files that hold a tokenizer's vocabulary (tokenizer_config.json alone holds none).
+VOCABULARY_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
+PROBE_TEXT = "The quick brown fox jumps over the lazy dog."
+
+
 def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
-    path = check_local_model_dir(cfg.path)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(
-            path, local_files_only=True, trust_remote_code=cfg.trust_remote_code
+    """The tokenizer of `model.tokenizer_path`, else of `model.path`, loaded as saved.
+
+    A `tokenizer.json` is loaded as it is (PreTrainedTokenizerFast): AutoTokenizer would
+    rebuild the class named in the config (e.g. a Qwen2 tokenizer around a saved
+    WordLevel vocabulary), which can tokenize differently from what was saved. A directory
+    with no vocabulary file is refused, and so is a tokenizer that encodes text to nothing.
+    """
+    key = "model.tokenizer_path" if cfg.tokenizer_path else "model.path"
+    if cfg.tokenizer_path:
+        path = Path(cfg.tokenizer_path).expanduser()
+        if not path.is_dir():
+            raise UserError(f"model.tokenizer_path: {path} is not a directory")
+    else:
+        path = check_local_model_dir(cfg.path)
+    present = [name for name in VOCABULARY_FILES if (path / name).is_file()]
+    if not present:
+        raise UserError(
+            f"{key}: {path} has no tokenizer files (none of {', '.join(VOCABULARY_FILES)});"
+            " a tokenizer must come with the model: save it there with"
+            " tokenizer.save_pretrained(DIR), or set model.tokenizer_path to its directory"
         )
+    try:
+        if "tokenizer.json" in present and not cfg.trust_remote_code:
+            tokenizer = PreTrainedTokenizerFast.from_pretrained(path, local_files_only=True)
+        else:
+            tokenizer = AutoTokenizer.from_pretrained(
+                path, local_files_only=True, trust_remote_code=cfg.trust_remote_code
+            )
     except (OSError, ValueError) as e:
-        raise UserError(f"model.path: could not load the tokenizer from {path}: {e}") from None
+        raise UserError(f"{key}: could not load the tokenizer from {path}: {e}") from None
+    if not tokenizer(PROBE_TEXT, add_special_tokens=False)["input_ids"]:
+        raise UserError(
+            f"{key}: the tokenizer in {path} encodes the text {PROBE_TEXT!r} to no tokens, so"
+            " it would train on nothing; check its tokenizer.json (vocabulary, unk_token)"
+        )
     return tokenizer
+
+
+def check_vocabulary(tokenizer: PreTrainedTokenizerBase, model, where: str) -> None:
+    """Every id the tokenizer can produce must have a row in the model's embedding."""
+    rows = model.get_input_embeddings().num_embeddings
+    ids = [*tokenizer.get_vocab().values(), *tokenizer.all_special_ids]
+    top = max(ids, default=-1)
+    if top >= rows:
+        raise UserError(
+            f"{where}: the tokenizer has ids up to {top}, but the model's embedding has"
+            f" {rows} rows (ids 0..{rows - 1}); they do not belong together: use the"
+            " tokenizer saved with this model (model.tokenizer_path), or resize the"
+            " model's embeddings to the tokenizer before training"
+        )
 
 
 def load_model_and_tokenizer(cfg: ModelConfig, seed: int = 0):
@@ -196,6 +244,9 @@ def load_model_and_tokenizer(cfg: ModelConfig, seed: int = 0):
             raise UserError(
                 f"model.path: could not load a causal LM from {path}: {e}{hint}"
             ) from None
+        check_vocabulary(
+            tokenizer, model, "model.tokenizer_path" if cfg.tokenizer_path else "model.path"
+        )
     if tokenizer.pad_token_id is None:
         # Padding positions are masked out of attention and loss, so any id works.
         tokenizer.pad_token = tokenizer.eos_token

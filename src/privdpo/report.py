@@ -2,8 +2,8 @@
 
 One self-contained file a person can open from disk: CSS inline, figures as base64 PNG data
 URIs (matplotlib's Agg canvas, no pyplot state), no script, no external URL. It reads only
-what the run directory holds (config.yaml, metrics.jsonl, data_summary.json, privacy.json,
-stopped_early.txt, checkpoints/best/best.json, eval.json) and shows each part only when its
+what the run directory holds (config.yaml, metrics.jsonl, data_summary.json, inspect.json,
+scrub_summary.json, privacy.json, stopped_early.txt, checkpoints/best/best.json, eval.json) and shows each part only when its
 file is there. Every number a figure shows that matters is also written as text, and all
 text from the run (config, prompts, generations) is HTML-escaped.
 """
@@ -635,6 +635,37 @@ def data_section(run_dir: Path) -> str:
     return "".join(parts)
 
 
+def inspect_section(run_dir: Path) -> str:
+    """The data inspection (inspect.json) and, when the data was scrubbed on load, what
+    the scrubber replaced (scrub_summary.json): counts only."""
+    from privdpo.prep.inspect import inspection_rows
+
+    inspection = _read_json(run_dir / "inspect.json")
+    scrub = _read_json(run_dir / "scrub_summary.json")
+    if not isinstance(inspection, dict) and not isinstance(scrub, dict):
+        return ""
+    parts = ['<section id="inspect"><h2>Data inspection</h2>']
+    if isinstance(inspection, dict):
+        parts.append(html_table(["measure", "value"], inspection_rows(inspection), "numbers"))
+        found = inspection.get("problems") or []
+        if found:
+            items = "".join(f"<li>{escape(str(p))}</li>" for p in found)
+            parts.append(f'<p class="stop">Problems found:</p><ul>{items}</ul>')
+        else:
+            parts.append("<p>No problem found.</p>")
+    if isinstance(scrub, dict):
+        parts.append(
+            f"<h3>Personal identifiers scrubbed on load</h3><p>{escape(str(scrub.get('ner')))}."
+            f" Rows touched: {escape(fmt_number(scrub.get('rows_touched')))} of"
+            f" {escape(fmt_number(scrub.get('rows')))}.</p>"
+        )
+        totals = scrub.get("totals") or {}
+        if totals:
+            parts.append(html_table(["entity", "replaced"], [[k, v] for k, v in totals.items()]))
+    parts.append("</section>")
+    return "".join(parts)
+
+
 def eval_section(evaluation: dict | None) -> str:
     if evaluation is None:
         return ""
@@ -802,6 +833,7 @@ def render_report(run_dir: Path) -> str:
             summary_section(kind, config, records),
             curves_section(run_dir, records),
             data_section(run_dir),
+            inspect_section(run_dir),
             eval_section(evaluation),
             samples_section(evaluation),
             config_section(config_text),

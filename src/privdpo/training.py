@@ -180,7 +180,8 @@ def planned_steps(num_units: int, cfg: TrainConfig) -> int:
 
 
 def batch_indices(step: int, num_units: int, cfg: TrainConfig) -> list[int]:
-    """The units of optimizer step `step`: a seeded shuffle per epoch, cut in batches.
+    """The units of optimizer step `step`: a seeded shuffle per epoch (or the data's own
+    order with `train.shuffle=false`), cut in batches.
 
     A pure function of (seed, step), so a resumed run reads exactly the same batches. The
     last batch of an epoch may be smaller; no unit is skipped.
@@ -188,7 +189,8 @@ def batch_indices(step: int, num_units: int, cfg: TrainConfig) -> list[int]:
     per_epoch = steps_per_epoch(num_units, cfg.batch_size)
     epoch, index = divmod(step, per_epoch)
     order = list(range(num_units))
-    random.Random(f"privdpo-data-order-{cfg.seed}-{epoch}").shuffle(order)
+    if cfg.shuffle:
+        random.Random(f"privdpo-data-order-{cfg.seed}-{epoch}").shuffle(order)
     return order[index * cfg.batch_size : (index + 1) * cfg.batch_size]
 
 

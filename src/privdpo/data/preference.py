@@ -9,19 +9,15 @@ each response as its continuation, with the same boundary rule as SFT (see
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from transformers import PreTrainedTokenizerBase
 
-from privdpo.config import DataConfig
+from privdpo.config import DataConfig, ScrubConfig
 from privdpo.data.loading import convert_rows, load_splits
-from privdpo.data.readers import read_rows
-from privdpo.data.sft import (
-    chat_segments,
-    messages_field,
-    text_field,
-    user_id_of,
-)
+from privdpo.data.readers import Row, read_rows
+from privdpo.data.sft import chat_segments, text_or_chat_fields, user_id_of
 from privdpo.data.summary import DataSummary
 from privdpo.data.tokenize import IGNORE, BadRow, Segment, tokenize_segments
 from privdpo.errors import DataError
@@ -135,33 +131,13 @@ def row_to_pair(
     fields: dict, where: str, cfg: DataConfig, tokenizer, summary: DataSummary
 ) -> PairExample:
     if "prompt" in fields:
-        prompt, chosen, rejected = (
-            fields.get("prompt"),
-            fields.get("chosen"),
-            fields.get("rejected"),
-        )
-        if isinstance(prompt, list) or isinstance(chosen, list) or isinstance(rejected, list):
-            prompt = messages_field(prompt, "prompt")
-            chosen, rejected = (
-                messages_field(chosen, "chosen"),
-                messages_field(rejected, "rejected"),
-            )
-        else:
-            prompt = text_field(fields, "prompt")
-            chosen, rejected = text_field(fields, "chosen"), text_field(fields, "rejected")
+        prompt, chosen, rejected = text_or_chat_fields(fields, ("prompt", "chosen", "rejected"))
         _refuse_identical(chosen, rejected, cfg)
     else:
         for key in ("chosen", "rejected"):
             if fields.get(key) is None:
                 raise BadRow("missing_field", f"missing required field {key!r}")
-        chosen, rejected = fields["chosen"], fields["rejected"]
-        if isinstance(chosen, list):
-            chosen, rejected = (
-                messages_field(chosen, "chosen"),
-                messages_field(rejected, "rejected"),
-            )
-        else:
-            chosen, rejected = text_field(fields, "chosen"), text_field(fields, "rejected")
+        chosen, rejected = text_or_chat_fields(fields, ("chosen", "rejected"))
         _refuse_identical(chosen, rejected, cfg)
         prompt, chosen, rejected = split_implicit_prompt(chosen, rejected)
         if not prompt:
@@ -187,8 +163,14 @@ def row_to_pair(
 
 
 def read_pairs(
-    path: str, cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, summary: DataSummary
+    path: str,
+    cfg: DataConfig,
+    tokenizer: PreTrainedTokenizerBase,
+    summary: DataSummary,
+    rows: Iterable[Row] | None = None,
 ) -> list[PairExample]:
+    """The pairs of `path` (its `rows`, when already read)."""
+
     def convert(row) -> PairExample:
         if not ({"chosen", "rejected"} & row.fields.keys()):
             raise DataError(
@@ -197,13 +179,16 @@ def read_pairs(
             )
         return row_to_pair(row.fields, row.where, cfg, tokenizer, summary)
 
-    return convert_rows(path, read_rows(path), summary, convert)
+    return convert_rows(path, read_rows(path) if rows is None else rows, summary, convert)
 
 
 def load_preference_data(
-    cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int
+    cfg: DataConfig,
+    tokenizer: PreTrainedTokenizerBase,
+    seed: int,
+    scrub: ScrubConfig | None = None,
 ) -> tuple[list[PairExample], list[PairExample], DataSummary]:
-    def read(path: str, summary: DataSummary) -> list[PairExample]:
-        return read_pairs(path, cfg, tokenizer, summary)
+    def read(path: str, summary: DataSummary, rows: Iterable[Row]) -> list[PairExample]:
+        return read_pairs(path, cfg, tokenizer, summary, rows)
 
-    return load_splits(cfg, seed, read, "preference pairs")
+    return load_splits(cfg, seed, read, "preference pairs", scrub)

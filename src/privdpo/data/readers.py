@@ -38,6 +38,27 @@ _JSON_TYPES = {
 }
 
 
+# CSV has no null: these cells are missing values, not text (pandas reads them as NaN).
+CSV_MISSING = frozenset({"", "NaN", "nan", "NAN", "NULL", "null", "Null", "#N/A", "<NA>"})
+
+
+class DuplicateKey(ValueError):
+    """A JSON object names one key twice; json.loads would silently keep the last value."""
+
+
+def object_without_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """`object_pairs_hook` for json: a dict, or DuplicateKey naming the repeated key."""
+    obj: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in obj:
+            raise DuplicateKey(
+                f"key {key!r} appears more than once in one object (JSON keeps only the last"
+                " value, silently); remove the duplicate"
+            )
+        obj[key] = value
+    return obj
+
+
 @dataclass(frozen=True)
 class Row:
     """One record and where it came from; `fields` is None when it could not be read."""
@@ -125,7 +146,7 @@ def _read_jsonl(p: Path, where: str) -> Iterator[Row]:
             if not text.strip():
                 continue
             try:
-                obj = json.loads(text)
+                obj = json.loads(text, object_pairs_hook=object_without_duplicates)
             except json.JSONDecodeError as e:
                 yield Row(
                     here,
@@ -133,6 +154,9 @@ def _read_jsonl(p: Path, where: str) -> Iterator[Row]:
                     "malformed_json",
                     f"malformed JSON ({e.msg} at column {e.colno}); fix the line or {_SKIP_HINT}",
                 )
+                continue
+            except DuplicateKey as e:
+                yield Row(here, None, "duplicate_key", f"{e}, or {_SKIP_HINT}")
                 continue
             yield _object_row(here, obj, "line")
 
@@ -167,23 +191,31 @@ def _read_json(p: Path, where: str) -> Iterator[Row]:
             "but a .json file must hold an array of objects ([{...}, {...}]); "
             "wrap the rows in [...] or use one object per line in a .jsonl file"
         )
-    # The document is valid, so walking it element by element cannot fail; raw_decode
-    # gives each element's offset, which json.loads does not.
+    # The document is valid, so walking it element by element cannot fail except on a
+    # duplicated key; raw_decode gives each element's offset, which json.loads does not.
+    strict = json.JSONDecoder(object_pairs_hook=object_without_duplicates)
     decoder = json.JSONDecoder()
     pos = _JSON_WS.match(text, _JSON_WS.match(text).end() + 1).end()  # past '['
     line, counted = 1, 0
     while text[pos] != "]":
         line += text.count("\n", counted, pos)
         counted = pos
-        obj, end = decoder.raw_decode(text, pos)
-        yield _object_row(f"{where}:{line}", obj, "array element")
+        try:
+            obj, end = strict.raw_decode(text, pos)
+            row = _object_row(f"{where}:{line}", obj, "array element")
+        except DuplicateKey as e:
+            _, end = decoder.raw_decode(text, pos)
+            row = Row(f"{where}:{line}", None, "duplicate_key", f"{e}, or {_SKIP_HINT}")
+        yield row
         pos = _JSON_WS.match(text, end).end()
         if text[pos] == ",":
             pos = _JSON_WS.match(text, pos + 1).end()
 
 
 def _read_csv(p: Path, where: str) -> Iterator[Row]:
-    """Header row names the columns; values stay strings; `where` is a record's first line."""
+    """Header row names the columns; values stay strings, except the cells of CSV_MISSING
+    (empty, NaN, NULL, ...), which are missing values (None); `where` is a record's first
+    line."""
     with _open(p, where, "r", encoding="utf-8-sig", errors="surrogateescape", newline="") as f:
         reader = csv.reader(f, strict=True)
         header: list[str] | None = []
@@ -220,7 +252,10 @@ def _read_csv(p: Path, where: str) -> Iterator[Row]:
                     f"re-save the file as UTF-8 or {_SKIP_HINT}",
                 )
                 continue
-            yield Row(here, dict(zip(header, record, strict=True)))
+            yield Row(
+                here,
+                {k: None if v in CSV_MISSING else v for k, v in zip(header, record, strict=True)},
+            )
 
 
 def _csv_next(reader: Any, where: str) -> list[str] | None:

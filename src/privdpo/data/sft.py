@@ -10,12 +10,13 @@ An optional user id column (`data.user_id_column`) is kept for user-level privac
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 from transformers import PreTrainedTokenizerBase
 
-from privdpo.config import DataConfig
+from privdpo.config import DataConfig, ScrubConfig
 from privdpo.data.loading import convert_rows, load_splits
 from privdpo.data.readers import Row, read_rows
 from privdpo.data.summary import DataSummary
@@ -56,13 +57,39 @@ def detect_format(rows: list[Row], path: str) -> str | None:
 
 def text_field(fields: dict, key: str) -> str:
     if key not in fields or fields[key] is None:
-        raise BadRow("missing_field", f"missing required field {key!r}")
+        raise BadRow(
+            "missing_field",
+            f"missing required field {key!r} (absent or null; in a CSV file an empty, NaN or"
+            " NULL cell is a missing value)",
+        )
     value = fields[key]
     if not isinstance(value, str):
         raise BadRow("wrong_type", f"field {key!r} must be text, got {type(value).__name__}")
     if not value.strip():
         raise BadRow("empty_field", f"field {key!r} is empty")
     return value
+
+
+def text_or_chat_fields(fields: dict, keys: tuple[str, ...]) -> list:
+    """The values of `keys`, all text or all chats. A list is checked as a chat first, so a
+    list that is not one (e.g. of strings) is blamed on its own key, not on a text sibling."""
+    values = [fields.get(k) for k in keys]
+    lists = [k for k, v in zip(keys, values, strict=True) if isinstance(v, list)]
+    if not lists:
+        return [text_field(fields, k) for k in keys]
+    chats = {k: messages_field(fields.get(k), k) for k in lists}
+    others = [k for k in keys if k not in chats]
+    if others:
+        for k in others:  # a missing or empty value is reported as such
+            text_field(fields, k)
+        raise BadRow(
+            "wrong_type",
+            f"{', '.join(repr(k) for k in lists)} {'is a chat' if len(lists) == 1 else 'are chats'}"
+            f" (lists of messages) but {', '.join(repr(k) for k in others)} text; give"
+            f" {', '.join(repr(k) for k in keys)} all as text or all as lists of"
+            " {role, content} messages",
+        )
+    return [chats[k] for k in keys]
 
 
 def messages_field(value, key: str) -> list[dict]:
@@ -141,13 +168,11 @@ def row_to_example(
         messages = messages_field(f.get("messages"), "messages")
         segments, templated = chat_segments(tokenizer, messages, not completion_only_loss), True
     else:
-        if isinstance(f.get("prompt"), list) or isinstance(f.get("completion"), list):
-            prompt = messages_field(f.get("prompt"), "prompt")
-            completion = messages_field(f.get("completion"), "completion")
+        prompt, completion = text_or_chat_fields(f, ("prompt", "completion"))
+        if isinstance(prompt, list):
             segments = chat_segments(tokenizer, prompt + completion, not completion_only_loss)
             templated = True
         else:
-            prompt, completion = text_field(f, "prompt"), text_field(f, "completion")
             segments = [Segment(prompt, not completion_only_loss), Segment(completion, True)]
             templated = False
     tok = tokenize_segments(
@@ -164,8 +189,10 @@ def row_to_example(
 
 
 def user_id_of(fields: dict, column: str) -> str | None:
+    """The row's user id; None when absent, null or blank (a blank id names nobody, and
+    must not make one user of every row that lacks an id)."""
     value = fields.get(column)
-    if value is None:
+    if value is None or (isinstance(value, str) and not value.strip()):
         return None
     if isinstance(value, bool) or not isinstance(value, str | int):
         raise BadRow("wrong_type", f"{column!r} must be text or an integer, got {value!r}")
@@ -178,8 +205,10 @@ def read_examples(
     tokenizer: PreTrainedTokenizerBase,
     completion_only_loss: bool,
     summary: DataSummary,
+    rows: Iterable[Row] | None = None,
 ) -> list[Example]:
-    rows = list(read_rows(path))
+    """The examples of `path` (its `rows`, when already read)."""
+    rows = list(read_rows(path) if rows is None else rows)
     fmt = cfg.format if cfg.format != "auto" else detect_format(rows, path)
     return convert_rows(
         path,
@@ -190,12 +219,16 @@ def read_examples(
 
 
 def load_sft_data(
-    cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, completion_only_loss: bool, seed: int
+    cfg: DataConfig,
+    tokenizer: PreTrainedTokenizerBase,
+    completion_only_loss: bool,
+    seed: int,
+    scrub: ScrubConfig | None = None,
 ) -> tuple[list[Example], list[Example], DataSummary]:
-    def read(path: str, summary: DataSummary) -> list[Example]:
-        return read_examples(path, cfg, tokenizer, completion_only_loss, summary)
+    def read(path: str, summary: DataSummary, rows: Iterable[Row]) -> list[Example]:
+        return read_examples(path, cfg, tokenizer, completion_only_loss, summary, rows)
 
-    return load_splits(cfg, seed, read, "training rows")
+    return load_splits(cfg, seed, read, "training rows", scrub)
 
 
 def sample_data_path() -> Path:

@@ -23,6 +23,7 @@ class DataSummary:
         self.kept: dict[str, int] = defaultdict(int)
         self.dropped: dict[str, dict] = {}
         self.notes: dict[str, dict] = {}
+        self.scrub: dict | None = None  # the scrub summary, when rows were scrubbed on load
 
     def read(self, file: str) -> None:
         self.rows_read[file] += 1
@@ -59,7 +60,11 @@ class DataSummary:
         }
 
     def save(self, path: Path) -> None:
+        """Write the summary to `path` (and scrub_summary.json beside it, if scrubbed)."""
         path.write_text(json.dumps(self.to_dict(), indent=2) + "\n", encoding="utf-8")
+        if self.scrub is not None:
+            scrub_path = path.with_name("scrub_summary.json")
+            scrub_path.write_text(json.dumps(self.scrub, indent=2) + "\n", encoding="utf-8")
 
     def table(self) -> str:
         lines = ["data summary"]
@@ -71,4 +76,10 @@ class DataSummary:
             lines.append(f"  dropped {e['count']:>7}  {reason} (first: {e['rows'][0]})")
         for reason, e in self.notes.items():
             lines.append(f"  note    {e['count']:>7}  {reason} (first: {e['rows'][0]})")
+        if self.scrub is not None:
+            found = sum(sum(by_field.values()) for by_field in self.scrub["entities"].values())
+            lines.append(
+                f"  scrubbed {self.scrub['rows_touched']:>6}  rows touched, {found} identifiers"
+                f" replaced ({self.scrub['ner']})"
+            )
         return "\n".join(lines)

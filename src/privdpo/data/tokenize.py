@@ -97,6 +97,13 @@ def tokenize_segments(
                 )
         if split:
             new = tokenizer(seg.text, add_special_tokens=False)["input_ids"]
+        if not new and seg.text.strip():
+            raise BadRow(
+                "encodes_to_nothing",
+                f"the tokenizer encodes the {'response' if seg.trainable else 'prompt'} text"
+                f" ({len(seg.text)} characters) to no tokens; the tokenizer cannot represent"
+                " it: check model.path's tokenizer (its vocabulary and unk_token)",
+            )
         ids += new
         labels += new if seg.trainable else [IGNORE] * len(new)
     if (

@@ -42,7 +42,7 @@ class PrivacyLedger:
     els_bound: None for DP-SGD with `unit` as the privacy unit. An integer k >= 1 for
         user-level DP with example-level sampling (ELS, Charles et al. 2024): units are
         sampled at `sampling_rate`, each user holds at most k of them, and every step is
-        accounted as `user_level.els_step_event` (a mixture of Gaussians over
+        accounted as `els_accounting.els_step_event` (a mixture of Gaussians over
         Binomial(k, q) sampled units); unit must then be "user" and accountant "pld".
     """
 

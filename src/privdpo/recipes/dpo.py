@@ -21,11 +21,13 @@ from privdpo.checkpoint import (
 )
 from privdpo.config import DPORunConfig
 from privdpo.data.batching import pair_batch
+from privdpo.data.loading import require_user_ids
 from privdpo.data.preference import PairExample, load_preference_data
 from privdpo.distributed import check_same, init_world
 from privdpo.logprobs import sequence_logps
 from privdpo.losses import LossParams, PairLogps, preference_loss
 from privdpo.models import add_lora, load_model_and_tokenizer
+from privdpo.prep.inspect import inspect_pairs, save_inspection
 from privdpo.privacy.dpsgd import DPSGD
 from privdpo.privacy.lineage import RunLineage
 from privdpo.privacy.planning import privacy_units
@@ -144,7 +146,9 @@ def run_dpo(cfg: DPORunConfig, resume: bool = False, audit=None) -> dict[str, Pa
         hf_logging.disable_progress_bar()
     device = pick_device(cfg.train.device, world)
     model, tokenizer = load_model_and_tokenizer(cfg.model, cfg.train.seed)
-    train, evals, summary = load_preference_data(cfg.data, tokenizer, cfg.train.seed)
+    train, evals, summary = load_preference_data(cfg.data, tokenizer, cfg.train.seed, cfg.scrub)
+    require_user_ids(train, cfg)
+    inspection = inspect_pairs(train, evals, summary, cfg.data.max_length)
     if audit is not None:  # `privdpo audit`: its canaries join the training data
         train = train + audit.training_items(train, tokenizer)
     # Steps are fixed before the user-level cap (a compute budget the same for every k).
@@ -169,6 +173,7 @@ def run_dpo(cfg: DPORunConfig, resume: bool = False, audit=None) -> dict[str, Pa
     run_dir = create_run_dir(cfg, resume, world)
     if world.is_main:
         summary.save(run_dir / "data_summary.json")
+        save_inspection(inspection, run_dir)
     print(summary.table())
     print(f"reference policy: {reference.kind}; loss: {cfg.dpo.loss}, beta={cfg.dpo.beta}")
     if cfg.dpo.precompute_reference and reference.kind != "none":

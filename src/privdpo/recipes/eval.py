@@ -457,7 +457,8 @@ def load_source(source: ModelSource, cfg: EvalModelConfig, key: str):
 def _load_adapter(path: Path, cfg: EvalModelConfig, key: str):
     """A peft adapter merged onto its base model, which must be a local directory."""
     from peft import PeftModel
-    from transformers import AutoTokenizer
+
+    from privdpo.models import VOCABULARY_FILES, load_tokenizer
 
     adapter_cfg = json.loads((path / "adapter_config.json").read_text(encoding="utf-8"))
     base = adapter_cfg.get("base_model_name_or_path") or ""
@@ -471,8 +472,10 @@ def _load_adapter(path: Path, cfg: EvalModelConfig, key: str):
         ModelConfig(path=base, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code)
     )
     model = PeftModel.from_pretrained(model, path, is_trainable=False).merge_and_unload()
-    if (path / "tokenizer_config.json").is_file():
-        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    if any((path / name).is_file() for name in VOCABULARY_FILES):
+        tokenizer = load_tokenizer(
+            ModelConfig(tokenizer_path=str(path), trust_remote_code=cfg.trust_remote_code)
+        )
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
@@ -499,7 +502,10 @@ def load_pairs(plan: EvalPlan, cfg: EvalRunConfig, tokenizer) -> tuple[list, Dat
                     " which does not exist here (a run's relative paths are relative to"
                     " where it was started); run privdpo eval from there or set data.pairs"
                 )
-        _, pairs, summary = load_preference_data(tokenization, tokenizer, plan.run.train.seed)
+        # Scrubbed as the run scrubbed them, so no identifier reaches eval.json's samples.
+        _, pairs, summary = load_preference_data(
+            tokenization, tokenizer, plan.run.train.seed, getattr(plan.run, "scrub", None)
+        )
         if not pairs:
             raise UserError(f"data.pairs: the run's held-out split of {run_data.train} is empty")
         return pairs, summary

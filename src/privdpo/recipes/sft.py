@@ -17,11 +17,13 @@ from transformers.utils import logging as hf_logging
 from privdpo.checkpoint import save_checkpoint
 from privdpo.config import SFTRunConfig
 from privdpo.data.batching import example_batch
+from privdpo.data.loading import require_user_ids
 from privdpo.data.sft import Example, load_sft_data
 from privdpo.distributed import check_same, init_world
 from privdpo.logprobs import sequence_logps, token_logps
 from privdpo.losses import sft_loss
 from privdpo.models import add_lora, load_model_and_tokenizer
+from privdpo.prep.inspect import inspect_examples, save_inspection
 from privdpo.privacy.dpsgd import DPSGD
 from privdpo.privacy.lineage import RunLineage
 from privdpo.privacy.planning import privacy_units
@@ -93,8 +95,10 @@ def run_sft(cfg: SFTRunConfig, resume: bool = False, audit=None) -> dict[str, Pa
     device = pick_device(cfg.train.device, world)
     model, tokenizer = load_model_and_tokenizer(cfg.model, cfg.train.seed)
     train, evals, summary = load_sft_data(
-        cfg.data, tokenizer, cfg.sft.completion_only_loss, cfg.train.seed
+        cfg.data, tokenizer, cfg.sft.completion_only_loss, cfg.train.seed, cfg.scrub
     )
+    require_user_ids(train, cfg)
+    inspection = inspect_examples(train, evals, summary, cfg.data.max_length)
     if audit is not None:  # `privdpo audit`: its canaries join the training data
         train = train + audit.training_items(train, tokenizer)
     # Steps are fixed before the user-level cap (a compute budget the same for every k).
@@ -107,6 +111,7 @@ def run_sft(cfg: SFTRunConfig, resume: bool = False, audit=None) -> dict[str, Pa
     run_dir = create_run_dir(cfg, resume, world)
     if world.is_main:
         summary.save(run_dir / "data_summary.json")
+        save_inspection(inspection, run_dir)
     print(summary.table())
     if cfg.model.lora.enabled:
         model = add_lora(model, cfg.model.lora)
