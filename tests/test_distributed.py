@@ -167,3 +167,10 @@ def test_noise_added_on_every_rank_is_caught(tmp_path, pairs):
     result = launch(tmp_path, 2, "dpo", "buggy", pairs, *PAIRS, *DP_PAIR, script=script)
     assert result.returncode != 0
     assert "the noised gradients differ between ranks" in result.stderr
+
+
+def test_the_slurm_example_is_a_valid_script():
+    result = subprocess.run(
+        ["bash", "-n", str(REPO / "examples" / "slurm_dpo.sh")], capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr

@@ -107,7 +107,7 @@ def local_model_dir(tmp_path_factory) -> Path:
 TRAINING_CONFIGS = sorted(
     p
     for p in (REPO / "examples").glob("*.yaml")
-    if not p.name.startswith(("eval_", "sweep_", "pairs_"))
+    if not p.name.startswith(("eval_", "sweep_", "pairs_", "audit_"))  # audit_: run by README
 )
 
 
