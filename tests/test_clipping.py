@@ -75,16 +75,17 @@ def pairs(tokenizer, n: int) -> list[PairExample]:
     return out
 
 
-def sft_unit_losses(model, examples, batch=None) -> torch.Tensor:
-    """[U] each example's mean token NLL: the unit loss DP-SGD clips."""
+def sft_unit_losses(model, examples, batch=None, sink=None) -> torch.Tensor:
+    """[U] each example's mean token NLL: the unit loss DP-SGD clips (`sink`: the clipper's
+    head sink inside `units`)."""
     batch = batch or example_batch(examples, pad_id=1)
-    logps, tokens = sequence_logps(model, batch, getattr(model, "_sink", None))
+    logps, tokens = sequence_logps(model, batch, sink)
     return -logps / tokens
 
 
-def dpo_unit_losses(model, reference, chunk, batch=None) -> torch.Tensor:
+def dpo_unit_losses(model, reference, chunk, batch=None, sink=None) -> torch.Tensor:
     batch = batch or pair_batch(chunk, pad_id=1)
-    logps, tokens = sequence_logps(model, batch, getattr(model, "_sink", None))
+    logps, tokens = sequence_logps(model, batch, sink)
     with torch.no_grad():
         ref, _ = sequence_logps(reference, batch)
     c, r = logps.chunk(2)
@@ -156,20 +157,18 @@ def test_per_unit_clipping_equals_the_naive_loop(kind, lora, micro, layout, ghos
     expected, _ = naive_clipped_sum(model, unit_loss, units, max_norm)
 
     sampler = PerUnitGradients(model, ghost=ghost)
-    model._sink = sampler.head_sink
     norms = []
     for start in range(0, len(units), micro):
         chunk = units[start : start + micro]
         batch = unit_batch(kind, chunk, layout)
         with sampler.units(batch):
             if kind == "sft":
-                sft_unit_losses(model, chunk, batch).sum().backward()
+                sft_unit_losses(model, chunk, batch, sampler.head_sink).sum().backward()
             else:
-                dpo_unit_losses(model, reference, chunk, batch).sum().backward()
+                dpo_unit_losses(model, reference, chunk, batch, sampler.head_sink).sum().backward()
         norms.append(sampler.clip_and_accumulate(max_norm))
     got = sampler.take_clipped_sum()
     sampler.detach()
-    del model._sink
 
     torch.testing.assert_close(torch.cat(norms), torch.stack(naive_norms), rtol=1e-5, atol=1e-7)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -204,10 +203,9 @@ def test_units_of_several_items_sum_their_items_before_clipping(ghost):
 
     expected, naive_norms = naive_clipped_sum(model, unit_loss, groups, 0.5)
     sampler = PerUnitGradients(model, ghost=ghost)
-    model._sink = sampler.head_sink
     batch = example_batch(examples, 1, item_unit=[0, 0, 0, 1, 1])
     with sampler.units(batch):
-        sft_unit_losses(model, examples, batch).sum().backward()
+        sft_unit_losses(model, examples, batch, sampler.head_sink).sum().backward()
     norms = sampler.clip_and_accumulate(0.5)
     got = sampler.take_clipped_sum()
     torch.testing.assert_close(norms, torch.stack(naive_norms), rtol=1e-5, atol=1e-7)
@@ -234,10 +232,9 @@ def test_gradient_checkpointing_gives_the_same_clipped_sum():
     expected, naive_norms = naive_clipped_sum(model, unit_loss, units, 0.5)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     sampler = PerUnitGradients(model)
-    model._sink = sampler.head_sink
     batch = unit_batch("dpo", units, "packed-shared")
     with sampler.units(batch):
-        dpo_unit_losses(model, reference, units, batch).sum().backward()
+        dpo_unit_losses(model, reference, units, batch, sampler.head_sink).sum().backward()
     norms = sampler.clip_and_accumulate(0.5)
     got = sampler.take_clipped_sum()
     torch.testing.assert_close(norms, torch.stack(naive_norms), rtol=1e-5, atol=1e-7)
@@ -251,10 +248,9 @@ def test_autograd_weight_gradients_are_skipped_and_restored():
     model, tokenizer = tiny(lora=False)
     examples = sft_examples(tokenizer, 3)
     sampler = PerUnitGradients(model)
-    model._sink = sampler.head_sink
     batch = unit_batch("sft", examples, "packed")
     with sampler.units(batch):
-        sft_unit_losses(model, examples, batch).sum().backward()
+        sft_unit_losses(model, examples, batch, sampler.head_sink).sum().backward()
     assert all(p.grad is None for p in model.parameters())
     assert all(p.requires_grad for p in sampler.params)
     assert len(sampler.samples) == len(sampler.params)
@@ -268,11 +264,10 @@ def test_bfloat16_clipped_units_stay_within_the_norm(ghost):
     model.to(torch.bfloat16)
     examples = sft_examples(tokenizer, 4)
     sampler = PerUnitGradients(model, ghost=ghost)
-    model._sink = sampler.head_sink
     for i in range(4):  # one unit at a time: each clipped sum is one clipped gradient
         batch = unit_batch("sft", examples[i : i + 1], "packed")
         with sampler.units(batch):
-            sft_unit_losses(model, examples[i : i + 1], batch).sum().backward()
+            sft_unit_losses(model, examples[i : i + 1], batch, sampler.head_sink).sum().backward()
         norm = sampler.clip_and_accumulate(1e-3)
         assert norm.item() > 1e-2  # really clipped
         clipped = sampler.take_clipped_sum()
@@ -285,10 +280,9 @@ def test_ghost_clipping_keeps_no_per_unit_copy_of_the_vocabulary_layers():
     model, tokenizer = tiny(lora=False)
     examples = sft_examples(tokenizer, 3)
     sampler = PerUnitGradients(model, ghost=True)
-    model._sink = sampler.head_sink
     batch = unit_batch("sft", examples, "packed")
     with sampler.units(batch):
-        sft_unit_losses(model, examples, batch).sum().backward()
+        sft_unit_losses(model, examples, batch, sampler.head_sink).sum().backward()
         tied = model.get_input_embeddings().weight
         assert id(tied) not in sampler.samples
         assert len(sampler.samples) == len(sampler.params) - 1

@@ -84,14 +84,14 @@ def test_uls_clipped_user_averages_equal_the_naive_loop(micro):
     plan = PrivacyPlan("user", 4, 1.0, 1, 0.0, max_norm, 1e-5, "pld", 0.0, None, bound)
     dp = DPSGD(model, plan, PrivacyConfig(enabled=True), seed=0, groups=groups)
     seen_users = 0
-    model._sink = dp.head_sink
     for items, item_unit, weight in dp.micro_batches([0, 1, 2, 3], micro):
         chunk = [user_pairs[i] for i in items]
         seen_users += int(item_unit.max()) + 1
         batch = pair_batch(chunk, 1, item_unit=item_unit.tolist())
         with dp.micro_batch(batch):
-            (dpo_unit_losses(model, reference, chunk, batch) * weight).sum().backward()
-    del model._sink
+            (
+                dpo_unit_losses(model, reference, chunk, batch, dp.head_sink) * weight
+            ).sum().backward()
     got = dp.clipper.take_clipped_sum()
     assert seen_users == 4
     for p, e in zip(params, expected, strict=True):
