@@ -253,7 +253,7 @@ class PrivacyConfig:
     contribution_bound: int | None = opt(
         None,
         "unit=user: k, the most examples/pairs one user keeps (a random k of theirs, seeded);"
-        " null: els uses the median per user, uls the k of least predicted noise",
+        " null: els uses the median per user, uls the smallest power of two keeping half of them (at most 16)",
     )
     target_epsilon: float | None = opt(
         None,
@@ -1004,16 +1004,6 @@ def check_privacy(cfg: Any) -> list[str]:
         problems.append(
             "privacy.accountant: user_algorithm=els is accounted with the mixture-of-Gaussians"
             " PLD; set privacy.accountant=pld"
-        )
-    if (
-        pv.unit == "user"
-        and pv.user_algorithm == "uls"
-        and pv.contribution_bound is None
-        and pv.target_epsilon is None
-    ):
-        problems.append(
-            "privacy.contribution_bound: the uls default k is chosen for a target epsilon;"
-            " set privacy.target_epsilon or privacy.contribution_bound"
         )
     return problems
 
