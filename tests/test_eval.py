@@ -7,6 +7,7 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -17,7 +18,13 @@ from privdpo.config import DataConfig, EvalRunConfig, load_config
 from privdpo.data.preference import read_pairs
 from privdpo.data.summary import DataSummary
 from privdpo.errors import ConfigError, DataError
-from privdpo.generation import eos_token_ids, generate, sample_next, sequence_kl
+from privdpo.generation import (
+    eos_token_ids,
+    exact_sequence_kl,
+    generate,
+    sample_next,
+    sequence_kl,
+)
 from privdpo.models import build_preset
 from privdpo.recipes.eval import (
     evaluate_preferences,
@@ -26,7 +33,13 @@ from privdpo.recipes.eval import (
     resolve,
     win_rate,
 )
-from privdpo.stats import bootstrap_ci, mean_estimate
+from privdpo.stats import (
+    bootstrap_ci,
+    bootstrap_estimate,
+    mean_estimate,
+    ratio_estimate,
+    resample_indices,
+)
 
 SAMPLE_PAIRS = REPO / "src" / "privdpo" / "assets" / "sample_pairs.jsonl"
 
@@ -175,6 +188,95 @@ def test_kl_to_another_model_matches_a_recomputation(models):
     assert kl.tolist() == pytest.approx(expected, abs=1e-4)
 
 
+def tiny_vocab_model(seed: int, vocab: int = 5):
+    """A one-layer Qwen2 over `vocab` tokens, with weights large enough for peaked
+    next-token distributions (so the KL between two of them is far from 0)."""
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    torch.manual_seed(seed)
+    config = Qwen2Config(
+        vocab_size=vocab,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=32,
+        initializer_range=0.6,
+        tie_word_embeddings=False,
+    )
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+def all_continuations(vocab: int, eos: int, horizon: int) -> list[list[int]]:
+    """Every completion a sampler can return: ended by `eos`, or cut at `horizon` tokens."""
+    out, frontier = [], [[]]
+    for _ in range(horizon):
+        grown = [seq + [v] for seq in frontier for v in range(vocab)]
+        out += [s for s in grown if s[-1] == eos]
+        frontier = [s for s in grown if s[-1] != eos]
+    return out + frontier
+
+
+def next_token_kls(policy, reference, prompt: list[int], completion: list[int]) -> list[float]:
+    """The KL of the two next-token distributions at each completion position, from the
+    full logits of one unpadded sequence."""
+    ids = torch.tensor([prompt + completion])
+    with torch.no_grad():
+        logp = torch.log_softmax(policy(input_ids=ids).logits[0].double(), -1)
+        logq = torch.log_softmax(reference(input_ids=ids).logits[0].double(), -1)
+    at = range(len(prompt) - 1, len(prompt) + len(completion) - 1)
+    return [float((logp[t].exp() * (logp[t] - logq[t])).sum()) for t in at]
+
+
+def test_exact_kl_equals_the_brute_force_sequence_kl_over_every_continuation():
+    # Vocabulary of 5 (token 0 ends a completion), horizon 3: 1 + 4 + 16 * 5 = 85 possible
+    # completions per prompt. KL(pi || pi_ref) = sum_y pi(y) log(pi(y) / pi_ref(y)) over
+    # all of them; the exact estimator's expectation under pi must equal it.
+    vocab, eos, horizon = 5, 0, 3
+    policy, reference = tiny_vocab_model(0, vocab), tiny_vocab_model(1, vocab)
+    ys = all_continuations(vocab, eos, horizon)
+    assert len(ys) == 85
+    for prompt in ([3, 1], [2, 4, 4, 1]):
+        p = torch.tensor([logp_of(policy, prompt, y) for y in ys], dtype=torch.float64)
+        q = torch.tensor([logp_of(reference, prompt, y) for y in ys], dtype=torch.float64)
+        assert p.exp().sum().item() == pytest.approx(1.0, abs=1e-5)  # every y, once
+        brute_force = float((p.exp() * (p - q)).sum())
+        assert brute_force > 0.05  # two clearly different policies
+
+        kl, tokens = exact_sequence_kl(
+            policy, reference, [prompt] * len(ys), ys, pad_id=4, batch_size=7, position_chunk=5
+        )
+        assert tokens.tolist() == [float(len(y)) for y in ys]
+        assert float((p.exp() * kl.double()).sum()) == pytest.approx(brute_force, rel=1e-4)
+        # Each sequence's value is its positions' next-token KLs, none negative...
+        for i in (0, 3, 40, 84):
+            assert kl[i].item() == pytest.approx(
+                sum(next_token_kls(policy, reference, prompt, ys[i])), rel=1e-4, abs=1e-6
+            )
+        assert kl.min() >= -1e-6
+        # ... and the one-sample log-ratio has the same expectation.
+        one_sample = sequence_kl(policy, reference, [prompt] * len(ys), ys, pad_id=4)
+        assert float((p.exp() * one_sample.double()).sum()) == pytest.approx(brute_force, rel=1e-4)
+
+
+def test_exact_kl_on_sampled_completions_matches_full_logits(models):
+    policy, reference, tokenizer = models
+    prompts = prompts_of(tokenizer)
+    completions = sample(policy, tokenizer, prompts)
+    kl, tokens = exact_sequence_kl(
+        policy, reference, prompts, completions, tokenizer.pad_token_id, 3, position_chunk=4
+    )
+    expected = [
+        sum(next_token_kls(policy, reference, p, c))
+        for p, c in zip(prompts, completions, strict=True)
+    ]
+    assert kl.tolist() == pytest.approx(expected, rel=1e-4)
+    assert tokens.tolist() == [len(c) for c in completions]
+    itself, _ = exact_sequence_kl(policy, policy, prompts, completions, tokenizer.pad_token_id)
+    assert torch.equal(itself, torch.zeros(len(prompts)))
+
+
 # ---------------------------------------------------------------------------------------
 # Win rate and the bootstrap
 # ---------------------------------------------------------------------------------------
@@ -217,6 +319,41 @@ def test_bootstrap_is_seeded_and_contains_the_mean():
     assert a.value == pytest.approx(sum(values) / len(values))
     assert a.ci_low < a.value < a.ci_high
     assert mean_estimate(values, 0, 0.95, seed=7).ci_high is None
+
+
+def test_ratio_estimate_is_the_ratio_of_sums_with_a_resampled_interval():
+    kl, tokens = [2.0, 0.5, 3.0, 0.0, 1.5], [4, 1, 10, 2, 3]
+    est = ratio_estimate(kl, tokens, 300, 0.9, seed=5)
+    assert est.value == pytest.approx(7.0 / 20)  # not the mean of 0.5, 0.5, 0.3, 0, 0.5
+    ratios = []
+    for row in resample_indices(5, 300, 5):  # the same resamples, one at a time
+        ratios.append(sum(kl[i] for i in row) / sum(tokens[i] for i in row))
+    low, high = sorted(ratios)[int(0.05 * 299)], sorted(ratios)[int(0.95 * 299) + 1]
+    assert low <= est.ci_low <= est.ci_high <= high
+    assert est.ci_low == pytest.approx(float(np.quantile(ratios, 0.05)))
+    assert est.ci_high == pytest.approx(float(np.quantile(ratios, 0.95)))
+
+
+def test_bootstrap_estimate_leaves_out_undefined_resamples():
+    # The mean of the positive items: undefined on a resample that has none.
+    values = np.array([0.0, 0.0, 0.0, 3.0, 1.0])
+
+    def positive_mean(picks):
+        x = values[picks]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return (x * (x > 0)).sum(axis=1) / (x > 0).sum(axis=1)
+
+    est = bootstrap_estimate(positive_mean, 5, 400, 0.9, seed=2)
+    assert est.value == 2.0
+    defined = []
+    for row in resample_indices(5, 400, 2):
+        positive = [values[i] for i in row if values[i] > 0]
+        if positive:
+            defined.append(sum(positive) / len(positive))
+    assert 0 < 400 - len(defined) < 100  # some resamples had no positive item
+    assert (est.ci_low, est.ci_high) == pytest.approx(tuple(np.quantile(defined, [0.05, 0.95])))
+    assert bootstrap_estimate(lambda p: np.full(len(p), np.nan), 5, 50, 0.9, 0) is None
+    assert bootstrap_estimate(positive_mean, 5, 0, 0.9, 0).ci_low is None
 
 
 # ---------------------------------------------------------------------------------------
@@ -390,6 +527,8 @@ def test_eval_command_on_a_dpo_run_writes_eval_json(dpo_run, tmp_path, capsys):
         "num_pairs",
         "num_prompts",
         "kl_to_reference",
+        "kl_exact",
+        "kl_exact_per_token",
         "win_rate",
         "tie_rate",
         "policy_reward",
@@ -428,6 +567,8 @@ def test_eval_command_on_a_dpo_run_writes_eval_json(dpo_run, tmp_path, capsys):
     assert 0 <= result["forgetting"]["policy_accuracy"] <= 1
 
     assert "preference_accuracy" in out and "95% CI" in out and "kl_to_reference" in out
+    assert "kl_exact_per_token" in out
+    assert m["kl_exact"]["value"] > 0 and m["kl_exact_per_token"]["value"] > 0
     assert f"wrote {dpo_run / 'eval.json'}" in out
 
     # Same seeds, same everything.
@@ -481,7 +622,8 @@ def test_eval_of_a_model_against_itself(dpo_run, tmp_path, capsys):
     assert code == 0, err
     result = json.loads((tmp_path / "eval.json").read_text())
     m = result["metrics"]
-    assert m["kl_to_reference"] == {"value": 0.0, "ci_low": 0.0, "ci_high": 0.0}
+    for name in ("kl_to_reference", "kl_exact", "kl_exact_per_token"):
+        assert m[name] == {"value": 0.0, "ci_low": 0.0, "ci_high": 0.0}, name
     assert m["mean_margin"]["value"] == 0.0 and m["preference_accuracy"]["value"] == 0.0
     assert m["num_pairs"]["value"] == 12
     assert "win_rate" not in m

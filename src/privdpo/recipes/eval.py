@@ -11,9 +11,14 @@ local data, with a local judge:
 2. Generation. Completions of held-out prompts by the model and by the reference, sampled
    with one seed (the same random numbers for both, which lowers the variance of their
    comparison).
-3. `kl_to_reference`: the mean over the model's own samples y ~ pi(.|x), drawn at
-   temperature 1 and top_p 1, of log pi(y|x) - log pi_ref(y|x) summed over the sampled
-   tokens, both scored at temperature 1 (see `generation.sequence_kl`).
+3. KL to the reference, two estimates from the same samples y ~ pi(.|x) of the model,
+   drawn at temperature 1 and top_p 1 and scored at temperature 1. `kl_to_reference`: the
+   mean one-sample log-ratio log pi(y|x) - log pi_ref(y|x), summed over the sampled
+   tokens (`generation.sequence_kl`). `kl_exact`: the mean over y of the exact
+   next-token KL sum_v pi(v|x, y_<t) log(pi(v|x, y_<t) / pi_ref(v|x, y_<t)) summed over
+   y's positions (`generation.exact_sequence_kl`): the same expectation, far lower
+   variance. Both in nats per sequence; `kl_exact_per_token` is the exact KL summed over
+   all completions divided by their tokens.
 4. Win rate. The judge scores both completions of each prompt; a higher score is a win
    (1), an equal one a tie (1/2), a lower one a loss (0). `win_rate` is the mean,
    `tie_rate` the fraction of ties, `policy_reward` and `reference_reward` the mean scores.
@@ -55,12 +60,12 @@ from privdpo.data.sft import messages_field
 from privdpo.data.summary import DataSummary
 from privdpo.data.tokenize import BadRow, Segment, tokenize_segments
 from privdpo.errors import ConfigError, DataError, UserError
-from privdpo.generation import eos_token_ids, generate, sequence_kl
+from privdpo.generation import eos_token_ids, exact_sequence_kl, generate, sequence_kl
 from privdpo.judges import Judge, load_judge, pairwise_outcomes
 from privdpo.logprobs import sequence_logps
 from privdpo.models import DTYPES, check_local_model_dir, load_model_and_tokenizer
 from privdpo.report import write_report
-from privdpo.stats import Estimate, mean_estimate
+from privdpo.stats import Estimate, mean_estimate, ratio_estimate
 from privdpo.training import micro_batches, pick_device
 
 EVAL_FILE = "eval.json"
@@ -601,6 +606,11 @@ def run_eval(cfg: EvalRunConfig) -> dict:
         own = generated[g.temperature][0] if unbiased else sample(policy, 1.0, 1.0)
         log_ratios = sequence_kl(policy, reference, prompts, own, pad_id, e.batch_size)
         metrics["kl_to_reference"] = estimate(log_ratios.tolist())
+        exact, tokens = exact_sequence_kl(policy, reference, prompts, own, pad_id, e.batch_size)
+        metrics["kl_exact"] = estimate(exact.tolist())
+        metrics["kl_exact_per_token"] = ratio_estimate(
+            exact.tolist(), tokens.tolist(), e.bootstrap_samples, e.confidence, e.seed
+        )
 
         prompt_texts = [tokenizer.decode(p, skip_special_tokens=True) for p in prompts]
 
@@ -677,11 +687,11 @@ def _judge_both(judge: Judge, prompts, policy_texts, reference_texts):
 def format_table(result: dict, confidence: float, judge: Judge | None = None) -> str:
     """eval.json as a short text table."""
     level = f"{round(confidence * 100, 1):g}% CI"
-    lines = [f"{'metric':<22}{'value':>10}   {level}"]
+    lines = [f"{'metric':<24}{'value':>10}   {level}"]
     for name, m in result["metrics"].items():
         ci = f"[{m['ci_low']:.4f}, {m['ci_high']:.4f}]" if m["ci_low"] is not None else ""
         value = f"{m['value']:.0f}" if name.startswith("num_") else f"{m['value']:.4f}"
-        lines.append(f"{name:<22}{value:>10}   {ci}")
+        lines.append(f"{name:<24}{value:>10}   {ci}")
     if judge is None:
         lines.append("(no judge: set judge.kind for win rate and reward)")
     if result["temperature_sweep"]:
