@@ -27,6 +27,8 @@ from privdpo.generation import (
 )
 from privdpo.models import build_preset
 from privdpo.recipes.eval import (
+    best_of_n,
+    best_of_n_kl_bound,
     evaluate_preferences,
     multiple_choice_correct,
     read_tasks,
@@ -357,6 +359,87 @@ def test_bootstrap_estimate_leaves_out_undefined_resamples():
 
 
 # ---------------------------------------------------------------------------------------
+# Best-of-n
+# ---------------------------------------------------------------------------------------
+
+
+class CharacterSumJudge:
+    """A deterministic judge with few ties: the sum of the completion's character codes,
+    modulo 97."""
+
+    name = "character_sum"
+
+    def score(self, prompts, completions):
+        assert len(prompts) == len(completions)
+        return [float(sum(map(ord, c)) % 97) for c in completions]
+
+
+def test_best_of_n_keeps_the_judges_favourite_of_n_samples(models):
+    policy, _, tokenizer = models
+    prompts = prompts_of(tokenizer)
+    judge = CharacterSumJudge()
+    ns = [1, 2, 4]
+    results = best_of_n(
+        policy, tokenizer, prompts, judge, ns, max_new_tokens=8, batch_size=3, seed=4
+    )
+    # Directly: 4 samples of each prompt (the same draws: one generator over the prompts
+    # repeated 4 times), the judge's argmax among the first n of them.
+    draws = sample(policy, tokenizer, [p for p in prompts for _ in range(4)], seed=4)
+    texts = [tokenizer.decode(c, skip_special_tokens=True) for c in draws]
+    assert [r.n for r in results] == ns
+    for r in results:
+        for i in range(len(prompts)):
+            candidates = texts[4 * i : 4 * i + r.n]
+            scores = [float(sum(map(ord, t)) % 97) for t in candidates]
+            best = max(range(r.n), key=lambda k: (scores[k], -k))  # first of the highest
+            assert r.chosen[i] == best
+            assert r.completions[i] == candidates[best]
+            assert r.scores[i] == max(scores)
+    one, two, four = results
+    assert one.chosen == [0] * len(prompts)  # best-of-1 is the first sample
+    assert all(a <= b <= c for a, b, c in zip(one.scores, two.scores, four.scores, strict=True))
+    assert sum(four.scores) > sum(one.scores)  # the selection does something here
+    # The argmax judge really is the configured one: another judge keeps other samples.
+    longest = best_of_n(
+        policy, tokenizer, prompts, LengthJudge(), [4], max_new_tokens=8, batch_size=3, seed=4
+    )[0]
+    assert longest.completions == [
+        max(texts[4 * i : 4 * i + 4], key=len) for i in range(len(prompts))
+    ]
+
+
+class LengthJudge:
+    name = "length"
+
+    def score(self, prompts, completions):
+        return [float(len(c)) for c in completions]
+
+
+def test_best_of_n_kl_bound_by_hand():
+    assert best_of_n_kl_bound(1) == 0.0
+    assert best_of_n_kl_bound(2) == pytest.approx(0.6931472 - 0.5)
+    assert best_of_n_kl_bound(4) == pytest.approx(1.3862944 - 0.75)
+    assert best_of_n_kl_bound(16) == pytest.approx(2.7725887 - 0.9375)
+    with pytest.raises(ValueError):
+        best_of_n_kl_bound(0)
+
+
+def test_best_of_n_config_mistakes_name_their_keys():
+    with pytest.raises(ConfigError) as info:
+        load_config(
+            EvalRunConfig,
+            None,
+            ["model.path=x", "eval.best_of_n=[0, 2, 2]", "generation.temperature=0"],
+        )
+    problems = info.value.problems
+    assert any(p.startswith("eval.best_of_n: each n must be at least 1") for p in problems)
+    assert any(p.startswith("judge.kind: eval.best_of_n keeps") for p in problems)
+    assert any(p.startswith("generation.temperature: eval.best_of_n needs") for p in problems)
+    with pytest.raises(ConfigError, match="eval.best_of_n_from: expected one of"):
+        load_config(EvalRunConfig, None, ["model.path=x", "eval.best_of_n_from=sft"])
+
+
+# ---------------------------------------------------------------------------------------
 # Forgetting: multiple-choice tasks
 # ---------------------------------------------------------------------------------------
 
@@ -507,6 +590,9 @@ def test_eval_command_on_a_dpo_run_writes_eval_json(dpo_run, tmp_path, capsys):
         "generation.temperature=0.7",
         "eval.temperatures=[0.7, 1.5]",
         f"eval.tasks={tasks}",
+        "eval.best_of_n=[1, 3]",
+        "eval.best_of_n_from=both",
+        "generation.keep_samples=4",
     )
     assert code == 0, err
     result = json.loads((dpo_run / "eval.json").read_text())
@@ -516,6 +602,7 @@ def test_eval_command_on_a_dpo_run_writes_eval_json(dpo_run, tmp_path, capsys):
         "reference",
         "metrics",
         "temperature_sweep",
+        "best_of_n",
         "samples",
         "forgetting",
     }
@@ -558,7 +645,30 @@ def test_eval_command_on_a_dpo_run_writes_eval_json(dpo_run, tmp_path, capsys):
     assert at_07["win_rate"] == m["win_rate"]["value"]
     assert at_07["reward"] == m["policy_reward"]["value"]
 
-    assert len(result["samples"]) == 3
+    # Best-of-n, from both models: win rates over the reference's samples (scored in the
+    # samples), rewards the kept samples' scores, the bound by n.
+    assert [(b["model"], b["n"]) for b in result["best_of_n"]] == [
+        ("reference", 1),
+        ("reference", 3),
+        ("policy", 1),
+        ("policy", 3),
+    ]
+    reference_scores = [s["reference_score"] for s in result["samples"]]
+    for b in result["best_of_n"]:
+        assert len(b["scores"]) == 4
+        assert b["reward"]["value"] == pytest.approx(sum(b["scores"]) / 4)
+        assert b["reward"]["ci_low"] <= b["reward"]["value"] <= b["reward"]["ci_high"]
+        outcomes = [
+            1.0 if a > r else 0.5 if a == r else 0.0
+            for a, r in zip(b["scores"], reference_scores, strict=True)
+        ]
+        assert b["win_rate"]["value"] == pytest.approx(sum(outcomes) / 4)
+        assert b["kl_bound"] == pytest.approx(best_of_n_kl_bound(b["n"]))
+    for first, second in (result["best_of_n"][:2], result["best_of_n"][2:]):
+        assert all(a <= b for a, b in zip(first["scores"], second["scores"], strict=True))
+    assert "best-of-n" in out and "reference n=3" in out
+
+    assert len(result["samples"]) == 4
     for s in result["samples"]:
         assert set(s) == {"prompt", "policy", "reference", "policy_score", "reference_score"}
         assert s["prompt"].startswith("Write a short")
@@ -579,6 +689,9 @@ def test_eval_command_on_a_dpo_run_writes_eval_json(dpo_run, tmp_path, capsys):
         "generation.temperature=0.7",
         "eval.temperatures=[0.7, 1.5]",
         f"eval.tasks={tasks}",
+        "eval.best_of_n=[1, 3]",
+        "eval.best_of_n_from=both",
+        "generation.keep_samples=4",
         f"output.dir={tmp_path / 'again'}",
     )
     assert code == 0, err

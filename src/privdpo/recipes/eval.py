@@ -23,7 +23,14 @@ local data, with a local judge:
    (1), an equal one a tie (1/2), a lower one a loss (0). `win_rate` is the mean,
    `tie_rate` the fraction of ties, `policy_reward` and `reference_reward` the mean scores.
    The same again at each of `eval.temperatures`.
-5. Forgetting (optional). Multiple-choice tasks answered by both models: the choice with
+5. Best-of-n (optional, `eval.best_of_n`). Per prompt, n completions sampled from the
+   reference (the usual baseline), the model, or both (`eval.best_of_n_from`), with the
+   judged samples' temperature and top_p; the one the judge scores highest is kept. Per
+   n: its mean reward, its win rate over the reference's single samples, and the
+   analytic bound log n - (n-1)/n on its KL to the model it samples from
+   (`best_of_n`; the max n is sampled once and each smaller n keeps the best of the
+   first n).
+6. Forgetting (optional). Multiple-choice tasks answered by both models: the choice with
    the highest log-likelihood given the question (summed over its tokens, or per token
    with `eval.task_scoring: mean`; the first of equal scores) is the answer.
 
@@ -36,6 +43,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -128,6 +136,96 @@ def win_rate(
         "win_rate": mean_estimate(outcomes, samples, confidence, seed),
         "tie_rate": mean_estimate(ties, samples, confidence, seed),
     }
+
+
+def best_of_n_kl_bound(n: int) -> float:
+    """log n - (n - 1)/n: the analytic bound on KL(best-of-n || the model it samples from)
+    in nats per sequence (Stiennon et al. 2020; an upper bound, Beirami et al. 2024)."""
+    if n < 1:
+        raise ValueError(f"n must be at least 1, got {n}")
+    return math.log(n) - (n - 1) / n
+
+
+def best_indices(scores: list[list[float]], n: int) -> list[int]:
+    """Per prompt, the index of the highest of its first `n` scores (the first of equal
+    ones): the sample best-of-n keeps."""
+    out = []
+    for row in scores:
+        if len(row) < n:
+            raise ValueError(f"best-of-{n} needs {n} scores per prompt, got {len(row)}")
+        first = row[:n]
+        out.append(first.index(max(first)))
+    return out
+
+
+@dataclass
+class BestOfN:
+    """Best-of-n of one model: per prompt, which of its samples was kept (index among the
+    n), that completion's text and its judge score."""
+
+    n: int
+    chosen: list[int]
+    completions: list[str]
+    scores: list[float]
+
+
+@torch.no_grad()
+def best_of_n(
+    model,
+    tokenizer,
+    prompts: list[list[int]],
+    judge: Judge,
+    ns: list[int],
+    *,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    batch_size: int = 8,
+    seed: int = 0,
+    eos_ids: list[int] | None = None,
+) -> list[BestOfN]:
+    """Best-of-n sampling for each n of `ns`, in that order: per prompt (token ids), n
+    completions sampled from `model`, the one `judge` scores highest kept (the first of
+    equal scores). Its score is its reward.
+
+    The samples are drawn once: max(ns) completions per prompt from one `generate` call
+    over each prompt repeated max(ns) times (batches of `batch_size` sequences, one seeded
+    generator), each scored once; best-of-n keeps the best of the first n of them. So the
+    cost is that of the largest n alone, and the results for different n are nested (a
+    prompt's best-of-n score never falls as n grows), not independent. The judge sees the
+    prompt and completion decoded with special tokens skipped, as `run_eval` shows them.
+    `eos_ids`: the tokens that end a completion (default: `eos_token_ids(model, tokenizer)`).
+    """
+    if not ns or min(ns) < 1:
+        raise ValueError(f"ns must be a non-empty list of n >= 1, got {ns}")
+    most = max(ns)
+    sampled = generate(
+        model,
+        [p for p in prompts for _ in range(most)],
+        pad_id=tokenizer.pad_token_id,
+        eos_ids=eos_ids if eos_ids is not None else eos_token_ids(model, tokenizer),
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        batch_size=batch_size,
+        seed=seed,
+    )
+    texts = [tokenizer.decode(c, skip_special_tokens=True) for c in sampled]
+    prompt_texts = [tokenizer.decode(p, skip_special_tokens=True) for p in prompts]
+    flat = judge.score([t for t in prompt_texts for _ in range(most)], texts)
+    scores = [[float(x) for x in flat[i * most : (i + 1) * most]] for i in range(len(prompts))]
+    results = []
+    for n in ns:
+        chosen = best_indices(scores, n)
+        results.append(
+            BestOfN(
+                n,
+                chosen,
+                [texts[i * most + c] for i, c in enumerate(chosen)],
+                [scores[i][c] for i, c in enumerate(chosen)],
+            )
+        )
+    return results
 
 
 @dataclass
@@ -579,6 +677,7 @@ def run_eval(cfg: EvalRunConfig) -> dict:
     # ---- generation, KL, win rate ------------------------------------------------------
     samples: list[dict] = []
     sweep: list[dict] = []
+    best: list[dict] = []
     if prompts:
         metrics["num_prompts"] = Estimate(float(len(prompts)))
         eos_ids = eos_token_ids(policy, tokenizer)
@@ -638,6 +737,34 @@ def run_eval(cfg: EvalRunConfig) -> dict:
                         "reference_reward": sum(ref) / len(ref),
                     }
                 )
+            sources = ["reference", "policy"] if e.best_of_n_from == "both" else [e.best_of_n_from]
+            for source in sources if e.best_of_n else []:
+                results = best_of_n(
+                    policy if source == "policy" else reference,
+                    tokenizer,
+                    prompts,
+                    judge,
+                    e.best_of_n,
+                    max_new_tokens=g.max_new_tokens,
+                    temperature=g.temperature,
+                    top_p=g.top_p,
+                    batch_size=g.batch_size,
+                    seed=g.seed,
+                    eos_ids=eos_ids,
+                )
+                for b in results:
+                    won = win_rate(b.scores, ref_scores, e.bootstrap_samples, e.confidence, e.seed)
+                    best.append(
+                        {
+                            "n": b.n,
+                            "model": source,
+                            "reward": estimate(b.scores).to_dict(),
+                            "win_rate": won["win_rate"].to_dict(),
+                            "tie_rate": won["tie_rate"].to_dict(),
+                            "kl_bound": best_of_n_kl_bound(b.n),
+                            "scores": b.scores,
+                        }
+                    )
         for i in range(min(g.keep_samples, len(prompts))):
             samples.append(
                 {
@@ -654,6 +781,7 @@ def run_eval(cfg: EvalRunConfig) -> dict:
         "reference": plan.reference.label,
         "metrics": {name: m.to_dict() for name, m in metrics.items()},
         "temperature_sweep": sweep,
+        "best_of_n": best,
         "samples": samples,
     }
 
@@ -701,6 +829,22 @@ def format_table(result: dict, confidence: float, judge: Judge | None = None) ->
                 f"{row['temperature']:<14g}{row['win_rate']:>10.4f}{row['reward']:>10.4f}"
                 f"{row['reference_reward']:>11.4f}"
             )
+    if result.get("best_of_n"):
+        lines.append(
+            f"\n{'best-of-n':<22}{'reward':>10}   {level:<20}{'win_rate':>9}{'KL bound':>10}"
+        )
+        for row in result["best_of_n"]:
+            w = row["reward"]
+            ci = f"[{w['ci_low']:.4f}, {w['ci_high']:.4f}]" if w["ci_low"] is not None else ""
+            name = f"{row['model']} n={row['n']}"
+            lines.append(
+                f"{name:<22}{w['value']:>10.4f}   {ci:<20}{row['win_rate']['value']:>9.4f}"
+                f"{row['kl_bound']:>10.4f}"
+            )
+        lines.append(
+            "(win rate over the reference's single samples; KL bound log n - (n-1)/n, in nats"
+            " per sequence, to the model sampled from)"
+        )
     if "forgetting" in result:
         f = result["forgetting"]
         lines.append(
