@@ -27,12 +27,17 @@ from privdpo.generation import (
 )
 from privdpo.models import build_preset
 from privdpo.recipes.eval import (
+    ChoiceTask,
     best_of_n,
     best_of_n_kl_bound,
+    classification_groups,
+    classification_metrics,
     evaluate_preferences,
+    multiple_choice_answers,
     multiple_choice_correct,
     read_tasks,
     resolve,
+    task_check,
     win_rate,
 )
 from privdpo.stats import (
@@ -471,6 +476,112 @@ def test_multiple_choice_accuracy_matches_a_recomputation(models, tmp_path, scor
     )
 
 
+def test_per_class_precision_recall_f1_by_hand():
+    # true:      0 0 0 1 1 2      class 0: tp 2, fp 0, fn 1 -> P 1,   R 2/3, F1 4/5
+    # predicted: 0 0 1 1 2 2      class 1: tp 1, fp 1, fn 1 -> P 1/2, R 1/2, F1 1/2
+    #                             class 2: tp 1, fp 1, fn 0 -> P 1/2, R 1,   F1 2/3
+    # class 3 never occurs and is never predicted: all undefined. Accuracy 4/6.
+    gold, predicted = [0, 0, 0, 1, 1, 2], [0, 0, 1, 1, 2, 2]
+    m = classification_metrics(predicted, gold, 4, samples=0)
+    values = lambda xs: [None if x is None else x.value for x in xs]  # noqa: E731
+    assert values(m.precision) == pytest.approx([1.0, 0.5, 0.5, None])
+    assert values(m.recall) == pytest.approx([2 / 3, 0.5, 1.0, None])
+    assert values(m.f1) == pytest.approx([0.8, 0.5, 2 / 3, None])
+    assert m.accuracy.value == pytest.approx(4 / 6)
+    assert m.macro_f1.value == pytest.approx((0.8 + 0.5 + 2 / 3) / 3)  # class 3 left out
+    assert m.support == [3, 2, 1, 0] and m.predicted == [2, 2, 2, 0]
+    # A class that occurs but is never predicted: no precision, recall and F1 of 0.
+    never = classification_metrics([0, 0, 0], [0, 1, 1], 2, samples=0)
+    assert never.precision[1] is None and never.recall[1].value == 0 and never.f1[1].value == 0
+    assert never.precision[0].value == pytest.approx(1 / 3) and never.recall[0].value == 1
+
+    # The intervals: each number recomputed on the same resamples, one at a time.
+    m = classification_metrics(predicted, gold, 4, samples=300, confidence=0.8, seed=3)
+    recalls, f1s = [], []
+    for row in resample_indices(6, 300, 3):
+        tp = sum(gold[i] == predicted[i] == 0 for i in row)
+        fn = sum(gold[i] == 0 != predicted[i] for i in row)
+        fp = sum(predicted[i] == 0 != gold[i] for i in row)
+        if tp + fn:
+            recalls.append(tp / (tp + fn))
+        f1s.append(2 * tp / (2 * tp + fp + fn) if tp + fp + fn else None)
+    low, high = np.quantile(recalls, [0.1, 0.9])
+    assert (m.recall[0].ci_low, m.recall[0].ci_high) == pytest.approx((low, high))
+    defined = [f for f in f1s if f is not None]
+    assert (m.f1[0].ci_low, m.f1[0].ci_high) == pytest.approx(
+        tuple(np.quantile(defined, [0.1, 0.9]))
+    )
+    assert m.precision[3] is None and m.support[3] == 0
+
+
+def test_classification_tasks_are_rows_sharing_one_set_of_choices():
+    def task(choices, answer=0):
+        return ChoiceTask([1], [[2]] * len(choices), answer, "t", tuple(choices))
+
+    tasks = [
+        task([" good", " bad"]),
+        task([" red", " blue", " green"]),
+        task([" bad", " good"], 1),  # the same classes in another order
+        task([" yes", " no"]),  # alone: an ordinary multiple-choice question
+        task([" a", " a"]),  # repeated texts name no classes
+        task([" a", " a"]),
+        task([" good", " bad"], 1),
+    ]
+    assert classification_groups(tasks) == [([" good", " bad"], [0, 2, 6])]
+
+
+SENTIMENT = [
+    {
+        "question": "The film was a joy. Sentiment:",
+        "choices": [" positive", " negative"],
+        "answer": 0,
+    },
+    {
+        "question": "Dull and far too long. Sentiment:",
+        "choices": [" positive", " negative"],
+        "answer": 1,
+    },
+    {
+        "question": "I loved the music. Sentiment:",
+        "choices": [" negative", " positive"],
+        "answer": 1,
+    },
+    {
+        "question": "A waste of an evening. Sentiment:",
+        "choices": [" positive", " negative"],
+        "answer": 1,
+    },
+    {"question": "Great acting. Sentiment:", "choices": [" positive", " negative"], "answer": 0},
+]
+
+
+def test_task_check_reports_classes_before_and_after(models, tmp_path):
+    policy, reference, tokenizer = models
+    tasks = read_tasks(str(write_jsonl(tmp_path / "t.jsonl", TASKS + SENTIMENT)), tokenizer)
+    check = task_check(policy, reference, tasks, tokenizer.pad_token_id, batch_size=4, samples=50)
+    assert check["tasks"] == 8
+    (block,) = check["classification"]
+    assert block["classes"] == [" positive", " negative"] and block["tasks"] == 5
+    gold = ["positive", "negative", "positive", "negative", "positive"]
+    for side, model in (("policy", policy), ("reference", reference)):
+        answers = multiple_choice_answers(model, tasks, tokenizer.pad_token_id)
+        said = [SENTIMENT[i]["choices"][answers[3 + i]].strip() for i in range(5)]
+        assert check[f"{side}_accuracy"] == pytest.approx(
+            (sum(a == t.answer for a, t in zip(answers, tasks, strict=True))) / 8
+        )
+        for c, name in enumerate(["positive", "negative"]):
+            entry = block[side]["per_class"][c]
+            tp = sum(s == g == name for s, g in zip(said, gold, strict=True))
+            assert entry["class"] == " " + name
+            assert entry["support"] == gold.count(name) and entry["predicted"] == said.count(name)
+            if said.count(name):
+                assert entry["precision"]["value"] == pytest.approx(tp / said.count(name))
+            assert entry["recall"]["value"] == pytest.approx(tp / gold.count(name))
+        assert block[side]["accuracy"]["value"] == pytest.approx(
+            sum(s == g for s, g in zip(said, gold, strict=True)) / 5
+        )
+
+
 def test_a_bad_task_row_names_its_file_and_line(models, tmp_path):
     rows = [TASKS[0], {"question": "Q", "choices": [" a", " b"], "answer": 2}]
     path = write_jsonl(tmp_path / "tasks.jsonl", rows)
@@ -582,7 +693,7 @@ SMALL = [
 
 
 def test_eval_command_on_a_dpo_run_writes_eval_json(dpo_run, tmp_path, capsys):
-    tasks = write_jsonl(tmp_path / "tasks.jsonl", TASKS)
+    tasks = write_jsonl(tmp_path / "tasks.jsonl", TASKS + SENTIMENT)
     code, out, err = run_eval_cli(
         capsys,
         f"model.path={dpo_run}",
@@ -673,8 +784,20 @@ def test_eval_command_on_a_dpo_run_writes_eval_json(dpo_run, tmp_path, capsys):
         assert set(s) == {"prompt", "policy", "reference", "policy_score", "reference_score"}
         assert s["prompt"].startswith("Write a short")
         assert isinstance(s["policy_score"], float)
-    assert result["forgetting"]["tasks"] == 3
-    assert 0 <= result["forgetting"]["policy_accuracy"] <= 1
+    forgetting = result["forgetting"]
+    assert forgetting["tasks"] == 8
+    assert 0 <= forgetting["policy_accuracy"] <= 1
+    (block,) = forgetting["classification"]
+    assert block["classes"] == [" positive", " negative"] and block["tasks"] == 5
+    for side in ("policy", "reference"):
+        per_class = block[side]["per_class"]
+        assert [c["support"] for c in per_class] == [3, 2]
+        assert sum(c["predicted"] for c in per_class) == 5
+        for c in per_class:
+            for key in ("precision", "recall", "f1"):
+                if c[key] is not None:
+                    assert c[key]["ci_low"] <= c[key]["value"] <= c[key]["ci_high"], key
+    assert "classification over ' positive', ' negative' (5 tasks)" in out
 
     assert "preference_accuracy" in out and "95% CI" in out and "kl_to_reference" in out
     assert "kl_exact_per_token" in out

@@ -45,9 +45,11 @@ import dataclasses
 import json
 import math
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import yaml
 from transformers.utils import logging as hf_logging
@@ -73,7 +75,7 @@ from privdpo.judges import Judge, load_judge, pairwise_outcomes
 from privdpo.logprobs import sequence_logps
 from privdpo.models import DTYPES, check_local_model_dir, load_model_and_tokenizer
 from privdpo.report import write_report
-from privdpo.stats import Estimate, mean_estimate, ratio_estimate
+from privdpo.stats import Estimate, bootstrap_estimate, mean_estimate, ratio_estimate
 from privdpo.training import micro_batches, pick_device
 
 EVAL_FILE = "eval.json"
@@ -234,15 +236,16 @@ class ChoiceTask:
     choice_ids: list[list[int]]  # each choice's tokens, after the question's
     answer: int
     where: str
+    choices: tuple[str, ...] = ()  # the choices' texts (their classes, in a classification)
 
 
 @torch.no_grad()
-def multiple_choice_correct(
+def multiple_choice_answers(
     model, tasks: list[ChoiceTask], pad_id: int, scoring: str = "sum", batch_size: int = 8
-) -> list[float]:
-    """Per task 1.0 if the choice with the highest score is the answer, else 0.0. A
-    choice's score is log p(choice | question) summed over its tokens (`sum`) or divided
-    by their number (`mean`); of equal scores the first choice wins."""
+) -> list[int]:
+    """Per task the index of the choice with the highest score: log p(choice | question)
+    summed over its tokens (`sum`) or divided by their number (`mean`); of equal scores
+    the first choice wins."""
     device = next(model.parameters()).device
     rows = [(t, c) for t, task in enumerate(tasks) for c in range(len(task.choice_ids))]
     scores: dict[tuple[int, int], float] = {}
@@ -256,11 +259,178 @@ def multiple_choice_correct(
             logps = logps / num_tokens
         for key, value in zip(chunk, logps.tolist(), strict=True):
             scores[key] = value
-    correct = []
+    answers = []
     for t, task in enumerate(tasks):
         choice_scores = [scores[(t, c)] for c in range(len(task.choice_ids))]
-        correct.append(1.0 if choice_scores.index(max(choice_scores)) == task.answer else 0.0)
-    return correct
+        answers.append(choice_scores.index(max(choice_scores)))
+    return answers
+
+
+def multiple_choice_correct(
+    model, tasks: list[ChoiceTask], pad_id: int, scoring: str = "sum", batch_size: int = 8
+) -> list[float]:
+    """Per task 1.0 if the answer of `multiple_choice_answers` is the right one, else 0.0."""
+    answers = multiple_choice_answers(model, tasks, pad_id, scoring, batch_size)
+    return [1.0 if a == task.answer else 0.0 for a, task in zip(answers, tasks, strict=True)]
+
+
+def classification_groups(tasks: list[ChoiceTask]) -> list[tuple[list[str], list[int]]]:
+    """The classification tasks among multiple-choice rows: rows whose choices are one set
+    of distinct texts (in any order), when at least two rows share it. Per set: its
+    classes (in the order of its first row) and the indices of its rows, in order of
+    first appearance."""
+    groups: dict[tuple[str, ...], tuple[list[str], list[int]]] = {}
+    for t, task in enumerate(tasks):
+        if len(set(task.choices)) != len(task.choices) or not task.choices:
+            continue  # repeated choice texts name no classes
+        key = tuple(sorted(task.choices))
+        groups.setdefault(key, (list(task.choices), []))[1].append(t)
+    return [g for g in groups.values() if len(g[1]) >= 2]
+
+
+@dataclass
+class ClassificationMetrics:
+    """Accuracy, macro-F1 and per-class precision, recall and F1, each with its
+    bootstrap interval over the items; None where undefined (a precision when the class
+    is never predicted, a recall when it never occurs, an F1 when neither)."""
+
+    accuracy: Estimate
+    macro_f1: Estimate | None
+    precision: list[Estimate | None]
+    recall: list[Estimate | None]
+    f1: list[Estimate | None]
+    support: list[int]  # items of each true class
+    predicted: list[int]  # items predicted as each class
+
+    def to_dict(self, classes: list[str]) -> dict:
+        def d(e: Estimate | None) -> dict | None:
+            return None if e is None else e.to_dict()
+
+        return {
+            "accuracy": self.accuracy.to_dict(),
+            "macro_f1": d(self.macro_f1),
+            "per_class": [
+                {
+                    "class": name,
+                    "precision": d(self.precision[c]),
+                    "recall": d(self.recall[c]),
+                    "f1": d(self.f1[c]),
+                    "support": self.support[c],
+                    "predicted": self.predicted[c],
+                }
+                for c, name in enumerate(classes)
+            ],
+        }
+
+
+def classification_metrics(
+    predicted: list[int],
+    gold: list[int],
+    num_classes: int,
+    samples: int = 1000,
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> ClassificationMetrics:
+    """Per class c, from the items' predicted and true classes (0..num_classes-1):
+    precision tp/(tp+fp), recall tp/(tp+fn), F1 2tp/(2tp+fp+fn) (= 2PR/(P+R)); macro-F1
+    the mean F1 over the classes that occur or are predicted; accuracy the fraction
+    right. Intervals: the percentile bootstrap over items (`stats.bootstrap_estimate`;
+    one set of resamples for every number, resamples where a number is undefined left
+    out)."""
+    pred = np.asarray(predicted, dtype=np.int64)
+    true = np.asarray(gold, dtype=np.int64)
+    if pred.shape != true.shape or pred.ndim != 1 or pred.size == 0:
+        raise ValueError("classification_metrics needs equal, non-empty lists of classes")
+    if pred.min() < 0 or max(pred.max(), true.max()) >= num_classes or true.min() < 0:
+        raise ValueError(f"classes must be 0..{num_classes - 1}")
+    classes = np.arange(num_classes)
+    cells = num_classes * num_classes
+    code = pred * num_classes + true  # the item's cell of the confusion matrix
+    memo: dict = {}  # every statistic sees the same resamples: count them once
+
+    def counts(picks: np.ndarray):
+        key = (picks.shape, hash(picks.tobytes()))
+        if key not in memo:
+            flat = code[picks] + cells * np.arange(picks.shape[0])[:, None]
+            confusion = np.bincount(flat.ravel(), minlength=cells * picks.shape[0]).reshape(
+                picks.shape[0], num_classes, num_classes
+            )  # [R, predicted, true]
+            tp = np.diagonal(confusion, axis1=1, axis2=2)
+            memo[key] = (tp, confusion.sum(2) - tp, confusion.sum(1) - tp)
+        return memo[key]  # tp, fp, fn: [R, C]
+
+    def ratio(a, b):
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return a / b
+
+    def per_class(kind: str, c: int):
+        def statistic(picks):
+            tp, fp, fn = (x[:, c].astype(np.float64) for x in counts(picks))
+            if kind == "precision":
+                return ratio(tp, tp + fp)
+            if kind == "recall":
+                return ratio(tp, tp + fn)
+            return ratio(2 * tp, 2 * tp + fp + fn)
+
+        return bootstrap_estimate(statistic, pred.size, samples, confidence, seed)
+
+    def macro_f1(picks):
+        tp, fp, fn = (x.astype(np.float64) for x in counts(picks))
+        f1 = ratio(2 * tp, 2 * tp + fp + fn)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # a resample with no class
+            return np.nanmean(f1, axis=1)
+
+    return ClassificationMetrics(
+        accuracy=mean_estimate((pred == true).astype(np.float64), samples, confidence, seed),
+        macro_f1=bootstrap_estimate(macro_f1, pred.size, samples, confidence, seed),
+        precision=[per_class("precision", c) for c in classes],
+        recall=[per_class("recall", c) for c in classes],
+        f1=[per_class("f1", c) for c in classes],
+        support=[int((true == c).sum()) for c in classes],
+        predicted=[int((pred == c).sum()) for c in classes],
+    )
+
+
+def task_check(
+    policy,
+    reference,
+    tasks: list[ChoiceTask],
+    pad_id: int,
+    scoring: str = "sum",
+    batch_size: int = 8,
+    samples: int = 1000,
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> dict:
+    """The forgetting check: both models answer the tasks (`multiple_choice_answers`).
+    Returns {"policy_accuracy", "reference_accuracy", "tasks", "classification"}: the
+    accuracies over every task, and per classification task (`classification_groups`)
+    {"classes", "tasks", "policy", "reference"}, each model's `ClassificationMetrics` as
+    a dict (classes by their choice text) after DPO (policy) and before (reference)."""
+    answers = {
+        "policy": multiple_choice_answers(policy, tasks, pad_id, scoring, batch_size),
+        "reference": multiple_choice_answers(reference, tasks, pad_id, scoring, batch_size),
+    }
+    right = {
+        k: sum(a == t.answer for a, t in zip(v, tasks, strict=True)) for k, v in answers.items()
+    }
+    classification = []
+    for classes, rows in classification_groups(tasks):
+        gold = [classes.index(tasks[t].choices[tasks[t].answer]) for t in rows]
+        block: dict = {"classes": classes, "tasks": len(rows)}
+        for side, given in answers.items():
+            predicted = [classes.index(tasks[t].choices[given[t]]) for t in rows]
+            block[side] = classification_metrics(
+                predicted, gold, len(classes), samples, confidence, seed
+            ).to_dict(classes)
+        classification.append(block)
+    return {
+        "policy_accuracy": right["policy"] / len(tasks),
+        "reference_accuracy": right["reference"] / len(tasks),
+        "tasks": len(tasks),
+        "classification": classification,
+    }
 
 
 class _Scored:
@@ -357,7 +527,7 @@ def read_tasks(path: str, tokenizer) -> list[ChoiceTask]:
                 raise DataError(f"{row.where}: eval.tasks: the question tokenizes differently")
             question_ids = tok.input_ids[:start]
             choice_ids.append(tok.input_ids[start:])
-        tasks.append(ChoiceTask(question_ids, choice_ids, answer, row.where))
+        tasks.append(ChoiceTask(question_ids, choice_ids, answer, row.where, tuple(choices)))
     return tasks
 
 
@@ -787,13 +957,17 @@ def run_eval(cfg: EvalRunConfig) -> dict:
 
     # ---- forgetting --------------------------------------------------------------------
     if tasks is not None:
-        after = multiple_choice_correct(policy, tasks, pad_id, e.task_scoring, e.batch_size)
-        before = multiple_choice_correct(reference, tasks, pad_id, e.task_scoring, e.batch_size)
-        result["forgetting"] = {
-            "policy_accuracy": sum(after) / len(tasks),
-            "reference_accuracy": sum(before) / len(tasks),
-            "tasks": len(tasks),
-        }
+        result["forgetting"] = task_check(
+            policy,
+            reference,
+            tasks,
+            pad_id,
+            e.task_scoring,
+            e.batch_size,
+            e.bootstrap_samples,
+            e.confidence,
+            e.seed,
+        )
 
     # ---- output ------------------------------------------------------------------------
     plan.output_dir.mkdir(parents=True, exist_ok=True)
@@ -851,4 +1025,26 @@ def format_table(result: dict, confidence: float, judge: Judge | None = None) ->
             f"\nforgetting ({f['tasks']} tasks): accuracy {f['policy_accuracy']:.4f} after,"
             f" {f['reference_accuracy']:.4f} before (reference)"
         )
+        for block in f.get("classification", []):
+            lines.append(
+                f"classification over {', '.join(repr(c) for c in block['classes'])}"
+                f" ({block['tasks']} tasks), after / before (intervals in eval.json):"
+            )
+            lines.append(f"  {'class':<16}{'precision':>24}{'recall':>24}{'f1':>24}{'support':>9}")
+            for c, name in enumerate(block["classes"]):
+                after = block["policy"]["per_class"][c]
+                before = block["reference"]["per_class"][c]
+                cells = "".join(
+                    f"{_short(after[k]) + ' / ' + _short(before[k]):>24}"
+                    for k in ("precision", "recall", "f1")
+                )
+                lines.append(f"  {name.strip()[:15]:<16}{cells}{after['support']:>9}")
+            lines.append(
+                f"  {'macro F1':<16}{'':>48}"
+                f"{_short(block['policy']['macro_f1']) + ' / ' + _short(block['reference']['macro_f1']):>24}"
+            )
     return "\n".join(lines)
+
+
+def _short(m: dict | None) -> str:
+    return "-" if m is None else f"{m['value']:.3f}"
