@@ -921,6 +921,8 @@ def test_eval_help_lists_every_key(capsys):
         "eval.temperatures",
         "eval.bootstrap_samples",
         "eval.tasks",
+        "eval.best_of_n",
+        "eval.best_of_n_from",
         "output.dir",
     ):
         assert f"  {key} = " in out, key

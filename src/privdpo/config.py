@@ -421,7 +421,8 @@ class EvalConfig:
     tasks: str | None = opt(
         None,
         "forgetting check: multiple-choice JSONL, rows {question, choices: [...], answer:"
-        " index}, answered by both models; null: none",
+        " index}, answered by both models; rows sharing one set of choices (at least two)"
+        " are a classification task, with per-class precision, recall and F1; null: none",
     )
     task_scoring: Literal["sum", "mean"] = opt(
         "sum", "a choice's score: the sum of its tokens' log-probs, or their mean per token"
