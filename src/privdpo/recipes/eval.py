@@ -32,7 +32,11 @@ local data, with a local judge:
    first n).
 6. Forgetting (optional). Multiple-choice tasks answered by both models: the choice with
    the highest log-likelihood given the question (summed over its tokens, or per token
-   with `eval.task_scoring: mean`; the first of equal scores) is the answer.
+   with `eval.task_scoring: mean`; the first of equal scores) is the answer. Rows that
+   share one set of choices (at least two rows) are a classification task: per class
+   (choice text) precision, recall and F1, with macro-F1 and accuracy, for the model
+   (after DPO) and the reference (before), with bootstrap intervals over the rows
+   (`task_check`, `classification_metrics`).
 
 Means come with percentile-bootstrap intervals (`stats.py`). The results go to eval.json
 and a table.
