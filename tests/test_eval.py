@@ -7,6 +7,7 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -17,16 +18,35 @@ from privdpo.config import DataConfig, EvalRunConfig, load_config
 from privdpo.data.preference import read_pairs
 from privdpo.data.summary import DataSummary
 from privdpo.errors import ConfigError, DataError
-from privdpo.generation import eos_token_ids, generate, sample_next, sequence_kl
+from privdpo.generation import (
+    eos_token_ids,
+    exact_sequence_kl,
+    generate,
+    sample_next,
+    sequence_kl,
+)
 from privdpo.models import build_preset
 from privdpo.recipes.eval import (
+    ChoiceTask,
+    best_of_n,
+    best_of_n_kl_bound,
+    classification_groups,
+    classification_metrics,
     evaluate_preferences,
+    multiple_choice_answers,
     multiple_choice_correct,
     read_tasks,
     resolve,
+    task_check,
     win_rate,
 )
-from privdpo.stats import bootstrap_ci, mean_estimate
+from privdpo.stats import (
+    bootstrap_ci,
+    bootstrap_estimate,
+    mean_estimate,
+    ratio_estimate,
+    resample_indices,
+)
 
 SAMPLE_PAIRS = REPO / "src" / "privdpo" / "assets" / "sample_pairs.jsonl"
 
@@ -175,6 +195,95 @@ def test_kl_to_another_model_matches_a_recomputation(models):
     assert kl.tolist() == pytest.approx(expected, abs=1e-4)
 
 
+def tiny_vocab_model(seed: int, vocab: int = 5):
+    """A one-layer Qwen2 over `vocab` tokens, with weights large enough for peaked
+    next-token distributions (so the KL between two of them is far from 0)."""
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    torch.manual_seed(seed)
+    config = Qwen2Config(
+        vocab_size=vocab,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=32,
+        initializer_range=0.6,
+        tie_word_embeddings=False,
+    )
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+def all_continuations(vocab: int, eos: int, horizon: int) -> list[list[int]]:
+    """Every completion a sampler can return: ended by `eos`, or cut at `horizon` tokens."""
+    out, frontier = [], [[]]
+    for _ in range(horizon):
+        grown = [seq + [v] for seq in frontier for v in range(vocab)]
+        out += [s for s in grown if s[-1] == eos]
+        frontier = [s for s in grown if s[-1] != eos]
+    return out + frontier
+
+
+def next_token_kls(policy, reference, prompt: list[int], completion: list[int]) -> list[float]:
+    """The KL of the two next-token distributions at each completion position, from the
+    full logits of one unpadded sequence."""
+    ids = torch.tensor([prompt + completion])
+    with torch.no_grad():
+        logp = torch.log_softmax(policy(input_ids=ids).logits[0].double(), -1)
+        logq = torch.log_softmax(reference(input_ids=ids).logits[0].double(), -1)
+    at = range(len(prompt) - 1, len(prompt) + len(completion) - 1)
+    return [float((logp[t].exp() * (logp[t] - logq[t])).sum()) for t in at]
+
+
+def test_exact_kl_equals_the_brute_force_sequence_kl_over_every_continuation():
+    # Vocabulary of 5 (token 0 ends a completion), horizon 3: 1 + 4 + 16 * 5 = 85 possible
+    # completions per prompt. KL(pi || pi_ref) = sum_y pi(y) log(pi(y) / pi_ref(y)) over
+    # all of them; the exact estimator's expectation under pi must equal it.
+    vocab, eos, horizon = 5, 0, 3
+    policy, reference = tiny_vocab_model(0, vocab), tiny_vocab_model(1, vocab)
+    ys = all_continuations(vocab, eos, horizon)
+    assert len(ys) == 85
+    for prompt in ([3, 1], [2, 4, 4, 1]):
+        p = torch.tensor([logp_of(policy, prompt, y) for y in ys], dtype=torch.float64)
+        q = torch.tensor([logp_of(reference, prompt, y) for y in ys], dtype=torch.float64)
+        assert p.exp().sum().item() == pytest.approx(1.0, abs=1e-5)  # every y, once
+        brute_force = float((p.exp() * (p - q)).sum())
+        assert brute_force > 0.05  # two clearly different policies
+
+        kl, tokens = exact_sequence_kl(
+            policy, reference, [prompt] * len(ys), ys, pad_id=4, batch_size=7, position_chunk=5
+        )
+        assert tokens.tolist() == [float(len(y)) for y in ys]
+        assert float((p.exp() * kl.double()).sum()) == pytest.approx(brute_force, rel=1e-4)
+        # Each sequence's value is its positions' next-token KLs, none negative...
+        for i in (0, 3, 40, 84):
+            assert kl[i].item() == pytest.approx(
+                sum(next_token_kls(policy, reference, prompt, ys[i])), rel=1e-4, abs=1e-6
+            )
+        assert kl.min() >= -1e-6
+        # ... and the one-sample log-ratio has the same expectation.
+        one_sample = sequence_kl(policy, reference, [prompt] * len(ys), ys, pad_id=4)
+        assert float((p.exp() * one_sample.double()).sum()) == pytest.approx(brute_force, rel=1e-4)
+
+
+def test_exact_kl_on_sampled_completions_matches_full_logits(models):
+    policy, reference, tokenizer = models
+    prompts = prompts_of(tokenizer)
+    completions = sample(policy, tokenizer, prompts)
+    kl, tokens = exact_sequence_kl(
+        policy, reference, prompts, completions, tokenizer.pad_token_id, 3, position_chunk=4
+    )
+    expected = [
+        sum(next_token_kls(policy, reference, p, c))
+        for p, c in zip(prompts, completions, strict=True)
+    ]
+    assert kl.tolist() == pytest.approx(expected, rel=1e-4)
+    assert tokens.tolist() == [len(c) for c in completions]
+    itself, _ = exact_sequence_kl(policy, policy, prompts, completions, tokenizer.pad_token_id)
+    assert torch.equal(itself, torch.zeros(len(prompts)))
+
+
 # ---------------------------------------------------------------------------------------
 # Win rate and the bootstrap
 # ---------------------------------------------------------------------------------------
@@ -219,6 +328,122 @@ def test_bootstrap_is_seeded_and_contains_the_mean():
     assert mean_estimate(values, 0, 0.95, seed=7).ci_high is None
 
 
+def test_ratio_estimate_is_the_ratio_of_sums_with_a_resampled_interval():
+    kl, tokens = [2.0, 0.5, 3.0, 0.0, 1.5], [4, 1, 10, 2, 3]
+    est = ratio_estimate(kl, tokens, 300, 0.9, seed=5)
+    assert est.value == pytest.approx(7.0 / 20)  # not the mean of 0.5, 0.5, 0.3, 0, 0.5
+    ratios = []
+    for row in resample_indices(5, 300, 5):  # the same resamples, one at a time
+        ratios.append(sum(kl[i] for i in row) / sum(tokens[i] for i in row))
+    low, high = sorted(ratios)[int(0.05 * 299)], sorted(ratios)[int(0.95 * 299) + 1]
+    assert low <= est.ci_low <= est.ci_high <= high
+    assert est.ci_low == pytest.approx(float(np.quantile(ratios, 0.05)))
+    assert est.ci_high == pytest.approx(float(np.quantile(ratios, 0.95)))
+
+
+def test_bootstrap_estimate_leaves_out_undefined_resamples():
+    # The mean of the positive items: undefined on a resample that has none.
+    values = np.array([0.0, 0.0, 0.0, 3.0, 1.0])
+
+    def positive_mean(picks):
+        x = values[picks]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return (x * (x > 0)).sum(axis=1) / (x > 0).sum(axis=1)
+
+    est = bootstrap_estimate(positive_mean, 5, 400, 0.9, seed=2)
+    assert est.value == 2.0
+    defined = []
+    for row in resample_indices(5, 400, 2):
+        positive = [values[i] for i in row if values[i] > 0]
+        if positive:
+            defined.append(sum(positive) / len(positive))
+    assert 0 < 400 - len(defined) < 100  # some resamples had no positive item
+    assert (est.ci_low, est.ci_high) == pytest.approx(tuple(np.quantile(defined, [0.05, 0.95])))
+    assert bootstrap_estimate(lambda p: np.full(len(p), np.nan), 5, 50, 0.9, 0) is None
+    assert bootstrap_estimate(positive_mean, 5, 0, 0.9, 0).ci_low is None
+
+
+# ---------------------------------------------------------------------------------------
+# Best-of-n
+# ---------------------------------------------------------------------------------------
+
+
+class CharacterSumJudge:
+    """A deterministic judge with few ties: the sum of the completion's character codes,
+    modulo 97."""
+
+    name = "character_sum"
+
+    def score(self, prompts, completions):
+        assert len(prompts) == len(completions)
+        return [float(sum(map(ord, c)) % 97) for c in completions]
+
+
+def test_best_of_n_keeps_the_judges_favourite_of_n_samples(models):
+    policy, _, tokenizer = models
+    prompts = prompts_of(tokenizer)
+    judge = CharacterSumJudge()
+    ns = [1, 2, 4]
+    results = best_of_n(
+        policy, tokenizer, prompts, judge, ns, max_new_tokens=8, batch_size=3, seed=4
+    )
+    # Directly: 4 samples of each prompt (the same draws: one generator over the prompts
+    # repeated 4 times), the judge's argmax among the first n of them.
+    draws = sample(policy, tokenizer, [p for p in prompts for _ in range(4)], seed=4)
+    texts = [tokenizer.decode(c, skip_special_tokens=True) for c in draws]
+    assert [r.n for r in results] == ns
+    for r in results:
+        for i in range(len(prompts)):
+            candidates = texts[4 * i : 4 * i + r.n]
+            scores = [float(sum(map(ord, t)) % 97) for t in candidates]
+            best = max(range(r.n), key=lambda k: (scores[k], -k))  # first of the highest
+            assert r.chosen[i] == best
+            assert r.completions[i] == candidates[best]
+            assert r.scores[i] == max(scores)
+    one, two, four = results
+    assert one.chosen == [0] * len(prompts)  # best-of-1 is the first sample
+    assert all(a <= b <= c for a, b, c in zip(one.scores, two.scores, four.scores, strict=True))
+    assert sum(four.scores) > sum(one.scores)  # the selection does something here
+    # The argmax judge really is the configured one: another judge keeps other samples.
+    longest = best_of_n(
+        policy, tokenizer, prompts, LengthJudge(), [4], max_new_tokens=8, batch_size=3, seed=4
+    )[0]
+    assert longest.completions == [
+        max(texts[4 * i : 4 * i + 4], key=len) for i in range(len(prompts))
+    ]
+
+
+class LengthJudge:
+    name = "length"
+
+    def score(self, prompts, completions):
+        return [float(len(c)) for c in completions]
+
+
+def test_best_of_n_kl_bound_by_hand():
+    assert best_of_n_kl_bound(1) == 0.0
+    assert best_of_n_kl_bound(2) == pytest.approx(0.6931472 - 0.5)
+    assert best_of_n_kl_bound(4) == pytest.approx(1.3862944 - 0.75)
+    assert best_of_n_kl_bound(16) == pytest.approx(2.7725887 - 0.9375)
+    with pytest.raises(ValueError):
+        best_of_n_kl_bound(0)
+
+
+def test_best_of_n_config_mistakes_name_their_keys():
+    with pytest.raises(ConfigError) as info:
+        load_config(
+            EvalRunConfig,
+            None,
+            ["model.path=x", "eval.best_of_n=[0, 2, 2]", "generation.temperature=0"],
+        )
+    problems = info.value.problems
+    assert any(p.startswith("eval.best_of_n: each n must be at least 1") for p in problems)
+    assert any(p.startswith("judge.kind: eval.best_of_n keeps") for p in problems)
+    assert any(p.startswith("generation.temperature: eval.best_of_n needs") for p in problems)
+    with pytest.raises(ConfigError, match="eval.best_of_n_from: expected one of"):
+        load_config(EvalRunConfig, None, ["model.path=x", "eval.best_of_n_from=sft"])
+
+
 # ---------------------------------------------------------------------------------------
 # Forgetting: multiple-choice tasks
 # ---------------------------------------------------------------------------------------
@@ -249,6 +474,112 @@ def test_multiple_choice_accuracy_matches_a_recomputation(models, tmp_path, scor
         tasks[0].question_ids + tasks[0].choice_ids[0]
         == tokenizer(TASKS[0]["question"] + TASKS[0]["choices"][0])["input_ids"]
     )
+
+
+def test_per_class_precision_recall_f1_by_hand():
+    # true:      0 0 0 1 1 2      class 0: tp 2, fp 0, fn 1 -> P 1,   R 2/3, F1 4/5
+    # predicted: 0 0 1 1 2 2      class 1: tp 1, fp 1, fn 1 -> P 1/2, R 1/2, F1 1/2
+    #                             class 2: tp 1, fp 1, fn 0 -> P 1/2, R 1,   F1 2/3
+    # class 3 never occurs and is never predicted: all undefined. Accuracy 4/6.
+    gold, predicted = [0, 0, 0, 1, 1, 2], [0, 0, 1, 1, 2, 2]
+    m = classification_metrics(predicted, gold, 4, samples=0)
+    values = lambda xs: [None if x is None else x.value for x in xs]  # noqa: E731
+    assert values(m.precision) == pytest.approx([1.0, 0.5, 0.5, None])
+    assert values(m.recall) == pytest.approx([2 / 3, 0.5, 1.0, None])
+    assert values(m.f1) == pytest.approx([0.8, 0.5, 2 / 3, None])
+    assert m.accuracy.value == pytest.approx(4 / 6)
+    assert m.macro_f1.value == pytest.approx((0.8 + 0.5 + 2 / 3) / 3)  # class 3 left out
+    assert m.support == [3, 2, 1, 0] and m.predicted == [2, 2, 2, 0]
+    # A class that occurs but is never predicted: no precision, recall and F1 of 0.
+    never = classification_metrics([0, 0, 0], [0, 1, 1], 2, samples=0)
+    assert never.precision[1] is None and never.recall[1].value == 0 and never.f1[1].value == 0
+    assert never.precision[0].value == pytest.approx(1 / 3) and never.recall[0].value == 1
+
+    # The intervals: each number recomputed on the same resamples, one at a time.
+    m = classification_metrics(predicted, gold, 4, samples=300, confidence=0.8, seed=3)
+    recalls, f1s = [], []
+    for row in resample_indices(6, 300, 3):
+        tp = sum(gold[i] == predicted[i] == 0 for i in row)
+        fn = sum(gold[i] == 0 != predicted[i] for i in row)
+        fp = sum(predicted[i] == 0 != gold[i] for i in row)
+        if tp + fn:
+            recalls.append(tp / (tp + fn))
+        f1s.append(2 * tp / (2 * tp + fp + fn) if tp + fp + fn else None)
+    low, high = np.quantile(recalls, [0.1, 0.9])
+    assert (m.recall[0].ci_low, m.recall[0].ci_high) == pytest.approx((low, high))
+    defined = [f for f in f1s if f is not None]
+    assert (m.f1[0].ci_low, m.f1[0].ci_high) == pytest.approx(
+        tuple(np.quantile(defined, [0.1, 0.9]))
+    )
+    assert m.precision[3] is None and m.support[3] == 0
+
+
+def test_classification_tasks_are_rows_sharing_one_set_of_choices():
+    def task(choices, answer=0):
+        return ChoiceTask([1], [[2]] * len(choices), answer, "t", tuple(choices))
+
+    tasks = [
+        task([" good", " bad"]),
+        task([" red", " blue", " green"]),
+        task([" bad", " good"], 1),  # the same classes in another order
+        task([" yes", " no"]),  # alone: an ordinary multiple-choice question
+        task([" a", " a"]),  # repeated texts name no classes
+        task([" a", " a"]),
+        task([" good", " bad"], 1),
+    ]
+    assert classification_groups(tasks) == [([" good", " bad"], [0, 2, 6])]
+
+
+SENTIMENT = [
+    {
+        "question": "The film was a joy. Sentiment:",
+        "choices": [" positive", " negative"],
+        "answer": 0,
+    },
+    {
+        "question": "Dull and far too long. Sentiment:",
+        "choices": [" positive", " negative"],
+        "answer": 1,
+    },
+    {
+        "question": "I loved the music. Sentiment:",
+        "choices": [" negative", " positive"],
+        "answer": 1,
+    },
+    {
+        "question": "A waste of an evening. Sentiment:",
+        "choices": [" positive", " negative"],
+        "answer": 1,
+    },
+    {"question": "Great acting. Sentiment:", "choices": [" positive", " negative"], "answer": 0},
+]
+
+
+def test_task_check_reports_classes_before_and_after(models, tmp_path):
+    policy, reference, tokenizer = models
+    tasks = read_tasks(str(write_jsonl(tmp_path / "t.jsonl", TASKS + SENTIMENT)), tokenizer)
+    check = task_check(policy, reference, tasks, tokenizer.pad_token_id, batch_size=4, samples=50)
+    assert check["tasks"] == 8
+    (block,) = check["classification"]
+    assert block["classes"] == [" positive", " negative"] and block["tasks"] == 5
+    gold = ["positive", "negative", "positive", "negative", "positive"]
+    for side, model in (("policy", policy), ("reference", reference)):
+        answers = multiple_choice_answers(model, tasks, tokenizer.pad_token_id)
+        said = [SENTIMENT[i]["choices"][answers[3 + i]].strip() for i in range(5)]
+        assert check[f"{side}_accuracy"] == pytest.approx(
+            (sum(a == t.answer for a, t in zip(answers, tasks, strict=True))) / 8
+        )
+        for c, name in enumerate(["positive", "negative"]):
+            entry = block[side]["per_class"][c]
+            tp = sum(s == g == name for s, g in zip(said, gold, strict=True))
+            assert entry["class"] == " " + name
+            assert entry["support"] == gold.count(name) and entry["predicted"] == said.count(name)
+            if said.count(name):
+                assert entry["precision"]["value"] == pytest.approx(tp / said.count(name))
+            assert entry["recall"]["value"] == pytest.approx(tp / gold.count(name))
+        assert block[side]["accuracy"]["value"] == pytest.approx(
+            sum(s == g for s, g in zip(said, gold, strict=True)) / 5
+        )
 
 
 def test_a_bad_task_row_names_its_file_and_line(models, tmp_path):
@@ -362,7 +693,7 @@ SMALL = [
 
 
 def test_eval_command_on_a_dpo_run_writes_eval_json(dpo_run, tmp_path, capsys):
-    tasks = write_jsonl(tmp_path / "tasks.jsonl", TASKS)
+    tasks = write_jsonl(tmp_path / "tasks.jsonl", TASKS + SENTIMENT)
     code, out, err = run_eval_cli(
         capsys,
         f"model.path={dpo_run}",
@@ -370,6 +701,9 @@ def test_eval_command_on_a_dpo_run_writes_eval_json(dpo_run, tmp_path, capsys):
         "generation.temperature=0.7",
         "eval.temperatures=[0.7, 1.5]",
         f"eval.tasks={tasks}",
+        "eval.best_of_n=[1, 3]",
+        "eval.best_of_n_from=both",
+        "generation.keep_samples=4",
     )
     assert code == 0, err
     result = json.loads((dpo_run / "eval.json").read_text())
@@ -379,6 +713,7 @@ def test_eval_command_on_a_dpo_run_writes_eval_json(dpo_run, tmp_path, capsys):
         "reference",
         "metrics",
         "temperature_sweep",
+        "best_of_n",
         "samples",
         "forgetting",
     }
@@ -390,6 +725,8 @@ def test_eval_command_on_a_dpo_run_writes_eval_json(dpo_run, tmp_path, capsys):
         "num_pairs",
         "num_prompts",
         "kl_to_reference",
+        "kl_exact",
+        "kl_exact_per_token",
         "win_rate",
         "tie_rate",
         "policy_reward",
@@ -419,15 +756,52 @@ def test_eval_command_on_a_dpo_run_writes_eval_json(dpo_run, tmp_path, capsys):
     assert at_07["win_rate"] == m["win_rate"]["value"]
     assert at_07["reward"] == m["policy_reward"]["value"]
 
-    assert len(result["samples"]) == 3
+    # Best-of-n, from both models: win rates over the reference's samples (scored in the
+    # samples), rewards the kept samples' scores, the bound by n.
+    assert [(b["model"], b["n"]) for b in result["best_of_n"]] == [
+        ("reference", 1),
+        ("reference", 3),
+        ("policy", 1),
+        ("policy", 3),
+    ]
+    reference_scores = [s["reference_score"] for s in result["samples"]]
+    for b in result["best_of_n"]:
+        assert len(b["scores"]) == 4
+        assert b["reward"]["value"] == pytest.approx(sum(b["scores"]) / 4)
+        assert b["reward"]["ci_low"] <= b["reward"]["value"] <= b["reward"]["ci_high"]
+        outcomes = [
+            1.0 if a > r else 0.5 if a == r else 0.0
+            for a, r in zip(b["scores"], reference_scores, strict=True)
+        ]
+        assert b["win_rate"]["value"] == pytest.approx(sum(outcomes) / 4)
+        assert b["kl_bound"] == pytest.approx(best_of_n_kl_bound(b["n"]))
+    for first, second in (result["best_of_n"][:2], result["best_of_n"][2:]):
+        assert all(a <= b for a, b in zip(first["scores"], second["scores"], strict=True))
+    assert "best-of-n" in out and "reference n=3" in out
+
+    assert len(result["samples"]) == 4
     for s in result["samples"]:
         assert set(s) == {"prompt", "policy", "reference", "policy_score", "reference_score"}
         assert s["prompt"].startswith("Write a short")
         assert isinstance(s["policy_score"], float)
-    assert result["forgetting"]["tasks"] == 3
-    assert 0 <= result["forgetting"]["policy_accuracy"] <= 1
+    forgetting = result["forgetting"]
+    assert forgetting["tasks"] == 8
+    assert 0 <= forgetting["policy_accuracy"] <= 1
+    (block,) = forgetting["classification"]
+    assert block["classes"] == [" positive", " negative"] and block["tasks"] == 5
+    for side in ("policy", "reference"):
+        per_class = block[side]["per_class"]
+        assert [c["support"] for c in per_class] == [3, 2]
+        assert sum(c["predicted"] for c in per_class) == 5
+        for c in per_class:
+            for key in ("precision", "recall", "f1"):
+                if c[key] is not None:
+                    assert c[key]["ci_low"] <= c[key]["value"] <= c[key]["ci_high"], key
+    assert "classification over ' positive', ' negative' (5 tasks)" in out
 
     assert "preference_accuracy" in out and "95% CI" in out and "kl_to_reference" in out
+    assert "kl_exact_per_token" in out
+    assert m["kl_exact"]["value"] > 0 and m["kl_exact_per_token"]["value"] > 0
     assert f"wrote {dpo_run / 'eval.json'}" in out
 
     # Same seeds, same everything.
@@ -438,6 +812,9 @@ def test_eval_command_on_a_dpo_run_writes_eval_json(dpo_run, tmp_path, capsys):
         "generation.temperature=0.7",
         "eval.temperatures=[0.7, 1.5]",
         f"eval.tasks={tasks}",
+        "eval.best_of_n=[1, 3]",
+        "eval.best_of_n_from=both",
+        "generation.keep_samples=4",
         f"output.dir={tmp_path / 'again'}",
     )
     assert code == 0, err
@@ -481,7 +858,8 @@ def test_eval_of_a_model_against_itself(dpo_run, tmp_path, capsys):
     assert code == 0, err
     result = json.loads((tmp_path / "eval.json").read_text())
     m = result["metrics"]
-    assert m["kl_to_reference"] == {"value": 0.0, "ci_low": 0.0, "ci_high": 0.0}
+    for name in ("kl_to_reference", "kl_exact", "kl_exact_per_token"):
+        assert m[name] == {"value": 0.0, "ci_low": 0.0, "ci_high": 0.0}, name
     assert m["mean_margin"]["value"] == 0.0 and m["preference_accuracy"]["value"] == 0.0
     assert m["num_pairs"]["value"] == 12
     assert "win_rate" not in m
@@ -543,6 +921,8 @@ def test_eval_help_lists_every_key(capsys):
         "eval.temperatures",
         "eval.bootstrap_samples",
         "eval.tasks",
+        "eval.best_of_n",
+        "eval.best_of_n_from",
         "output.dir",
     ):
         assert f"  {key} = " in out, key

@@ -23,7 +23,7 @@ from privdpo.errors import UserError
 from privdpo.metrics import read_metrics
 from privdpo.recipes.dpo import run_dpo
 from privdpo.recipes.sft import run_sft
-from privdpo.report import main_report, write_report
+from privdpo.report import main_report, reward_kl_points, write_report
 from test_dpo import marker_pairs
 
 INSTALL = "apt-get install -y chromium"
@@ -343,6 +343,119 @@ def test_eval_results_samples_and_escaping(runs, tmp_path):
     assert "kl_to_reference\t0.0123\t—" in text
     assert "policy (trained) — score 0.91" in text
     assert "before\t2.5" in text and "after\t2.75" in text
+
+
+def est(value, low=None, high=None) -> dict:
+    return {"value": value, "ci_low": low, "ci_high": high}
+
+
+def class_metrics(positive_precision: dict | None) -> dict:
+    return {
+        "accuracy": est(0.75, 0.25, 1.0),
+        "macro_f1": est(0.5, 0.2, 1.0),
+        "per_class": [
+            {
+                "class": " positive",
+                "precision": positive_precision,
+                "recall": est(0.875, 0.5, 1.0),
+                "f1": est(0.6875, 0.4, 1.0),
+                "support": 3,
+                "predicted": 3,
+            },
+            {
+                "class": " negative",
+                "precision": est(0.25),
+                "recall": est(0.375),
+                "f1": est(0.3125),
+                "support": 1,
+                "predicted": 1,
+            },
+        ],
+    }
+
+
+EVAL_WITH_BASELINES = {
+    "model": "m",
+    "reference": "sft",
+    "metrics": {
+        "kl_to_reference": est(2.5, -0.5, 5.0),
+        "kl_exact": est(2.25, 2.0, 2.5),
+        "kl_exact_per_token": est(0.125, 0.1, 0.15),
+        "policy_reward": est(0.5, 0.4, 0.6),
+        "reference_reward": est(0.125, 0.05, 0.2),
+    },
+    "temperature_sweep": [],
+    "best_of_n": [
+        {
+            "n": n,
+            "model": model,
+            "reward": est(reward, reward - 0.05, reward + 0.05),
+            "win_rate": est(0.5 + reward / 2, 0.5, 0.9),
+            "tie_rate": est(0.0, 0.0, 0.0),
+            "kl_bound": bound,
+            "scores": [reward],
+        }
+        for model, n, reward, bound in [
+            ("reference", 2, 0.375, 0.1931),
+            ("reference", 4, 0.625, 0.6363),
+            ("policy", 4, 0.75, 0.6363),
+        ]
+    ],
+    "samples": [],
+    "forgetting": {
+        "policy_accuracy": 0.75,
+        "reference_accuracy": 0.5,
+        "tasks": 4,
+        "classification": [
+            {
+                "classes": [" positive", " negative"],
+                "tasks": 4,
+                "policy": class_metrics(est(0.625, 0.5, 1.0)),
+                "reference": class_metrics(None),  # never predicted positive
+            }
+        ],
+    },
+}
+
+
+def test_reward_kl_points_of_an_eval():
+    points = reward_kl_points(EVAL_WITH_BASELINES, label="DPO")
+    assert [(p["label"], p["kl"], p["reward"]["value"]) for p in points] == [
+        ("DPO", 2.25, 0.5),  # the exact estimate, not the one-sample 2.5
+        ("reference", 0.0, 0.125),
+        ("best-of-2", 0.1931, 0.375),
+        ("best-of-4", 0.6363, 0.625),  # the policy's best-of-4 is not to the reference
+    ]
+    assert points[0]["kl_ci"] == (2.0, 2.5)
+    assert all(p.get("kl_is_bound") for p in points[2:])
+    without = {**EVAL_WITH_BASELINES, "metrics": {"kl_to_reference": est(1.0)}}
+    assert reward_kl_points(without) == []  # no rewards, nothing to plot
+    one_sample = dict(EVAL_WITH_BASELINES["metrics"])
+    del one_sample["kl_exact"]
+    points = reward_kl_points({**EVAL_WITH_BASELINES, "metrics": one_sample})
+    assert points[0]["kl"] == 2.5
+
+
+def test_best_of_n_exact_kl_and_classes_in_the_report(runs, tmp_path):
+    run = copy_run(runs["dpo"], tmp_path / "run")
+    (run / "eval.json").write_text(json.dumps(EVAL_WITH_BASELINES))
+    text = check_report(write_report(run), tmp_path / "browser", DPO_FIGURES | {"reward-kl"})[
+        "text"
+    ]
+    assert "kl_exact\t2.25\t[2, 2.5]" in text
+    assert "kl_exact_per_token\t0.125\t[0.1, 0.15]" in text
+    assert "the exact next-token KL summed along each sample" in text
+    assert "reference\t2\t0.375 [0.325, 0.425]\t0.6875 [0.5, 0.9]\t0.1931" in text
+    assert "policy\t4\t0.75 [0.7, 0.8]\t0.875 [0.5, 0.9]\t0.6363" in text
+    assert "Classification over ' positive', ' negative' (4 tasks)" in text
+    # class, precision after/before, recall after/before, F1 after/before, support
+    assert (
+        "\npositive\t0.625 [0.5, 1]\t—\t0.875 [0.5, 1]\t0.875 [0.5, 1]\t0.6875 [0.4, 1]"
+        "\t0.6875 [0.4, 1]\t3"
+    ) in text
+    assert "\nnegative\t0.25\t0.25\t0.375\t0.375\t0.3125\t0.3125\t1" in text
+    assert "macro F1\t0.5 [0.2, 1]\t0.5 [0.2, 1]" in text
+    assert "policy_accuracy\t0.75" in text and "tasks\t4" in text
 
 
 def test_corrupted_and_truncated_figures_are_caught(runs, tmp_path):

@@ -526,10 +526,23 @@ class EvalConfig:
     tasks: str | None = opt(
         None,
         "forgetting check: multiple-choice JSONL, rows {question, choices: [...], answer:"
-        " index}, answered by both models; null: none",
+        " index}, answered by both models; rows sharing one set of choices (at least two)"
+        " are a classification task, with per-class precision, recall and F1; null: none",
     )
     task_scoring: Literal["sum", "mean"] = opt(
         "sum", "a choice's score: the sum of its tokens' log-probs, or their mean per token"
+    )
+    best_of_n: list[int] = opt(
+        [],
+        "best-of-n baselines (needs a judge), e.g. [2, 4, 8, 16]: per prompt n completions"
+        " sampled as the judged ones (generation.temperature, top_p), the one the judge"
+        " scores highest kept; its reward, its win rate over the reference's samples and the"
+        " KL bound log n - (n-1)/n to the model it samples from; []: none",
+    )
+    best_of_n_from: Literal["reference", "policy", "both"] = opt(
+        "reference",
+        "the model best-of-n samples from: reference (the usual baseline, e.g. best-of-n of"
+        " the SFT model), policy (the evaluated model), or both",
     )
     device: str = opt("auto", "auto (cuda if present), cpu, cuda or cuda:N")
 
@@ -621,6 +634,24 @@ class EvalRunConfig:
             )
         if e.temperatures and g.num_prompts == 0:
             problems.append("eval.temperatures: a sweep needs generation.num_prompts > 0")
+        if e.best_of_n:
+            if any(n < 1 for n in e.best_of_n) or len(set(e.best_of_n)) < len(e.best_of_n):
+                problems.append(
+                    f"eval.best_of_n: each n must be at least 1 and appear once, got {e.best_of_n}"
+                )
+            if j.kind == "none":
+                problems.append(
+                    "judge.kind: eval.best_of_n keeps the sample a judge prefers; set"
+                    " judge.kind, or eval.best_of_n=[]"
+                )
+            if g.num_prompts == 0:
+                problems.append("eval.best_of_n: needs generation.num_prompts > 0")
+            if g.temperature == 0:
+                problems.append(
+                    "generation.temperature: eval.best_of_n needs sampling (at 0, greedy, all"
+                    " n samples of a prompt are the same); set it above 0, or"
+                    " eval.best_of_n=[]"
+                )
         if e.bootstrap_samples < 0:
             problems.append(
                 f"eval.bootstrap_samples: must be at least 0, got {e.bootstrap_samples}"

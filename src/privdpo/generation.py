@@ -1,5 +1,10 @@
 """Sampling completions, scoring them, and the sequence-level KL between two policies.
 
+Two estimates of KL(pi || pi_ref) from completions sampled from pi: `sequence_kl`, the
+one-sample log-ratio of each whole completion, and `exact_sequence_kl`, the exact
+next-token KL summed along each completion's prefixes (the same expectation, far lower
+variance).
+
 Generation is a plain loop with a KV cache over left-padded prompts, drawing every token
 from one seeded `torch.Generator`: the same model, prompts, batch size and seed give the
 same completions, on CPU bit for bit. Prompts and completions are token ids; a completion
@@ -13,7 +18,11 @@ import torch
 
 from privdpo.data.batching import example_batch
 from privdpo.data.tokenize import IGNORE, Tokenized
-from privdpo.logprobs import sequence_logps
+from privdpo.logprobs import decoder_hidden, sequence_logps
+
+# Positions whose next-token distributions are held at once by `exact_sequence_kl`:
+# about this many bytes of float32 logits per model.
+KL_CHUNK_BYTES = 2**25
 
 
 def eos_token_ids(model, tokenizer) -> list[int]:
@@ -150,3 +159,82 @@ def sequence_kl(
     return completion_logps(policy, prompts, completions, pad_id, batch_size) - completion_logps(
         reference, prompts, completions, pad_id, batch_size
     )
+
+
+@torch.no_grad()
+def exact_sequence_kl(
+    policy,
+    reference,
+    prompts: list[list[int]],
+    completions: list[list[int]],
+    pad_id: int,
+    batch_size: int = 8,
+    position_chunk: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per completion y of prompt x, the exact next-token KL summed along y:
+
+        K(x, y) = sum_{t=1..|y|} sum_v pi(v | x, y_<t) log(pi(v | x, y_<t) / pi_ref(v | x, y_<t))
+
+    at temperature 1, and the number of positions |y|: ([N], [N]) float32 on the CPU.
+
+    For y drawn from pi (temperature 1, top_p 1), E_y[K(x, y)] = KL(pi(.|x) || pi_ref(.|x))
+    over whole sequences (the chain rule of KL: the expected log-ratio of token t given its
+    prefix is that prefix's next-token KL), so the mean of K is unbiased like the mean of
+    `sequence_kl`'s log-ratios, with far lower variance: each term is an expectation over
+    the vocabulary instead of one sampled token's log-ratio, and no term is negative. The
+    same truncation caveat holds: completions cut at `max_new_tokens` give the KL of the
+    first `max_new_tokens` tokens. K / |y| summed over sequences and divided by their
+    tokens is the KL per token.
+
+    Both models run on the same packed batches of `batch_size` sequences (decoder only);
+    their heads are applied to the completion positions `position_chunk` positions at a
+    time (default: about KL_CHUNK_BYTES of float32 logits each), so at most
+    [position_chunk, vocab] logits per model exist at once, never [N, T, vocab].
+    """
+    policy_device = next(policy.parameters()).device
+    reference_device = next(reference.parameters()).device
+    policy_head, reference_head = policy.get_output_embeddings(), reference.get_output_embeddings()
+    vocab = policy_head.weight.shape[0]
+    if reference_head.weight.shape[0] != vocab:
+        raise ValueError(
+            f"the exact KL needs one vocabulary: the policy's head has {vocab} rows, the"
+            f" reference's {reference_head.weight.shape[0]}"
+        )
+    chunk = position_chunk or max(1, KL_CHUNK_BYTES // (4 * vocab))
+    modes = policy.training, reference.training
+    policy.eval()
+    reference.eval()
+    kl_parts, token_parts = [], []
+    for start in range(0, len(prompts), batch_size):
+        rows = [
+            Tokenized(p + c, [IGNORE] * len(p) + c)
+            for p, c in zip(
+                prompts[start : start + batch_size],
+                completions[start : start + batch_size],
+                strict=True,
+            )
+        ]
+        batch = example_batch(rows, pad_id)
+        # The hidden states that predict each completion token: [M, H] per model.
+        h = decoder_hidden(policy, batch.to(policy_device)).index_select(
+            0, batch.label_source.to(policy_device)
+        )
+        h_ref = decoder_hidden(reference, batch.to(reference_device)).index_select(
+            0, batch.label_source.to(reference_device)
+        )
+        per_position = []
+        for s in range(0, h.shape[0], chunk):
+            logp = torch.log_softmax(policy_head(h[s : s + chunk]).float(), dim=-1)
+            logq = torch.log_softmax(reference_head(h_ref[s : s + chunk]).float(), dim=-1)
+            logq = logq.to(policy_device)
+            per_position.append((logp.exp() * (logp - logq)).sum(-1).cpu())
+        kl = torch.zeros(batch.num_sequences, dtype=torch.float32)
+        if per_position:
+            kl.index_add_(0, batch.label_sequence, torch.cat(per_position))
+        kl_parts.append(kl)
+        token_parts.append(batch.sequence_tokens.float())
+    policy.train(modes[0])
+    reference.train(modes[1])
+    if not kl_parts:
+        return torch.zeros(0), torch.zeros(0)
+    return torch.cat(kl_parts), torch.cat(token_parts)

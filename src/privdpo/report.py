@@ -272,6 +272,107 @@ def _small_multiples(
     return fig
 
 
+def reward_kl_points(
+    evaluation: dict,
+    label: str = "policy (trained)",
+    include_reference: bool = True,
+    include_best_of_n: bool = True,
+) -> list[dict]:
+    """The points of `reward_kl_figure` that an eval.json holds: the evaluated model at its
+    KL to the reference (the exact estimate `kl_exact` when present, else the one-sample
+    `kl_to_reference`) and its mean judge reward; the reference at KL 0; and best-of-n of
+    the reference at its KL bound log n - (n-1)/n. (Best-of-n of the evaluated model is
+    left out: its bound is to that model, not to the reference.) Empty without rewards."""
+    metrics = evaluation.get("metrics") or {}
+    reward, ref_reward = metrics.get("policy_reward"), metrics.get("reference_reward")
+    kl = metrics.get("kl_exact") or metrics.get("kl_to_reference")
+    if not isinstance(reward, dict) or not isinstance(kl, dict) or not _finite(kl.get("value")):
+        return []
+    points = [
+        {
+            "label": label,
+            "kl": kl["value"],
+            "kl_ci": (kl.get("ci_low"), kl.get("ci_high")),
+            "reward": reward,
+            "series": label,
+        }
+    ]
+    if include_reference and isinstance(ref_reward, dict):
+        points.append(
+            {"label": "reference", "kl": 0.0, "reward": ref_reward, "series": "reference"}
+        )
+    if include_best_of_n:
+        for row in evaluation.get("best_of_n") or []:
+            if isinstance(row, dict) and row.get("model") == "reference":
+                points.append(
+                    {
+                        "label": f"best-of-{row['n']}",
+                        "kl": row["kl_bound"],
+                        "reward": row["reward"],
+                        "series": "best-of-n of the reference",
+                        "kl_is_bound": True,
+                    }
+                )
+    return points
+
+
+def reward_kl_figure(
+    points: list[dict],
+    title: str = "Reward vs KL to the reference",
+    reward_label: str = "mean judge reward",
+) -> Figure:
+    """Mean reward (with its interval) against KL to the reference, one marker per point.
+
+    points: dicts {"label", "kl" (nats per sequence), "reward": {"value", "ci_low",
+    "ci_high"}}, optionally "kl_ci" (low, high) drawn as a horizontal bar, "series" (the
+    points of one series share a colour and are joined in order of KL) and "kl_is_bound"
+    (a hollow marker: the KL is an upper bound, e.g. best-of-n's log n - (n-1)/n).
+    """
+    fig = Figure(figsize=(6.4, 4.0))
+    ax = fig.add_subplot()
+    series: dict[str, list[dict]] = {}
+    for p in points:
+        series.setdefault(p.get("series") or p["label"], []).append(p)
+    colors = [f"C{i}" for i in range(10)]
+    for i, (name, group) in enumerate(series.items()):
+        group = sorted(group, key=lambda p: p["kl"])
+        color = colors[i % len(colors)]
+        xs = [p["kl"] for p in group]
+        ys = [p["reward"]["value"] for p in group]
+        if len(group) > 1:
+            ax.plot(xs, ys, color=color, linewidth=1, alpha=0.6)
+        for p, x, y in zip(group, xs, ys, strict=True):
+            r = p["reward"]
+            yerr = None
+            if r.get("ci_low") is not None and r.get("ci_high") is not None:
+                yerr = [[y - r["ci_low"]], [r["ci_high"] - y]]
+            xerr = None
+            low, high = p.get("kl_ci") or (None, None)
+            if low is not None and high is not None:
+                xerr = [[max(0.0, x - low)], [max(0.0, high - x)]]
+            bound = bool(p.get("kl_is_bound"))
+            ax.errorbar(
+                [x],
+                [y],
+                xerr=xerr,
+                yerr=yerr,
+                fmt="o",
+                color=color,
+                markerfacecolor="white" if bound else color,
+                markersize=6,
+                capsize=3,
+                label=name if p is group[0] else None,
+            )
+            text = f"{p['label']} (KL ≤ {x:.2f})" if bound else p["label"]
+            ax.annotate(text, (x, y), textcoords="offset points", xytext=(5, 5), fontsize=7)
+    ax.set_xlabel("KL to the reference, nats per sequence")
+    ax.set_ylabel(reward_label)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    return fig
+
+
 # ---- sections ----------------------------------------------------------------------------
 def _privacy_sentence(p: dict) -> str:
     """The guarantee in one plain sentence (plain text, not yet escaped), e.g. "Each user's
@@ -685,15 +786,117 @@ def eval_section(evaluation: dict | None) -> str:
                 rows.append([name, m, "—"])
         parts.append("<h3>Metrics</h3>")
         parts.append(html_table(["metric", "value", "confidence interval"], rows, "numbers"))
+        if "kl_exact" in metrics:
+            parts.append(
+                "<p>KL to the reference, in nats per sequence, two estimates from the same"
+                " samples of the model (temperature 1): <code>kl_to_reference</code>, the"
+                " one-sample log-ratio log pi(y|x) - log pi_ref(y|x); <code>kl_exact</code>,"
+                " the exact next-token KL summed along each sample (same expectation, lower"
+                " variance); <code>kl_exact_per_token</code> is the latter per generated"
+                " token.</p>"
+            )
+    best = [b for b in evaluation.get("best_of_n") or [] if isinstance(b, dict)]
+    if best:
+        parts.append(_best_of_n(best))
+    points = reward_kl_points(evaluation)
+    if len(points) > 1:
+        parts.append(
+            figure_img(
+                "reward-kl",
+                "mean judge reward against KL to the reference: the model, the reference"
+                + (" and best-of-n of the reference" if best else ""),
+                reward_kl_figure(points),
+                escape(
+                    f"The model's KL is {'kl_exact' if 'kl_exact' in metrics else 'kl_to_reference'}"
+                    " with its interval; bars are the rewards' intervals. Best-of-n points"
+                    " (hollow) stand at their KL bound, an upper bound."
+                ),
+            )
+        )
     sweep = evaluation.get("temperature_sweep")
     if isinstance(sweep, list) and sweep:
         parts.append(_sweep(sweep))
     forgetting = evaluation.get("forgetting")
     if isinstance(forgetting, dict) and forgetting:
         parts.append("<h3>Forgetting</h3>")
-        parts.append(html_table(["quantity", "value"], [[k, v] for k, v in forgetting.items()]))
+        scalars = [[k, v] for k, v in forgetting.items() if not isinstance(v, dict | list)]
+        parts.append(html_table(["quantity", "value"], scalars))
+        for block in forgetting.get("classification") or []:
+            if isinstance(block, dict):
+                parts.append(_classification(block))
     parts.append("</section>")
     return "".join(parts)
+
+
+def _interval(m) -> str:
+    """'value [low, high]' of an Estimate's dict; '—' when there is none (undefined)."""
+    if not isinstance(m, dict) or m.get("value") is None:
+        return "—"
+    text = fmt_number(m["value"])
+    if m.get("ci_low") is not None and m.get("ci_high") is not None:
+        text += f" [{fmt_number(m['ci_low'])}, {fmt_number(m['ci_high'])}]"
+    return text
+
+
+def _best_of_n(rows: list[dict]) -> str:
+    cells = [
+        [
+            str(r.get("model")),
+            r.get("n"),
+            _interval(r.get("reward")),
+            _interval(r.get("win_rate")),
+            r.get("kl_bound"),
+        ]
+        for r in rows
+    ]
+    return (
+        "<h3>Best-of-n</h3><p>Per prompt, n completions sampled from the model named, the"
+        " one the judge scores highest kept. Win rate over the reference's single samples;"
+        " the KL bound log n - (n-1)/n (nats per sequence) is to the model sampled from.</p>"
+        + html_table(
+            ["sampled from", "n", "mean reward [CI]", "win rate vs reference [CI]", "KL bound"],
+            cells,
+            "numbers",
+        )
+    )
+
+
+def _classification(block: dict) -> str:
+    classes = [str(c) for c in block.get("classes") or []]
+    after, before = block.get("policy") or {}, block.get("reference") or {}
+    rows = []
+    for c, name in enumerate(classes):
+        a = (after.get("per_class") or [{}] * len(classes))[c]
+        b = (before.get("per_class") or [{}] * len(classes))[c]
+        rows.append(
+            [
+                name,
+                *(_interval(side.get(k)) for k in ("precision", "recall", "f1") for side in (a, b)),
+                a.get("support"),
+            ]
+        )
+    overall = [
+        [label, _interval(after.get(key)), _interval(before.get(key))]
+        for key, label in (("accuracy", "accuracy"), ("macro_f1", "macro F1"))
+    ]
+    header = [
+        "class",
+        "precision after",
+        "precision before",
+        "recall after",
+        "recall before",
+        "F1 after",
+        "F1 before",
+        "support",
+    ]
+    title = ", ".join(repr(c) for c in classes)
+    return (
+        f"<h4>Classification over {escape(title)} ({escape(fmt_number(block.get('tasks')))}"
+        " tasks): after DPO (the model) and before (the reference); — where undefined (no"
+        " precision for a class never predicted)</h4>"
+        + html_table(header, rows, "numbers")
+        + html_table(["over all classes", "after", "before"], overall, "numbers")
+    )
 
 
 def _sweep(sweep: list) -> str:

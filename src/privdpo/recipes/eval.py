@@ -11,16 +11,32 @@ local data, with a local judge:
 2. Generation. Completions of held-out prompts by the model and by the reference, sampled
    with one seed (the same random numbers for both, which lowers the variance of their
    comparison).
-3. `kl_to_reference`: the mean over the model's own samples y ~ pi(.|x), drawn at
-   temperature 1 and top_p 1, of log pi(y|x) - log pi_ref(y|x) summed over the sampled
-   tokens, both scored at temperature 1 (see `generation.sequence_kl`).
+3. KL to the reference, two estimates from the same samples y ~ pi(.|x) of the model,
+   drawn at temperature 1 and top_p 1 and scored at temperature 1. `kl_to_reference`: the
+   mean one-sample log-ratio log pi(y|x) - log pi_ref(y|x), summed over the sampled
+   tokens (`generation.sequence_kl`). `kl_exact`: the mean over y of the exact
+   next-token KL sum_v pi(v|x, y_<t) log(pi(v|x, y_<t) / pi_ref(v|x, y_<t)) summed over
+   y's positions (`generation.exact_sequence_kl`): the same expectation, far lower
+   variance. Both in nats per sequence; `kl_exact_per_token` is the exact KL summed over
+   all completions divided by their tokens.
 4. Win rate. The judge scores both completions of each prompt; a higher score is a win
    (1), an equal one a tie (1/2), a lower one a loss (0). `win_rate` is the mean,
    `tie_rate` the fraction of ties, `policy_reward` and `reference_reward` the mean scores.
    The same again at each of `eval.temperatures`.
-5. Forgetting (optional). Multiple-choice tasks answered by both models: the choice with
+5. Best-of-n (optional, `eval.best_of_n`). Per prompt, n completions sampled from the
+   reference (the usual baseline), the model, or both (`eval.best_of_n_from`), with the
+   judged samples' temperature and top_p; the one the judge scores highest is kept. Per
+   n: its mean reward, its win rate over the reference's single samples, and the
+   analytic bound log n - (n-1)/n on its KL to the model it samples from
+   (`best_of_n`; the max n is sampled once and each smaller n keeps the best of the
+   first n).
+6. Forgetting (optional). Multiple-choice tasks answered by both models: the choice with
    the highest log-likelihood given the question (summed over its tokens, or per token
-   with `eval.task_scoring: mean`; the first of equal scores) is the answer.
+   with `eval.task_scoring: mean`; the first of equal scores) is the answer. Rows that
+   share one set of choices (at least two rows) are a classification task: per class
+   (choice text) precision, recall and F1, with macro-F1 and accuracy, for the model
+   (after DPO) and the reference (before), with bootstrap intervals over the rows
+   (`task_check`, `classification_metrics`).
 
 Means come with percentile-bootstrap intervals (`stats.py`). The results go to eval.json
 and a table.
@@ -31,10 +47,13 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import math
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import yaml
 from transformers.utils import logging as hf_logging
@@ -55,12 +74,12 @@ from privdpo.data.sft import messages_field
 from privdpo.data.summary import DataSummary
 from privdpo.data.tokenize import BadRow, Segment, tokenize_segments
 from privdpo.errors import ConfigError, DataError, UserError
-from privdpo.generation import eos_token_ids, generate, sequence_kl
+from privdpo.generation import eos_token_ids, exact_sequence_kl, generate, sequence_kl
 from privdpo.judges import Judge, load_judge, pairwise_outcomes
 from privdpo.logprobs import sequence_logps
 from privdpo.models import DTYPES, check_local_model_dir, load_model_and_tokenizer
 from privdpo.report import write_report
-from privdpo.stats import Estimate, mean_estimate
+from privdpo.stats import Estimate, bootstrap_estimate, mean_estimate, ratio_estimate
 from privdpo.training import micro_batches, pick_device
 
 EVAL_FILE = "eval.json"
@@ -125,21 +144,112 @@ def win_rate(
     }
 
 
+def best_of_n_kl_bound(n: int) -> float:
+    """log n - (n - 1)/n: the analytic bound on KL(best-of-n || the model it samples from)
+    in nats per sequence (Stiennon et al. 2020; an upper bound, Beirami et al. 2024)."""
+    if n < 1:
+        raise ValueError(f"n must be at least 1, got {n}")
+    return math.log(n) - (n - 1) / n
+
+
+def best_indices(scores: list[list[float]], n: int) -> list[int]:
+    """Per prompt, the index of the highest of its first `n` scores (the first of equal
+    ones): the sample best-of-n keeps."""
+    out = []
+    for row in scores:
+        if len(row) < n:
+            raise ValueError(f"best-of-{n} needs {n} scores per prompt, got {len(row)}")
+        first = row[:n]
+        out.append(first.index(max(first)))
+    return out
+
+
+@dataclass
+class BestOfN:
+    """Best-of-n of one model: per prompt, which of its samples was kept (index among the
+    n), that completion's text and its judge score."""
+
+    n: int
+    chosen: list[int]
+    completions: list[str]
+    scores: list[float]
+
+
+@torch.no_grad()
+def best_of_n(
+    model,
+    tokenizer,
+    prompts: list[list[int]],
+    judge: Judge,
+    ns: list[int],
+    *,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    batch_size: int = 8,
+    seed: int = 0,
+    eos_ids: list[int] | None = None,
+) -> list[BestOfN]:
+    """Best-of-n sampling for each n of `ns`, in that order: per prompt (token ids), n
+    completions sampled from `model`, the one `judge` scores highest kept (the first of
+    equal scores). Its score is its reward.
+
+    The samples are drawn once: max(ns) completions per prompt from one `generate` call
+    over each prompt repeated max(ns) times (batches of `batch_size` sequences, one seeded
+    generator), each scored once; best-of-n keeps the best of the first n of them. So the
+    cost is that of the largest n alone, and the results for different n are nested (a
+    prompt's best-of-n score never falls as n grows), not independent. The judge sees the
+    prompt and completion decoded with special tokens skipped, as `run_eval` shows them.
+    `eos_ids`: the tokens that end a completion (default: `eos_token_ids(model, tokenizer)`).
+    """
+    if not ns or min(ns) < 1:
+        raise ValueError(f"ns must be a non-empty list of n >= 1, got {ns}")
+    most = max(ns)
+    sampled = generate(
+        model,
+        [p for p in prompts for _ in range(most)],
+        pad_id=tokenizer.pad_token_id,
+        eos_ids=eos_ids if eos_ids is not None else eos_token_ids(model, tokenizer),
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        batch_size=batch_size,
+        seed=seed,
+    )
+    texts = [tokenizer.decode(c, skip_special_tokens=True) for c in sampled]
+    prompt_texts = [tokenizer.decode(p, skip_special_tokens=True) for p in prompts]
+    flat = judge.score([t for t in prompt_texts for _ in range(most)], texts)
+    scores = [[float(x) for x in flat[i * most : (i + 1) * most]] for i in range(len(prompts))]
+    results = []
+    for n in ns:
+        chosen = best_indices(scores, n)
+        results.append(
+            BestOfN(
+                n,
+                chosen,
+                [texts[i * most + c] for i, c in enumerate(chosen)],
+                [scores[i][c] for i, c in enumerate(chosen)],
+            )
+        )
+    return results
+
+
 @dataclass
 class ChoiceTask:
     question_ids: list[int]
     choice_ids: list[list[int]]  # each choice's tokens, after the question's
     answer: int
     where: str
+    choices: tuple[str, ...] = ()  # the choices' texts (their classes, in a classification)
 
 
 @torch.no_grad()
-def multiple_choice_correct(
+def multiple_choice_answers(
     model, tasks: list[ChoiceTask], pad_id: int, scoring: str = "sum", batch_size: int = 8
-) -> list[float]:
-    """Per task 1.0 if the choice with the highest score is the answer, else 0.0. A
-    choice's score is log p(choice | question) summed over its tokens (`sum`) or divided
-    by their number (`mean`); of equal scores the first choice wins."""
+) -> list[int]:
+    """Per task the index of the choice with the highest score: log p(choice | question)
+    summed over its tokens (`sum`) or divided by their number (`mean`); of equal scores
+    the first choice wins."""
     device = next(model.parameters()).device
     rows = [(t, c) for t, task in enumerate(tasks) for c in range(len(task.choice_ids))]
     scores: dict[tuple[int, int], float] = {}
@@ -153,11 +263,178 @@ def multiple_choice_correct(
             logps = logps / num_tokens
         for key, value in zip(chunk, logps.tolist(), strict=True):
             scores[key] = value
-    correct = []
+    answers = []
     for t, task in enumerate(tasks):
         choice_scores = [scores[(t, c)] for c in range(len(task.choice_ids))]
-        correct.append(1.0 if choice_scores.index(max(choice_scores)) == task.answer else 0.0)
-    return correct
+        answers.append(choice_scores.index(max(choice_scores)))
+    return answers
+
+
+def multiple_choice_correct(
+    model, tasks: list[ChoiceTask], pad_id: int, scoring: str = "sum", batch_size: int = 8
+) -> list[float]:
+    """Per task 1.0 if the answer of `multiple_choice_answers` is the right one, else 0.0."""
+    answers = multiple_choice_answers(model, tasks, pad_id, scoring, batch_size)
+    return [1.0 if a == task.answer else 0.0 for a, task in zip(answers, tasks, strict=True)]
+
+
+def classification_groups(tasks: list[ChoiceTask]) -> list[tuple[list[str], list[int]]]:
+    """The classification tasks among multiple-choice rows: rows whose choices are one set
+    of distinct texts (in any order), when at least two rows share it. Per set: its
+    classes (in the order of its first row) and the indices of its rows, in order of
+    first appearance."""
+    groups: dict[tuple[str, ...], tuple[list[str], list[int]]] = {}
+    for t, task in enumerate(tasks):
+        if len(set(task.choices)) != len(task.choices) or not task.choices:
+            continue  # repeated choice texts name no classes
+        key = tuple(sorted(task.choices))
+        groups.setdefault(key, (list(task.choices), []))[1].append(t)
+    return [g for g in groups.values() if len(g[1]) >= 2]
+
+
+@dataclass
+class ClassificationMetrics:
+    """Accuracy, macro-F1 and per-class precision, recall and F1, each with its
+    bootstrap interval over the items; None where undefined (a precision when the class
+    is never predicted, a recall when it never occurs, an F1 when neither)."""
+
+    accuracy: Estimate
+    macro_f1: Estimate | None
+    precision: list[Estimate | None]
+    recall: list[Estimate | None]
+    f1: list[Estimate | None]
+    support: list[int]  # items of each true class
+    predicted: list[int]  # items predicted as each class
+
+    def to_dict(self, classes: list[str]) -> dict:
+        def d(e: Estimate | None) -> dict | None:
+            return None if e is None else e.to_dict()
+
+        return {
+            "accuracy": self.accuracy.to_dict(),
+            "macro_f1": d(self.macro_f1),
+            "per_class": [
+                {
+                    "class": name,
+                    "precision": d(self.precision[c]),
+                    "recall": d(self.recall[c]),
+                    "f1": d(self.f1[c]),
+                    "support": self.support[c],
+                    "predicted": self.predicted[c],
+                }
+                for c, name in enumerate(classes)
+            ],
+        }
+
+
+def classification_metrics(
+    predicted: list[int],
+    gold: list[int],
+    num_classes: int,
+    samples: int = 1000,
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> ClassificationMetrics:
+    """Per class c, from the items' predicted and true classes (0..num_classes-1):
+    precision tp/(tp+fp), recall tp/(tp+fn), F1 2tp/(2tp+fp+fn) (= 2PR/(P+R)); macro-F1
+    the mean F1 over the classes that occur or are predicted; accuracy the fraction
+    right. Intervals: the percentile bootstrap over items (`stats.bootstrap_estimate`;
+    one set of resamples for every number, resamples where a number is undefined left
+    out)."""
+    pred = np.asarray(predicted, dtype=np.int64)
+    true = np.asarray(gold, dtype=np.int64)
+    if pred.shape != true.shape or pred.ndim != 1 or pred.size == 0:
+        raise ValueError("classification_metrics needs equal, non-empty lists of classes")
+    if pred.min() < 0 or max(pred.max(), true.max()) >= num_classes or true.min() < 0:
+        raise ValueError(f"classes must be 0..{num_classes - 1}")
+    classes = np.arange(num_classes)
+    cells = num_classes * num_classes
+    code = pred * num_classes + true  # the item's cell of the confusion matrix
+    memo: dict = {}  # every statistic sees the same resamples: count them once
+
+    def counts(picks: np.ndarray):
+        key = (picks.shape, hash(picks.tobytes()))
+        if key not in memo:
+            flat = code[picks] + cells * np.arange(picks.shape[0])[:, None]
+            confusion = np.bincount(flat.ravel(), minlength=cells * picks.shape[0]).reshape(
+                picks.shape[0], num_classes, num_classes
+            )  # [R, predicted, true]
+            tp = np.diagonal(confusion, axis1=1, axis2=2)
+            memo[key] = (tp, confusion.sum(2) - tp, confusion.sum(1) - tp)
+        return memo[key]  # tp, fp, fn: [R, C]
+
+    def ratio(a, b):
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return a / b
+
+    def per_class(kind: str, c: int):
+        def statistic(picks):
+            tp, fp, fn = (x[:, c].astype(np.float64) for x in counts(picks))
+            if kind == "precision":
+                return ratio(tp, tp + fp)
+            if kind == "recall":
+                return ratio(tp, tp + fn)
+            return ratio(2 * tp, 2 * tp + fp + fn)
+
+        return bootstrap_estimate(statistic, pred.size, samples, confidence, seed)
+
+    def macro_f1(picks):
+        tp, fp, fn = (x.astype(np.float64) for x in counts(picks))
+        f1 = ratio(2 * tp, 2 * tp + fp + fn)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # a resample with no class
+            return np.nanmean(f1, axis=1)
+
+    return ClassificationMetrics(
+        accuracy=mean_estimate((pred == true).astype(np.float64), samples, confidence, seed),
+        macro_f1=bootstrap_estimate(macro_f1, pred.size, samples, confidence, seed),
+        precision=[per_class("precision", c) for c in classes],
+        recall=[per_class("recall", c) for c in classes],
+        f1=[per_class("f1", c) for c in classes],
+        support=[int((true == c).sum()) for c in classes],
+        predicted=[int((pred == c).sum()) for c in classes],
+    )
+
+
+def task_check(
+    policy,
+    reference,
+    tasks: list[ChoiceTask],
+    pad_id: int,
+    scoring: str = "sum",
+    batch_size: int = 8,
+    samples: int = 1000,
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> dict:
+    """The forgetting check: both models answer the tasks (`multiple_choice_answers`).
+    Returns {"policy_accuracy", "reference_accuracy", "tasks", "classification"}: the
+    accuracies over every task, and per classification task (`classification_groups`)
+    {"classes", "tasks", "policy", "reference"}, each model's `ClassificationMetrics` as
+    a dict (classes by their choice text) after DPO (policy) and before (reference)."""
+    answers = {
+        "policy": multiple_choice_answers(policy, tasks, pad_id, scoring, batch_size),
+        "reference": multiple_choice_answers(reference, tasks, pad_id, scoring, batch_size),
+    }
+    right = {
+        k: sum(a == t.answer for a, t in zip(v, tasks, strict=True)) for k, v in answers.items()
+    }
+    classification = []
+    for classes, rows in classification_groups(tasks):
+        gold = [classes.index(tasks[t].choices[tasks[t].answer]) for t in rows]
+        block: dict = {"classes": classes, "tasks": len(rows)}
+        for side, given in answers.items():
+            predicted = [classes.index(tasks[t].choices[given[t]]) for t in rows]
+            block[side] = classification_metrics(
+                predicted, gold, len(classes), samples, confidence, seed
+            ).to_dict(classes)
+        classification.append(block)
+    return {
+        "policy_accuracy": right["policy"] / len(tasks),
+        "reference_accuracy": right["reference"] / len(tasks),
+        "tasks": len(tasks),
+        "classification": classification,
+    }
 
 
 class _Scored:
@@ -254,7 +531,7 @@ def read_tasks(path: str, tokenizer) -> list[ChoiceTask]:
                 raise DataError(f"{row.where}: eval.tasks: the question tokenizes differently")
             question_ids = tok.input_ids[:start]
             choice_ids.append(tok.input_ids[start:])
-        tasks.append(ChoiceTask(question_ids, choice_ids, answer, row.where))
+        tasks.append(ChoiceTask(question_ids, choice_ids, answer, row.where, tuple(choices)))
     return tasks
 
 
@@ -580,6 +857,7 @@ def run_eval(cfg: EvalRunConfig) -> dict:
     # ---- generation, KL, win rate ------------------------------------------------------
     samples: list[dict] = []
     sweep: list[dict] = []
+    best: list[dict] = []
     if prompts:
         metrics["num_prompts"] = Estimate(float(len(prompts)))
         eos_ids = eos_token_ids(policy, tokenizer)
@@ -607,6 +885,11 @@ def run_eval(cfg: EvalRunConfig) -> dict:
         own = generated[g.temperature][0] if unbiased else sample(policy, 1.0, 1.0)
         log_ratios = sequence_kl(policy, reference, prompts, own, pad_id, e.batch_size)
         metrics["kl_to_reference"] = estimate(log_ratios.tolist())
+        exact, tokens = exact_sequence_kl(policy, reference, prompts, own, pad_id, e.batch_size)
+        metrics["kl_exact"] = estimate(exact.tolist())
+        metrics["kl_exact_per_token"] = ratio_estimate(
+            exact.tolist(), tokens.tolist(), e.bootstrap_samples, e.confidence, e.seed
+        )
 
         prompt_texts = [tokenizer.decode(p, skip_special_tokens=True) for p in prompts]
 
@@ -634,6 +917,34 @@ def run_eval(cfg: EvalRunConfig) -> dict:
                         "reference_reward": sum(ref) / len(ref),
                     }
                 )
+            sources = ["reference", "policy"] if e.best_of_n_from == "both" else [e.best_of_n_from]
+            for source in sources if e.best_of_n else []:
+                results = best_of_n(
+                    policy if source == "policy" else reference,
+                    tokenizer,
+                    prompts,
+                    judge,
+                    e.best_of_n,
+                    max_new_tokens=g.max_new_tokens,
+                    temperature=g.temperature,
+                    top_p=g.top_p,
+                    batch_size=g.batch_size,
+                    seed=g.seed,
+                    eos_ids=eos_ids,
+                )
+                for b in results:
+                    won = win_rate(b.scores, ref_scores, e.bootstrap_samples, e.confidence, e.seed)
+                    best.append(
+                        {
+                            "n": b.n,
+                            "model": source,
+                            "reward": estimate(b.scores).to_dict(),
+                            "win_rate": won["win_rate"].to_dict(),
+                            "tie_rate": won["tie_rate"].to_dict(),
+                            "kl_bound": best_of_n_kl_bound(b.n),
+                            "scores": b.scores,
+                        }
+                    )
         for i in range(min(g.keep_samples, len(prompts))):
             samples.append(
                 {
@@ -650,18 +961,23 @@ def run_eval(cfg: EvalRunConfig) -> dict:
         "reference": plan.reference.label,
         "metrics": {name: m.to_dict() for name, m in metrics.items()},
         "temperature_sweep": sweep,
+        "best_of_n": best,
         "samples": samples,
     }
 
     # ---- forgetting --------------------------------------------------------------------
     if tasks is not None:
-        after = multiple_choice_correct(policy, tasks, pad_id, e.task_scoring, e.batch_size)
-        before = multiple_choice_correct(reference, tasks, pad_id, e.task_scoring, e.batch_size)
-        result["forgetting"] = {
-            "policy_accuracy": sum(after) / len(tasks),
-            "reference_accuracy": sum(before) / len(tasks),
-            "tasks": len(tasks),
-        }
+        result["forgetting"] = task_check(
+            policy,
+            reference,
+            tasks,
+            pad_id,
+            e.task_scoring,
+            e.batch_size,
+            e.bootstrap_samples,
+            e.confidence,
+            e.seed,
+        )
 
     # ---- output ------------------------------------------------------------------------
     plan.output_dir.mkdir(parents=True, exist_ok=True)
@@ -683,11 +999,11 @@ def _judge_both(judge: Judge, prompts, policy_texts, reference_texts):
 def format_table(result: dict, confidence: float, judge: Judge | None = None) -> str:
     """eval.json as a short text table."""
     level = f"{round(confidence * 100, 1):g}% CI"
-    lines = [f"{'metric':<22}{'value':>10}   {level}"]
+    lines = [f"{'metric':<24}{'value':>10}   {level}"]
     for name, m in result["metrics"].items():
         ci = f"[{m['ci_low']:.4f}, {m['ci_high']:.4f}]" if m["ci_low"] is not None else ""
         value = f"{m['value']:.0f}" if name.startswith("num_") else f"{m['value']:.4f}"
-        lines.append(f"{name:<22}{value:>10}   {ci}")
+        lines.append(f"{name:<24}{value:>10}   {ci}")
     if judge is None:
         lines.append("(no judge: set judge.kind for win rate and reward)")
     if result["temperature_sweep"]:
@@ -697,10 +1013,48 @@ def format_table(result: dict, confidence: float, judge: Judge | None = None) ->
                 f"{row['temperature']:<14g}{row['win_rate']:>10.4f}{row['reward']:>10.4f}"
                 f"{row['reference_reward']:>11.4f}"
             )
+    if result.get("best_of_n"):
+        lines.append(
+            f"\n{'best-of-n':<22}{'reward':>10}   {level:<20}{'win_rate':>9}{'KL bound':>10}"
+        )
+        for row in result["best_of_n"]:
+            w = row["reward"]
+            ci = f"[{w['ci_low']:.4f}, {w['ci_high']:.4f}]" if w["ci_low"] is not None else ""
+            name = f"{row['model']} n={row['n']}"
+            lines.append(
+                f"{name:<22}{w['value']:>10.4f}   {ci:<20}{row['win_rate']['value']:>9.4f}"
+                f"{row['kl_bound']:>10.4f}"
+            )
+        lines.append(
+            "(win rate over the reference's single samples; KL bound log n - (n-1)/n, in nats"
+            " per sequence, to the model sampled from)"
+        )
     if "forgetting" in result:
         f = result["forgetting"]
         lines.append(
             f"\nforgetting ({f['tasks']} tasks): accuracy {f['policy_accuracy']:.4f} after,"
             f" {f['reference_accuracy']:.4f} before (reference)"
         )
+        for block in f.get("classification", []):
+            lines.append(
+                f"classification over {', '.join(repr(c) for c in block['classes'])}"
+                f" ({block['tasks']} tasks), after / before (intervals in eval.json):"
+            )
+            lines.append(f"  {'class':<16}{'precision':>24}{'recall':>24}{'f1':>24}{'support':>9}")
+            for c, name in enumerate(block["classes"]):
+                after = block["policy"]["per_class"][c]
+                before = block["reference"]["per_class"][c]
+                cells = "".join(
+                    f"{_short(after[k]) + ' / ' + _short(before[k]):>24}"
+                    for k in ("precision", "recall", "f1")
+                )
+                lines.append(f"  {name.strip()[:15]:<16}{cells}{after['support']:>9}")
+            lines.append(
+                f"  {'macro F1':<16}{'':>48}"
+                f"{_short(block['policy']['macro_f1']) + ' / ' + _short(block['reference']['macro_f1']):>24}"
+            )
     return "\n".join(lines)
+
+
+def _short(m: dict | None) -> str:
+    return "-" if m is None else f"{m['value']:.3f}"
