@@ -101,8 +101,8 @@ def generate(
                 input_ids=token[:, None],
                 attention_mask=mask,
                 position_ids=next_position,
-                past_key_values=out.past_key_values,
                 use_cache=True,
+                **_cache_argument(out),
             )
             next_position = next_position + 1
         tokens = torch.stack(steps, dim=1).tolist()
@@ -111,6 +111,14 @@ def generate(
             completions.append(row[:end])
     model.train(was_training)
     return completions
+
+
+def _cache_argument(out) -> dict:
+    """The key-value cache of `out`, as the next forward call takes it: `cache` in newer
+    transformers (which deprecate `past_key_values`), `past_key_values` before."""
+    if "cache" in getattr(type(out), "__dataclass_fields__", {}):
+        return {"cache": out.cache}
+    return {"past_key_values": out.past_key_values}
 
 
 @torch.no_grad()
