@@ -107,9 +107,9 @@ CONFIGS = {
     ),
     "llama-full": ("llama-3.2-1b", {"profile": True}),
     "llama-lora": ("llama-3.2-1b", {"lora": True}),
-    # privdpo with train.compile, against the TRL runs of the configuration named in base
-    "qwen-full+compile": ("qwen2.5-0.5b", {"compile": True, "base": "qwen-full"}),
-    "llama-full+compile": ("llama-3.2-1b", {"compile": True, "base": "llama-full"}),
+    # privdpo eager (train.compile=false), against the TRL runs of the configuration in base
+    "qwen-full-eager": ("qwen2.5-0.5b", {"compile": False, "base": "qwen-full"}),
+    "llama-full-eager": ("llama-3.2-1b", {"compile": False, "base": "llama-full"}),
 }
 DP_CONFIGS = {"qwen-dp-full": "qwen-full", "qwen-dp-lora": "qwen-lora"}
 LORA = {"r": 16, "alpha": 32, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]}
@@ -229,12 +229,13 @@ def run_privdpo(model_dir, data, work: Path, opts: dict, args, extra=()) -> dict
         "train.eval_at_start=false",
         f"train.gradient_checkpointing={str(opts.get('gc', False)).lower()}",
         f"train.profile={str(opts.get('profile', False)).lower()}",
-        f"train.compile={str(opts.get('compile', False)).lower()}",
         f"dpo.precompute_reference={str(opts.get('precompute', False)).lower()}",
         f"dpo.reference_cache_dir={work / 'cache'}",
         f"output.dir={out}",
         "output.progress_bar=false",
     ]
+    if "compile" in opts:  # otherwise privdpo's default: compiled layers on CUDA (not DP)
+        overrides.append(f"train.compile={str(opts['compile']).lower()}")
     if opts.get("lora"):
         overrides += [
             "model.lora.enabled=true",

@@ -443,3 +443,35 @@ def test_describe_config_shows_defaults_and_types():
     assert "  model.dtype = float32  (one of 'float32', 'bfloat16')\n" in text
     assert "  model.lora.target_modules = [q_proj, k_proj, v_proj, o_proj]" in text
     assert "...\n" not in text
+
+
+@pytest.mark.parametrize(
+    "setting, device, private, expected",
+    [
+        ("auto", "cuda", False, True),
+        ("auto", "cpu", False, False),
+        ("auto", "cuda", True, False),  # DP's per-unit hooks run eager
+        (False, "cuda", False, False),
+        (True, "cpu", False, True),
+    ],
+)
+def test_train_compile_auto_is_settled_by_the_device_and_privacy(
+    tmp_path, setting, device, private, expected
+):
+    import torch
+
+    from privdpo.training import resolve_compile
+
+    extra = {"train": {"compile": setting}}
+    if private:
+        extra["privacy"] = {"enabled": True, "noise_multiplier": 1.0}
+    cfg = load(tmp_path, extra)
+    resolve_compile(cfg, torch.device(device))
+    assert cfg.train.compile is expected
+
+
+def test_train_compile_true_with_privacy_is_refused(tmp_path):
+    problems = problems_of(
+        tmp_path, {"train": {"compile": True}, "privacy": {"enabled": True, "noise_multiplier": 1}}
+    )
+    assert any(p.startswith("train.compile: the per-unit gradient hooks") for p in problems)

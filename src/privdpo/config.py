@@ -163,8 +163,10 @@ class TrainConfig:
         " each decoder layer with FSDP2 (non-private runs, no early stopping)",
     )
     gradient_checkpointing: bool = opt(False, "recompute activations to save memory")
-    compile: bool = opt(
-        False, "torch.compile each decoder layer (dynamic shapes; compiles on the first steps)"
+    compile: bool | Literal["auto"] = opt(
+        "auto",
+        "torch.compile each decoder layer (dynamic shapes; compiles on the first steps);"
+        " auto = on CUDA for runs without differential privacy, off on the CPU",
     )
     profile: bool = opt(
         False, "profile 3 steps after 2 warm-up steps: profile.json (GPU-busy share) and a trace"
@@ -1011,10 +1013,10 @@ def check_privacy(cfg: Any) -> list[str]:
             " privacy.noise_multiplier (its epsilon is reported), or both (the target is then"
             " a budget the run stops before crossing)"
         )
-    if cfg.train.compile:
+    if cfg.train.compile is True:
         problems.append(
             "train.compile: the per-unit gradient hooks of differential privacy do not run"
-            " inside compiled graphs; set train.compile=false for a private run"
+            " inside compiled graphs; set train.compile=auto or false for a private run"
         )
     if pv.target_epsilon is not None and not pv.target_epsilon > 0:
         problems.append(f"privacy.target_epsilon: must be positive, got {pv.target_epsilon}")

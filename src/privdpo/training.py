@@ -33,7 +33,9 @@ from privdpo.privacy.ledger import PrivacyLedger
 from privdpo.report import write_report
 
 # Keys that may differ between a run and its resume: they do not change the result.
-RESUME_MAY_DIFFER = {"output.progress_bar"}
+# Settings that change how a step runs, not what it computes. train.compile is saved
+# resolved (true or false), while the resumed config may still say auto.
+RESUME_MAY_DIFFER = {"output.progress_bar", "train.compile"}
 
 
 def check_run_dir(cfg, resume: bool) -> Path:
@@ -115,6 +117,14 @@ def pick_device(name: str, world=SINGLE) -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"train.device: {name} asked for, but no CUDA GPU is visible")
     return torch.device(name)
+
+
+def resolve_compile(cfg, device: torch.device) -> None:
+    """Settle `train.compile: auto` for this run, in place (the saved config shows what ran):
+    compiled decoder layers on CUDA, where a step is otherwise bound by kernel launches and
+    Python; eager on the CPU, and for DP runs, whose per-unit gradient hooks run eager."""
+    if cfg.train.compile == "auto":
+        cfg.train.compile = device.type == "cuda" and not cfg.privacy.enabled
 
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:

@@ -46,6 +46,7 @@ from privdpo.training import (
     record_eval,
     reduce_gradients,
     reduce_metrics,
+    resolve_compile,
     resume_run,
     run_state,
     shard_model,
@@ -93,6 +94,7 @@ def run_sft(cfg: SFTRunConfig, resume: bool = False, audit=None) -> dict[str, Pa
     if not cfg.output.progress_bar or not world.is_main:
         hf_logging.disable_progress_bar()
     device = pick_device(cfg.train.device, world)
+    resolve_compile(cfg, device)
     model, tokenizer = load_model_and_tokenizer(cfg.model, cfg.train.seed)
     train, evals, summary = load_sft_data(
         cfg.data, tokenizer, cfg.sft.completion_only_loss, cfg.train.seed, cfg.scrub
