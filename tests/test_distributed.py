@@ -1,11 +1,14 @@
 """Several processes (torchrun, gloo, CPU) give the one-process run: SFT and DPO, DP-DPO at
-pair and user level (same sampled units, noise once), FSDP2; a 2-process checkpoint
-resumes on 1 process; noise added on every rank is caught."""
+pair and user level (same sampled units, noise once), FSDP2; a 2-process
+checkpoint resumes on 1 process; noise added on every rank is caught; a failure on one rank
+stops all with that rank's error; one-process commands refuse torchrun; every process
+leaves its process group."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -14,9 +17,12 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 from safetensors.torch import load_file
 
+import privdpo.cli as cli
 from conftest import REPO, sft_rows, write_jsonl
+from privdpo.errors import UserError
 from test_dpo import marker_pairs
 
 TORCHRUN = Path(sys.executable).parent / "torchrun"
@@ -32,7 +38,14 @@ def free_port() -> int:
 
 
 def launch(
-    tmp_path: Path, procs: int, command: str, name: str, data: Path, *overrides, script=None
+    tmp_path: Path,
+    procs: int,
+    command: str,
+    name: str,
+    data: Path,
+    *overrides,
+    script=None,
+    timeout: int = 600,
 ):
     config = tmp_path / "empty.yaml"
     config.write_text("{}\n")
@@ -66,7 +79,9 @@ def launch(
             *args,
         ]
     env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"}
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+    return subprocess.run(
+        cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=tmp_path
+    )
 
 
 def weights(run: Path) -> dict:
@@ -90,13 +105,19 @@ def pairs(tmp_path_factory) -> Path:
 
 @pytest.mark.parametrize(
     ("name", "overrides"),
-    [("dpo", []), ("dp-pair", DP_PAIR), ("dp-user", DP_USER), ("fsdp", ["train.parallel=fsdp"])],
+    [
+        ("dpo", []),
+        ("dp-pair", DP_PAIR),
+        ("dp-user", DP_USER),
+        ("fsdp", ["train.parallel=fsdp"]),
+    ],
 )
 def test_two_processes_give_the_one_process_dpo_run(tmp_path, pairs, name, overrides):
     one = launch(tmp_path, 1, "dpo", "one", pairs, *PAIRS, *overrides)
     assert one.returncode == 0, one.stderr[-3000:]
     two = launch(tmp_path, 2, "dpo", "two", pairs, *PAIRS, *overrides)
     assert two.returncode == 0, two.stderr[-3000:]
+    assert "terminate called" not in two.stderr  # each rank left its process group
     assert_same_weights(tmp_path / "one", tmp_path / "two")
     # Rank 0 alone wrote the run: one metrics file, one report, one ledger.
     assert (tmp_path / "two" / "report.html").is_file()
@@ -167,6 +188,130 @@ def test_noise_added_on_every_rank_is_caught(tmp_path, pairs):
     result = launch(tmp_path, 2, "dpo", "buggy", pairs, *PAIRS, *DP_PAIR, script=script)
     assert result.returncode != 0
     assert "the noised gradients differ between ranks" in result.stderr
+
+
+RANK_ONE_FAILS = """
+import os
+import sys
+from privdpo.errors import UserError
+from privdpo.recipes import dpo
+
+load = dpo.load_preference_data
+
+
+def load_fails_on_rank_one(*args, **kwargs):
+    # As if rank 1 alone could not read its data (a file missing on one server, say).
+    if os.environ["RANK"] == "1":
+        raise UserError("data.train: rank 1 cannot read its data")
+    return load(*args, **kwargs)
+
+
+dpo.load_preference_data = load_fails_on_rank_one
+from privdpo.cli import main
+
+sys.exit(main())
+"""
+
+
+def test_a_failure_on_one_rank_stops_all_with_that_ranks_error(tmp_path, pairs):
+    script = tmp_path / "rank_one_fails.py"
+    script.write_text(RANK_ONE_FAILS)
+    # Rank 0 goes on to wait for rank 1 in a collective; gloo would wait 30 minutes, so
+    # finishing inside this timeout means torchrun stopped it.
+    result = launch(tmp_path, 2, "dpo", "run", pairs, *PAIRS, script=script, timeout=240)
+    assert result.returncode != 0
+    assert "privdpo dpo [rank 1]: error: data.train: rank 1 cannot read its data" in result.stderr
+    # Rank 0 either is stopped by torchrun or sees its peer gone first, and says so briefly.
+    assert "[rank 0]: error" not in result.stderr and "[rank 0]: failed" not in result.stderr
+    assert not re.search(r'File "[^"]*/privdpo/', result.stderr), result.stderr[-3000:]
+    assert "terminate called" not in result.stderr
+
+
+@pytest.mark.parametrize("outcome", ["success", "user-error", "bug"])
+def test_main_leaves_the_process_group_on_every_way_out(tmp_path, monkeypatch, outcome):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    dist.init_process_group(
+        "gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1
+    )
+
+    def recipe(args):
+        if outcome == "user-error":
+            raise UserError("a mistake")
+        if outcome == "bug":
+            raise RuntimeError("a bug")
+
+    monkeypatch.setattr(cli, "_dpo", recipe)
+    try:
+        if outcome == "bug":
+            with pytest.raises(RuntimeError, match="a bug"):
+                cli.main(["dpo", "config.yaml"])
+        else:
+            assert cli.main(["dpo", "config.yaml"]) == (2 if outcome == "user-error" else 0)
+        assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def test_a_collective_that_lost_its_peer_blames_the_other_rank(monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+
+    def recipe(args):  # what gloo raises when the other rank's process has ended
+        raise RuntimeError("[pair.cc:553] Connection closed by peer [127.0.0.1]:16281.")
+
+    monkeypatch.setattr(cli, "_dpo", recipe)
+    assert cli.main(["dpo", "config.yaml"]) == 1
+    err = capsys.readouterr().err
+    assert err == "privdpo dpo [rank 0]: stopped: another rank ended (its error is the cause)\n"
+
+
+def test_an_unexpected_error_on_a_rank_names_the_rank(monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+
+    def recipe(args):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(cli, "_dpo", recipe)
+    with pytest.raises(RuntimeError, match="a bug"):  # a bug keeps its traceback
+        cli.main(["dpo", "config.yaml"])
+    assert "privdpo dpo [rank 1]: failed (traceback below)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["eval", "pairs", "audit"])
+def test_one_process_commands_refuse_torchrun_early(tmp_path, monkeypatch, capsys, command):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    # The config does not exist: the refusal comes before it is read.
+    assert cli.main([command, str(tmp_path / "missing.yaml")]) == 2
+    out, err = capsys.readouterr()
+    assert err.startswith(
+        f"privdpo {command} [rank 1]: error: privdpo {command} runs as one process; run it"
+        " without torchrun"
+    )
+    assert "missing.yaml" not in err and "Traceback" not in out + err
+
+
+def test_eval_under_torchrun_stops_every_rank_with_a_clear_error(tmp_path):
+    config = tmp_path / "eval.yaml"
+    config.write_text("{}\n")
+    cmd = [str(TORCHRUN), "--nproc_per_node", "2", "--master_port", str(free_port())]
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [*cmd, "-m", "privdpo", "eval", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+        cwd=tmp_path,
+    )
+    assert result.returncode != 0
+    for rank in (0, 1):
+        assert f"privdpo eval [rank {rank}]: error: privdpo eval runs as one process" in (
+            result.stderr
+        )
+    assert not re.search(r'File "[^"]*/privdpo/', result.stderr), result.stderr[-3000:]
 
 
 def test_the_slurm_example_is_a_valid_script():
