@@ -315,7 +315,12 @@ def test_eval_under_torchrun_stops_every_rank_with_a_clear_error(tmp_path):
 
 
 def test_the_slurm_example_is_a_valid_script():
-    result = subprocess.run(
-        ["bash", "-n", str(REPO / "examples" / "slurm_dpo.sh")], capture_output=True, text=True
-    )
+    script = REPO / "examples" / "slurm_dpo.sh"
+    result = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+    text = script.read_text()
+    # One torchrun per node, joined by the c10d rendezvous on the first node, running privdpo.
+    for flag in ("--nnodes", "--nproc_per_node", "--rdzv_id", "--rdzv_backend c10d"):
+        assert flag in text, flag
+    assert re.search(r'--rdzv_endpoint "?\$HEAD:\d+', text)
+    assert re.search(r"srun torchrun\b", text) and "-m privdpo dpo" in text
