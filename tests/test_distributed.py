@@ -1,5 +1,5 @@
 """Several processes (torchrun, gloo, CPU) give the one-process run: SFT and DPO, DP-DPO at
-pair and user level (same sampled units, noise once), FSDP2; a 2-process
+pair and user level (same sampled units, noise once), FSDP2 (bf16, CPU offload); a 2-process
 checkpoint resumes on 1 process; noise added on every rank is caught; a failure on one rank
 stops all with that rank's error; one-process commands refuse torchrun; every process
 leaves its process group."""
@@ -29,6 +29,9 @@ TORCHRUN = Path(sys.executable).parent / "torchrun"
 PAIRS = ["train.max_steps=3", "train.batch_size=8", "train.micro_batch_size=4", "dpo.beta=0.1"]
 DP_PAIR = ["privacy.enabled=true", "privacy.noise_multiplier=1.0"]
 DP_USER = [*DP_PAIR, "privacy.unit=user", "privacy.contribution_bound=3"]
+# bf16 mixed precision (gradients reduce-scattered in float32) and shards in CPU memory; on
+# 2 ranks the float32 sum of two bf16 gradients rounds once, as one process's does.
+FSDP_BF16_OFFLOAD = ["model.dtype=bfloat16", "train.fsdp_cpu_offload=true"]
 
 
 def free_port() -> int:
@@ -110,6 +113,7 @@ def pairs(tmp_path_factory) -> Path:
         ("dp-pair", DP_PAIR),
         ("dp-user", DP_USER),
         ("fsdp", ["train.parallel=fsdp"]),
+        ("fsdp-bf16-offload", ["train.parallel=fsdp", *FSDP_BF16_OFFLOAD]),
     ],
 )
 def test_two_processes_give_the_one_process_dpo_run(tmp_path, pairs, name, overrides):
@@ -188,6 +192,36 @@ def test_noise_added_on_every_rank_is_caught(tmp_path, pairs):
     result = launch(tmp_path, 2, "dpo", "buggy", pairs, *PAIRS, *DP_PAIR, script=script)
     assert result.returncode != 0
     assert "the noised gradients differ between ranks" in result.stderr
+
+
+@pytest.mark.parametrize(("dtype", "offload"), [(torch.float32, False), (torch.bfloat16, True)])
+def test_shard_model_passes_mixed_precision_and_cpu_offload_to_fully_shard(
+    monkeypatch, dtype, offload
+):
+    import torch.distributed.fsdp as fsdp
+
+    from privdpo.config import TrainConfig
+    from privdpo.distributed import World
+    from privdpo.models import build_preset
+    from privdpo.training import shard_model
+
+    calls = []
+    monkeypatch.setattr(fsdp, "fully_shard", lambda module, **options: calls.append(options))
+    model, _ = build_preset("tiny", dtype)
+    cfg = TrainConfig(parallel="fsdp", fsdp_cpu_offload=offload)
+    shard_model(model, cfg, World(rank=0, size=2))
+    assert len(calls) == len(model.get_decoder().layers)  # each decoder layer, alike
+    options = calls[0]
+    if dtype == torch.bfloat16:  # computes in bf16, sums the ranks' gradients in float32
+        mp = options["mp_policy"]
+        assert (mp.param_dtype, mp.reduce_dtype) == (torch.bfloat16, torch.float32)
+    else:
+        assert "mp_policy" not in options
+    if offload:
+        assert isinstance(options["offload_policy"], fsdp.CPUOffloadPolicy)
+        assert not options["offload_policy"].pin_memory  # nothing to pin for on a CPU
+    else:
+        assert "offload_policy" not in options
 
 
 RANK_ONE_FAILS = """

@@ -25,7 +25,8 @@ nothing here does anything. The run is the same run on any number of processes:
 
 `train.parallel`: `ddp` (the default) replicates the model on every rank (the name says
 what it does, not that DDP's wrapper is used); `fsdp` shards each decoder layer with FSDP2
-(`fully_shard`) and keeps the rest replicated (non-private runs).
+(`fully_shard`, bf16 mixed precision for a bf16 model, optional CPU offload) and keeps the
+rest replicated (non-private runs).
 """
 
 from __future__ import annotations
@@ -86,6 +87,14 @@ def lost_a_peer(error: BaseException) -> bool:
     its own error, the cause."""
     text = str(error).lower()
     return isinstance(error, RuntimeError) and ("closed by peer" in text or "reset by peer" in text)
+
+
+def collective_device() -> torch.device:
+    """Where the process group's collectives take their tensors: this rank's GPU under
+    NCCL, the CPU under gloo."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def barrier(world: World) -> None:
