@@ -295,6 +295,10 @@ def test_empty_override_for_a_required_path_is_a_problem(tmp_path, key):
         ({"train": {"adam_betas": [0.9]}}, "train.adam_betas: needs two numbers"),
         ({"train": {"device": "gpu"}}, "train.device: must be auto, cpu, cuda or cuda:N"),
         ({"model": {"lora": {"enabled": True, "r": 0}}}, "model.lora.r: must be at least 1"),
+        (
+            {"train": {"fsdp_cpu_offload": True}},
+            "train.fsdp_cpu_offload: offloads FSDP2 shards, but train.parallel is ddp",
+        ),
     ],
 )
 def test_cross_field_checks(tmp_path, extra, expected):

@@ -1,11 +1,14 @@
 """Several processes (torchrun, gloo, CPU) give the one-process run: SFT and DPO, DP-DPO at
-pair and user level (same sampled units, noise once), FSDP2; a 2-process checkpoint
-resumes on 1 process; noise added on every rank is caught."""
+pair and user level (same sampled units, noise once), FSDP2 (bf16, CPU offload); a 2-process
+checkpoint resumes on 1 process; noise added on every rank is caught; a failure on one rank
+stops all with that rank's error; one-process commands refuse torchrun; every process
+leaves its process group."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -14,15 +17,21 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 from safetensors.torch import load_file
 
+import privdpo.cli as cli
 from conftest import REPO, sft_rows, write_jsonl
+from privdpo.errors import UserError
 from test_dpo import marker_pairs
 
 TORCHRUN = Path(sys.executable).parent / "torchrun"
 PAIRS = ["train.max_steps=3", "train.batch_size=8", "train.micro_batch_size=4", "dpo.beta=0.1"]
 DP_PAIR = ["privacy.enabled=true", "privacy.noise_multiplier=1.0"]
 DP_USER = [*DP_PAIR, "privacy.unit=user", "privacy.contribution_bound=3"]
+# bf16 mixed precision (gradients reduce-scattered in float32) and shards in CPU memory; on
+# 2 ranks the float32 sum of two bf16 gradients rounds once, as one process's does.
+FSDP_BF16_OFFLOAD = ["model.dtype=bfloat16", "train.fsdp_cpu_offload=true"]
 
 
 def free_port() -> int:
@@ -32,7 +41,14 @@ def free_port() -> int:
 
 
 def launch(
-    tmp_path: Path, procs: int, command: str, name: str, data: Path, *overrides, script=None
+    tmp_path: Path,
+    procs: int,
+    command: str,
+    name: str,
+    data: Path,
+    *overrides,
+    script=None,
+    timeout: int = 600,
 ):
     config = tmp_path / "empty.yaml"
     config.write_text("{}\n")
@@ -66,7 +82,9 @@ def launch(
             *args,
         ]
     env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"}
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+    return subprocess.run(
+        cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=tmp_path
+    )
 
 
 def weights(run: Path) -> dict:
@@ -90,13 +108,20 @@ def pairs(tmp_path_factory) -> Path:
 
 @pytest.mark.parametrize(
     ("name", "overrides"),
-    [("dpo", []), ("dp-pair", DP_PAIR), ("dp-user", DP_USER), ("fsdp", ["train.parallel=fsdp"])],
+    [
+        ("dpo", []),
+        ("dp-pair", DP_PAIR),
+        ("dp-user", DP_USER),
+        ("fsdp", ["train.parallel=fsdp"]),
+        ("fsdp-bf16-offload", ["train.parallel=fsdp", *FSDP_BF16_OFFLOAD]),
+    ],
 )
 def test_two_processes_give_the_one_process_dpo_run(tmp_path, pairs, name, overrides):
     one = launch(tmp_path, 1, "dpo", "one", pairs, *PAIRS, *overrides)
     assert one.returncode == 0, one.stderr[-3000:]
     two = launch(tmp_path, 2, "dpo", "two", pairs, *PAIRS, *overrides)
     assert two.returncode == 0, two.stderr[-3000:]
+    assert "terminate called" not in two.stderr  # each rank left its process group
     assert_same_weights(tmp_path / "one", tmp_path / "two")
     # Rank 0 alone wrote the run: one metrics file, one report, one ledger.
     assert (tmp_path / "two" / "report.html").is_file()
@@ -169,8 +194,167 @@ def test_noise_added_on_every_rank_is_caught(tmp_path, pairs):
     assert "the noised gradients differ between ranks" in result.stderr
 
 
-def test_the_slurm_example_is_a_valid_script():
-    result = subprocess.run(
-        ["bash", "-n", str(REPO / "examples" / "slurm_dpo.sh")], capture_output=True, text=True
+@pytest.mark.parametrize(("dtype", "offload"), [(torch.float32, False), (torch.bfloat16, True)])
+def test_shard_model_passes_mixed_precision_and_cpu_offload_to_fully_shard(
+    monkeypatch, dtype, offload
+):
+    import torch.distributed.fsdp as fsdp
+
+    from privdpo.config import TrainConfig
+    from privdpo.distributed import World
+    from privdpo.models import build_preset
+    from privdpo.training import shard_model
+
+    calls = []
+    monkeypatch.setattr(fsdp, "fully_shard", lambda module, **options: calls.append(options))
+    model, _ = build_preset("tiny", dtype)
+    cfg = TrainConfig(parallel="fsdp", fsdp_cpu_offload=offload)
+    shard_model(model, cfg, World(rank=0, size=2))
+    assert len(calls) == len(model.get_decoder().layers)  # each decoder layer, alike
+    options = calls[0]
+    if dtype == torch.bfloat16:  # computes in bf16, sums the ranks' gradients in float32
+        mp = options["mp_policy"]
+        assert (mp.param_dtype, mp.reduce_dtype) == (torch.bfloat16, torch.float32)
+    else:
+        assert "mp_policy" not in options
+    if offload:
+        assert isinstance(options["offload_policy"], fsdp.CPUOffloadPolicy)
+        assert not options["offload_policy"].pin_memory  # nothing to pin for on a CPU
+    else:
+        assert "offload_policy" not in options
+
+
+RANK_ONE_FAILS = """
+import os
+import sys
+from privdpo.errors import UserError
+from privdpo.recipes import dpo
+
+load = dpo.load_preference_data
+
+
+def load_fails_on_rank_one(*args, **kwargs):
+    # As if rank 1 alone could not read its data (a file missing on one server, say).
+    if os.environ["RANK"] == "1":
+        raise UserError("data.train: rank 1 cannot read its data")
+    return load(*args, **kwargs)
+
+
+dpo.load_preference_data = load_fails_on_rank_one
+from privdpo.cli import main
+
+sys.exit(main())
+"""
+
+
+def test_a_failure_on_one_rank_stops_all_with_that_ranks_error(tmp_path, pairs):
+    script = tmp_path / "rank_one_fails.py"
+    script.write_text(RANK_ONE_FAILS)
+    # Rank 0 goes on to wait for rank 1 in a collective; gloo would wait 30 minutes, so
+    # finishing inside this timeout means torchrun stopped it.
+    result = launch(tmp_path, 2, "dpo", "run", pairs, *PAIRS, script=script, timeout=240)
+    assert result.returncode != 0
+    assert "privdpo dpo [rank 1]: error: data.train: rank 1 cannot read its data" in result.stderr
+    # Rank 0 either is stopped by torchrun or sees its peer gone first, and says so briefly.
+    assert "[rank 0]: error" not in result.stderr and "[rank 0]: failed" not in result.stderr
+    assert not re.search(r'File "[^"]*/privdpo/', result.stderr), result.stderr[-3000:]
+    assert "terminate called" not in result.stderr
+
+
+@pytest.mark.parametrize("outcome", ["success", "user-error", "bug"])
+def test_main_leaves_the_process_group_on_every_way_out(tmp_path, monkeypatch, outcome):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    dist.init_process_group(
+        "gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1
     )
+
+    def recipe(args):
+        if outcome == "user-error":
+            raise UserError("a mistake")
+        if outcome == "bug":
+            raise RuntimeError("a bug")
+
+    monkeypatch.setattr(cli, "_dpo", recipe)
+    try:
+        if outcome == "bug":
+            with pytest.raises(RuntimeError, match="a bug"):
+                cli.main(["dpo", "config.yaml"])
+        else:
+            assert cli.main(["dpo", "config.yaml"]) == (2 if outcome == "user-error" else 0)
+        assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def test_a_collective_that_lost_its_peer_blames_the_other_rank(monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+
+    def recipe(args):  # what gloo raises when the other rank's process has ended
+        raise RuntimeError("[pair.cc:553] Connection closed by peer [127.0.0.1]:16281.")
+
+    monkeypatch.setattr(cli, "_dpo", recipe)
+    assert cli.main(["dpo", "config.yaml"]) == 1
+    err = capsys.readouterr().err
+    assert err == "privdpo dpo [rank 0]: stopped: another rank ended (its error is the cause)\n"
+
+
+def test_an_unexpected_error_on_a_rank_names_the_rank(monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+
+    def recipe(args):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(cli, "_dpo", recipe)
+    with pytest.raises(RuntimeError, match="a bug"):  # a bug keeps its traceback
+        cli.main(["dpo", "config.yaml"])
+    assert "privdpo dpo [rank 1]: failed (traceback below)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["eval", "pairs", "audit"])
+def test_one_process_commands_refuse_torchrun_early(tmp_path, monkeypatch, capsys, command):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    # The config does not exist: the refusal comes before it is read.
+    assert cli.main([command, str(tmp_path / "missing.yaml")]) == 2
+    out, err = capsys.readouterr()
+    assert err.startswith(
+        f"privdpo {command} [rank 1]: error: privdpo {command} runs as one process; run it"
+        " without torchrun"
+    )
+    assert "missing.yaml" not in err and "Traceback" not in out + err
+
+
+def test_eval_under_torchrun_stops_every_rank_with_a_clear_error(tmp_path):
+    config = tmp_path / "eval.yaml"
+    config.write_text("{}\n")
+    cmd = [str(TORCHRUN), "--nproc_per_node", "2", "--master_port", str(free_port())]
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [*cmd, "-m", "privdpo", "eval", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+        cwd=tmp_path,
+    )
+    assert result.returncode != 0
+    for rank in (0, 1):
+        assert f"privdpo eval [rank {rank}]: error: privdpo eval runs as one process" in (
+            result.stderr
+        )
+    assert not re.search(r'File "[^"]*/privdpo/', result.stderr), result.stderr[-3000:]
+
+
+def test_the_slurm_example_is_a_valid_script():
+    script = REPO / "examples" / "slurm_dpo.sh"
+    result = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+    text = script.read_text()
+    # One torchrun per node, joined by the c10d rendezvous on the first node, running privdpo.
+    for flag in ("--nnodes", "--nproc_per_node", "--rdzv_id", "--rdzv_backend c10d"):
+        assert flag in text, flag
+    assert re.search(r'--rdzv_endpoint "?\$HEAD:\d+', text)
+    assert re.search(r"srun torchrun\b", text) and "-m privdpo dpo" in text

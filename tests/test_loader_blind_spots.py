@@ -5,6 +5,7 @@ change; and `train.shuffle: false` keeps the data's order."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -118,6 +119,16 @@ def test_blank_user_id_under_user_level_privacy_is_an_error(tmp_path, capsys):
     assert not (tmp_path / "run").exists()
 
 
+def test_a_jsonl_row_with_no_user_id_key_under_user_level_privacy_is_an_error(tmp_path, capsys):
+    rows = [{**PAIR, "user_id": f"u{i % 2}"} for i in range(4)] + [PAIR]  # line 5: no key
+    data = write_jsonl(tmp_path / "d.jsonl", rows)
+    cfg = dpo_config(tmp_path, data, privacy=USER_LEVEL)
+    err = fails(capsys, "dpo", cfg)
+    assert f"{data}:5:" in err and "'user_id'" in err and f"{data}:4" not in err
+    assert "data.missing_user_id=own_user" in err
+    assert not (tmp_path / "run").exists()
+
+
 def test_blank_user_ids_are_users_of_their_own_only_when_asked(tmp_path, capsys):
     data = user_csv(tmp_path)
     cfg = dpo_config(tmp_path, data, privacy=USER_LEVEL, data={"missing_user_id": "own_user"})
@@ -205,11 +216,17 @@ def test_a_saved_word_level_tokenizer_loads_as_saved(tmp_path):
 def test_tokenizer_ids_beyond_the_embedding_are_refused(tmp_path, capsys):
     directory = save_model(tmp_path / "m", 4)
     save_word_level(directory)
-    with pytest.raises(
-        UserError,
-        match=r"model.path: the tokenizer has ids up to 7, but the model's embedding has 4 rows",
-    ):
+    expected = (
+        f"model.path: the tokenizer in {directory} has ids up to 7, but the embedding of the"
+        f" model in {directory} has 4 rows"
+    )
+    with pytest.raises(UserError, match=re.escape(expected)):
         load_model_and_tokenizer(ModelConfig(path=str(directory)))
+    # The same through the CLI: exit 2, one message naming the key and the directory.
+    data = write_jsonl(tmp_path / "d.jsonl", [PAIR] * 2)
+    cfg = dpo_config(tmp_path, data, model={"preset": None, "path": str(directory)})
+    assert expected in fails(capsys, "dpo", cfg)
+    assert not (tmp_path / "run").exists()
 
 
 def test_a_model_directory_without_tokenizer_files_is_refused(tmp_path, capsys):
@@ -229,11 +246,18 @@ def test_a_tokenizer_given_by_path_is_used(tmp_path):
     assert tokenizer("the fox", add_special_tokens=False)["input_ids"] == [2, 5]
 
 
-def test_a_tokenizer_that_encodes_text_to_nothing_is_refused(tmp_path):
+def test_a_tokenizer_that_encodes_text_to_nothing_is_refused(tmp_path, capsys):
     directory = save_model(tmp_path / "m", 3)
     save_word_level(directory, {"[UNK]": 0, "<eos>": 1, "zz": 2}, unk=None)
     with pytest.raises(UserError, match="encodes the text .* to no tokens"):
         load_model_and_tokenizer(ModelConfig(path=str(directory)))
+    # The same through the CLI: exit 2, one message naming the key and the directory.
+    data = write_jsonl(tmp_path / "d.jsonl", [PAIR] * 2)
+    cfg = dpo_config(tmp_path, data, model={"preset": None, "path": str(directory)})
+    err = fails(capsys, "dpo", cfg)
+    assert f"model.path: the tokenizer in {directory} encodes the text" in err
+    assert "to no tokens" in err
+    assert not (tmp_path / "run").exists()
 
 
 def test_a_prompt_the_tokenizer_cannot_encode_is_a_bad_row(tmp_path, capsys):

@@ -92,6 +92,31 @@ def test_the_privdpo_commands_in_the_readme_run(tmp_path):
     assert "Evaluation" in report and "data:image/png;base64," in report
 
 
+def test_the_scrub_and_inspect_output_in_the_readme_is_what_they_print(tmp_path):
+    """The README's `privdpo scrub` and `privdpo inspect` commands, run literally: their
+    stdout, and the first rows of the scrubbed file, are the ```text blocks shown."""
+    blocks = re.findall(r"```text\n(.*?)```", README.read_text(encoding="utf-8"), re.S)
+
+    def shown(first: str) -> str:
+        found = [b for b in blocks if b.startswith(first)]
+        assert len(found) == 1, f"one ```text block starting with {first!r}, not {len(found)}"
+        return found[0]
+
+    scrub = next(c for c in readme_commands() if c.startswith("privdpo scrub "))
+    inspect = next(c for c in readme_commands() if c.startswith("privdpo inspect "))
+    assert "=" not in scrub  # the first scrub command: placeholders, the default
+    shutil.copytree(REPO / "examples", tmp_path / "examples")
+    shutil.copytree(REPO / "src" / "privdpo" / "assets", tmp_path / "src" / "privdpo" / "assets")
+    for command, first in ((scrub, "scrubbed "), (inspect, "inspect ")):
+        result = run(command, tmp_path, timeout=300)
+        assert result.returncode == 0, f"{command}\n{result.stderr[-3000:]}"
+        assert result.stdout == shown(first), command
+    rows = shown('{"prompt"')
+    output = tmp_path / scrub.split()[3]
+    lines = output.read_text(encoding="utf-8").splitlines(keepends=True)
+    assert "".join(lines[: rows.count("\n")]) == rows
+
+
 @pytest.fixture(scope="module")
 def local_model_dir(tmp_path_factory) -> Path:
     """A model directory as a user would have it: the tiny preset saved in HF format."""

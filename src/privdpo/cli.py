@@ -1,7 +1,8 @@
 """The `privdpo` command: parse, load the config, call a recipe. Nothing else lives here.
 
 User mistakes (`UserError`) are printed as one clear message with exit code 2 and no
-traceback; anything else is a bug and keeps its traceback.
+traceback; anything else is a bug and keeps its traceback. Under torchrun each message
+names its rank, and every process leaves the process group on its way out.
 """
 
 from __future__ import annotations
@@ -372,6 +373,15 @@ example:
     return parser
 
 
+# The commands that spread over torchrun's processes; the others run as one process.
+TORCHRUN_COMMANDS = ("sft", "dpo")
+
+
+def _torchrun_rank() -> str | None:
+    """This process's rank when torchrun started several (WORLD_SIZE > 1), else None."""
+    return os.environ.get("RANK", "?") if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
@@ -381,16 +391,45 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     args.overrides = [*getattr(args, "overrides", []), *rest]
+    rank = _torchrun_rank()
+    where = f" [rank {rank}]" if rank is not None else ""  # torchrun: which rank speaks
+    if rank is not None and args.command not in TORCHRUN_COMMANDS:
+        print(
+            f"privdpo {args.command}{where}: error: privdpo {args.command} runs as one process;"
+            f" run it without torchrun (only {' and '.join(TORCHRUN_COMMANDS)} spread over"
+            " several processes)",
+            file=sys.stderr,
+        )
+        return 2
     try:
         args.func(args)
     except UserError as e:
-        rank = os.environ.get("RANK") if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None
-        where = f" [rank {rank}]" if rank is not None else ""  # torchrun: which rank failed
         print(f"privdpo {args.command}{where}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"privdpo {args.command}: interrupted", file=sys.stderr)
+        print(f"privdpo {args.command}{where}: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:
+        if rank is not None:
+            from privdpo.distributed import lost_a_peer
+
+            if lost_a_peer(e):  # not this rank's fault: the rank that ended says why
+                print(
+                    f"privdpo {args.command}{where}: stopped: another rank ended (its error"
+                    " is the cause)",
+                    file=sys.stderr,
+                )
+                return 1
+            # A bug: its traceback follows, and says nothing of the rank.
+            print(f"privdpo {args.command}{where}: failed (traceback below)", file=sys.stderr)
+        raise
+    finally:
+        # Leave the process group, also when this rank failed, so the process exits cleanly.
+        # Only a process that loaded torch can have joined one; the others skip its import.
+        if "torch" in sys.modules:
+            from privdpo.distributed import close_world
+
+            close_world()
     return 0
 
 

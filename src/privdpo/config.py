@@ -159,8 +159,15 @@ class TrainConfig:
     )
     parallel: Literal["ddp", "fsdp"] = opt(
         "ddp",
-        "several processes (torchrun): ddp replicates the model on every rank; fsdp shards"
-        " each decoder layer with FSDP2 (non-private runs, no early stopping)",
+        "several processes (torchrun): ddp replicates the model on every rank (the default,"
+        " whatever the model's size); fsdp shards each decoder layer with FSDP2, bf16 mixed"
+        " precision for a bf16 model (non-private runs, no early stopping): set it when the"
+        " model does not fit one GPU",
+    )
+    fsdp_cpu_offload: bool = opt(
+        False,
+        "train.parallel=fsdp: keep the sharded parameters, gradients and optimizer state in"
+        " CPU memory (the optimizer step runs on the CPU): fits a bigger model, runs slower",
     )
     gradient_checkpointing: bool = opt(False, "recompute activations to save memory")
     compile: bool | Literal["auto"] = opt(
@@ -975,6 +982,11 @@ def check_common(cfg: Any) -> list[str]:
         problems.append(
             "train.parallel: fsdp shards parameters, which per-unit clipping needs whole; use"
             " train.parallel=ddp for a private run"
+        )
+    if t.fsdp_cpu_offload and t.parallel != "fsdp":
+        problems.append(
+            "train.fsdp_cpu_offload: offloads FSDP2 shards, but train.parallel is"
+            f" {t.parallel}; set train.parallel=fsdp or train.fsdp_cpu_offload=false"
         )
     if t.parallel == "fsdp" and t.early_stopping_patience is not None:
         problems.append(

@@ -8,18 +8,25 @@ nothing here does anything. The run is the same run on any number of processes:
   Poisson sample of DP units do not depend on the world size) and takes its share of it:
   a contiguous slice of the items, or, under DP, every W-th sampled unit (all of a unit's
   rows on one rank, so per-unit clipping stays local);
-- gradients are summed over ranks (`all_reduce_sum`), the losses already divided by the
-  global counts, so the sum is the one-process gradient;
+- gradients are summed over ranks by privdpo's own reduction (`all_reduce_sum`, called
+  by the recipes after the backward passes), not by `DistributedDataParallel`: the model is
+  never wrapped in DDP. Under DP the reduction must come after each rank has clipped its
+  units' gradients and summed them, and before the noise is added, which DDP's reduction
+  during the backward pass would not allow. The losses are already divided by the global
+  counts, so the sum is the one-process gradient;
 - under DP the ranks' clipped sums are summed, then the same Gaussian noise (one seed for
   the world, from rank 0 when it is drawn securely) is added to the same total on every
   rank: noise once per step, not once per rank; `check_same` verifies on logging steps
   that every rank holds the same noised gradient;
 - rank 0 alone writes files (logs, metrics, checkpoints, reports, the ledger); the other
   ranks print nothing to stdout. A failure on one rank ends that process with its error,
-  and torchrun stops the others.
+  named `[rank N]` by `privdpo.cli`, and torchrun stops the others; every process leaves
+  the process group on its way out (`close_world`), failed or not.
 
-`train.parallel`: `ddp` replicates the model on every rank; `fsdp` shards each decoder
-layer with FSDP2 (`fully_shard`) and keeps the rest replicated (non-private runs).
+`train.parallel`: `ddp` (the default) replicates the model on every rank (the name says
+what it does, not that DDP's wrapper is used); `fsdp` shards each decoder layer with FSDP2
+(`fully_shard`, bf16 mixed precision for a bf16 model, optional CPU offload) and keeps the
+rest replicated (non-private runs).
 """
 
 from __future__ import annotations
@@ -64,6 +71,30 @@ def init_world(device_name: str) -> World:
     if not world.is_main:
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - rank 0 speaks for the run
     return world
+
+
+def close_world() -> None:
+    """Leave the process group, if this process joined one. A group left for the
+    interpreter's exit to tear down can abort the process (gloo: "terminate called without
+    an active exception"); `privdpo.cli.main` calls this on every way out."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def lost_a_peer(error: BaseException) -> bool:
+    """Whether `error` is a collective failing because another rank's process ended. gloo
+    raises it at once (NCCL waits until torchrun stops this rank); the other rank reports
+    its own error, the cause."""
+    text = str(error).lower()
+    return isinstance(error, RuntimeError) and ("closed by peer" in text or "reset by peer" in text)
+
+
+def collective_device() -> torch.device:
+    """Where the process group's collectives take their tensors: this rank's GPU under
+    NCCL, the CPU under gloo."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def barrier(world: World) -> None:

@@ -204,15 +204,18 @@ def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
-def check_vocabulary(tokenizer: PreTrainedTokenizerBase, model, where: str) -> None:
+def check_vocabulary(tokenizer: PreTrainedTokenizerBase, model, cfg: ModelConfig) -> None:
     """Every id the tokenizer can produce must have a row in the model's embedding."""
     rows = model.get_input_embeddings().num_embeddings
     ids = [*tokenizer.get_vocab().values(), *tokenizer.all_special_ids]
     top = max(ids, default=-1)
     if top >= rows:
+        where = "model.tokenizer_path" if cfg.tokenizer_path else "model.path"
+        tokenizer_dir = Path(cfg.tokenizer_path or cfg.path).expanduser()
         raise UserError(
-            f"{where}: the tokenizer has ids up to {top}, but the model's embedding has"
-            f" {rows} rows (ids 0..{rows - 1}); they do not belong together: use the"
+            f"{where}: the tokenizer in {tokenizer_dir} has ids up to {top}, but the"
+            f" embedding of the model in {Path(cfg.path).expanduser()} has {rows} rows"
+            f" (ids 0..{rows - 1}); they do not belong together: use the"
             " tokenizer saved with this model (model.tokenizer_path), or resize the"
             " model's embeddings to the tokenizer before training"
         )
@@ -244,9 +247,7 @@ def load_model_and_tokenizer(cfg: ModelConfig, seed: int = 0):
             raise UserError(
                 f"model.path: could not load a causal LM from {path}: {e}{hint}"
             ) from None
-        check_vocabulary(
-            tokenizer, model, "model.tokenizer_path" if cfg.tokenizer_path else "model.path"
-        )
+        check_vocabulary(tokenizer, model, cfg)
     if tokenizer.pad_token_id is None:
         # Padding positions are masked out of attention and loss, so any id works.
         tokenizer.pad_token = tokenizer.eos_token

@@ -25,7 +25,14 @@ from privdpo.checkpoint import (
 )
 from privdpo.config import TrainConfig, dump_yaml, to_dict
 from privdpo.data.batching import token_count
-from privdpo.distributed import SINGLE, all_reduce_sum, barrier, share, units_share
+from privdpo.distributed import (
+    SINGLE,
+    all_reduce_sum,
+    barrier,
+    collective_device,
+    share,
+    units_share,
+)
 from privdpo.errors import UserError
 from privdpo.metrics import MetricsLogger
 from privdpo.models import compile_layers
@@ -262,13 +269,25 @@ def shard_model(model, cfg: TrainConfig, world) -> None:
     """train.parallel=fsdp on several ranks: FSDP2 `fully_shard` on each decoder layer (its
     parameters, gradients and optimizer state sharded over the ranks, gathered layer by
     layer in the forward and backward passes); the embeddings, final norm and head stay
-    replicated. Call after the model is on its device, before the optimizer."""
+    replicated. A bf16 model computes in bf16 and reduce-scatters its gradients in float32
+    (`MixedPrecisionPolicy`), so the sum over ranks is not rounded to bf16 at each step of
+    the reduction; `train.fsdp_cpu_offload` keeps the shards and the optimizer state in CPU
+    memory (`CPUOffloadPolicy`). Call after the model is on its device, before the
+    optimizer."""
     if cfg.parallel != "fsdp" or not world.active:
         return
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
+    first = next(model.parameters())
+    options = {}
+    if first.dtype == torch.bfloat16:
+        options["mp_policy"] = MixedPrecisionPolicy(
+            param_dtype=torch.bfloat16, reduce_dtype=torch.float32
+        )
+    if cfg.fsdp_cpu_offload:  # pinned memory for fast copies to a GPU (none to pin on a CPU)
+        options["offload_policy"] = CPUOffloadPolicy(pin_memory=first.device.type == "cuda")
     for layer in model.get_decoder().layers:
-        fully_shard(layer)
+        fully_shard(layer, **options)
 
 
 def _sharded(t) -> bool:
@@ -299,14 +318,17 @@ def clip_gradients(world, params: list, max_norm: float | None) -> torch.Tensor:
     limit = max_norm if max_norm is not None else float("inf")
     if not any(_sharded(p) for p in params):
         return torch.nn.utils.clip_grad_norm_(params, limit)
+    # With CPU offload the shards' gradients are in CPU memory: their norm goes to the
+    # device the collectives run on (NCCL: this rank's GPU), and the factor comes back.
+    device = collective_device()
     sharded = [p.grad.to_local().double().pow(2).sum() for p in params if _sharded(p)]
-    local = torch.stack(sharded).sum()
+    local = torch.stack(sharded).sum().to(device)
     all_reduce_sum(world, [local])
-    plain = [p.grad.double().pow(2).sum() for p in params if not _sharded(p)]
+    plain = [p.grad.double().pow(2).sum().to(device) for p in params if not _sharded(p)]
     total = (local + (torch.stack(plain).sum() if plain else 0.0)).sqrt()
     coef = (limit / (total + 1e-6)).clamp(max=1.0)
     for p in params:
-        p.grad.mul_(coef.to(p.grad.dtype))
+        p.grad.mul_(coef.to(p.grad.device, p.grad.dtype))
     return total.float()
 
 
