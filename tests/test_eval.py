@@ -645,6 +645,49 @@ def test_a_lora_run_is_its_adapter_on_its_base_against_that_base(tmp_path):
         assert not torch.allclose(want, want_ref, atol=1e-3)
 
 
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_a_checkpoint_is_the_runs_start_with_that_steps_weights(tmp_path, lora):
+    """model.path=RUN/checkpoints/step-N: the last step's checkpoint gives the exported
+    model, an earlier one another model; the reference is the run's."""
+    from privdpo.recipes.eval import load_source
+
+    run_dir = tmp_path / "run"
+    overrides = [
+        f"output.dir={run_dir}",
+        "output.progress_bar=false",
+        "train.max_steps=2",
+        "train.save_every=1",
+        "train.eval_every=null",
+        "train.early_stopping_patience=null",
+        f"dpo.reference_cache_dir={tmp_path / 'cache'}",
+    ]
+    if lora:
+        overrides += ["model.lora.enabled=true", "dpo.reference=adapter_disabled"]
+    cwd = os.getcwd()
+    os.chdir(REPO)
+    try:
+        assert main(["dpo", "examples/dpo_tiny.yaml", *overrides]) == 0
+    finally:
+        os.chdir(cwd)
+    steps = sorted((run_dir / "checkpoints").glob("step-*"))
+    assert len(steps) == 2
+    final = resolve(load_config(EvalRunConfig, None, [f"model.path={run_dir}"]))
+    models = {}
+    for step in steps:
+        plan = resolve(load_config(EvalRunConfig, None, [f"model.path={step}"]))
+        assert plan.policy.kind == "checkpoint" and plan.output_dir == step
+        assert plan.reference == final.reference and plan.beta == final.beta
+        models[step.name], tokenizer = load_source(plan.policy, EvalRunConfig().model, "model.path")
+    exported, _ = load_source(final.policy, EvalRunConfig().model, "model.path")
+    ids = torch.tensor([tokenizer("The movie was good")["input_ids"]])
+    with torch.no_grad():
+        want = exported(input_ids=ids).logits
+        last = models[steps[-1].name](input_ids=ids).logits
+        first = models[steps[0].name](input_ids=ids).logits
+    torch.testing.assert_close(last, want, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(first, want, atol=1e-6)
+
+
 # ---------------------------------------------------------------------------------------
 # The command, on a real tiny DPO run
 # ---------------------------------------------------------------------------------------

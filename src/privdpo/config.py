@@ -432,8 +432,9 @@ class EvalModelConfig:
 
     path: str | None = opt(
         None,
-        "a run directory (its model/, else adapter/ on its base) or a local model directory"
-        " (a full model, or a peft adapter whose base is a local directory)",
+        "a run directory (its model/, else adapter/ on its base), one of its checkpoints"
+        " (RUN/checkpoints/step-N: the run's starting model with that step's weights), or a"
+        " local model directory (a full model, or a peft adapter whose base is local)",
     )
     dtype: Literal["float32", "bfloat16"] = opt(
         "float32", "compute dtype of the model, the reference and a reward-model judge"

@@ -58,6 +58,7 @@ import torch
 import yaml
 from transformers.utils import logging as hf_logging
 
+from privdpo.checkpoint import load_trainable
 from privdpo.config import (
     DataConfig,
     DPORunConfig,
@@ -77,7 +78,7 @@ from privdpo.errors import ConfigError, DataError, UserError
 from privdpo.generation import eos_token_ids, exact_sequence_kl, generate, sequence_kl
 from privdpo.judges import Judge, load_judge, pairwise_outcomes
 from privdpo.logprobs import sequence_logps
-from privdpo.models import DTYPES, check_local_model_dir, load_model_and_tokenizer
+from privdpo.models import DTYPES, add_lora, check_local_model_dir, load_model_and_tokenizer
 from privdpo.report import write_report
 from privdpo.stats import Estimate, bootstrap_estimate, mean_estimate, ratio_estimate
 from privdpo.training import micro_batches, pick_device
@@ -543,9 +544,10 @@ def read_tasks(path: str, tokenizer) -> list[ChoiceTask]:
 @dataclass
 class ModelSource:
     """Where a model comes from: a model directory, a peft adapter (merged onto its local
-    base), or a preset rebuilt from its seed."""
+    base), a preset rebuilt from its seed, or a checkpoint of a run (the run's starting
+    model with the checkpoint's trainable weights)."""
 
-    kind: str  # "dir", "adapter" or "preset"
+    kind: str  # "dir", "adapter", "preset" or "checkpoint"
     label: str
     path: Path | None = None
     preset: str | None = None
@@ -561,6 +563,19 @@ class EvalPlan:
     pair_files: list[str]  # empty: the run's held-out split
     run: DPORunConfig | SFTRunConfig | None
     output_dir: Path
+
+
+def checkpoint_run_dir(path: Path) -> Path | None:
+    """The run directory of a checkpoint directory (`RUN/checkpoints/step-N` or
+    `RUN/checkpoints/best`), or None when `path` is no checkpoint."""
+    if not (path / "trainable.safetensors").is_file():
+        return None
+    run_dir = path.parent.parent
+    return (
+        run_dir
+        if path.parent.name == "checkpoints" and (run_dir / "config.yaml").is_file()
+        else None
+    )
 
 
 def _directory_source(path: Path, label: str) -> ModelSource | None:
@@ -612,6 +627,9 @@ def policy_source(
         check_local_model_dir(path_text)  # raises, with a hint for a Hub id
     run = None
     policy = None
+    run_dir = checkpoint_run_dir(path)
+    if run_dir is not None:
+        return ModelSource("checkpoint", str(path), path), _run_config(run_dir)
     if (path / "config.yaml").is_file():
         run = _run_config(path)
         for sub in ("model", "adapter"):
@@ -648,7 +666,7 @@ def resolve(cfg: EvalRunConfig) -> EvalPlan:
                 " config.json or adapter_config.json)"
             )
     elif run is not None:
-        reference = _run_reference(path, run)
+        reference = _run_reference(checkpoint_run_dir(path) or path, run)
     else:
         reference = None
         problems.append(
@@ -712,6 +730,8 @@ def load_source(source: ModelSource, cfg: EvalModelConfig, key: str):
             )
         elif source.kind == "adapter":
             model, tokenizer = _load_adapter(source.path, cfg, key)
+        elif source.kind == "checkpoint":
+            model, tokenizer = _load_checkpoint(source.path, cfg)
         else:
             if not source.path.exists():
                 raise UserError(
@@ -729,6 +749,28 @@ def load_source(source: ModelSource, cfg: EvalModelConfig, key: str):
     for p in model.parameters():
         p.requires_grad_(False)
     return model, tokenizer
+
+
+def _load_checkpoint(path: Path, cfg: EvalModelConfig):
+    """The model of a run at one of its checkpoints: the run's starting model (as the run
+    loaded it), its LoRA adapters if it trained some, the checkpoint's trainable weights;
+    LoRA merged."""
+    run = _run_config(checkpoint_run_dir(path))
+    model, tokenizer = load_model_and_tokenizer(
+        dataclasses.replace(run.model, dtype=cfg.dtype), run.train.seed
+    )
+    if run.model.lora.enabled:
+        model = add_lora(model, run.model.lora)
+    else:
+        model.requires_grad_(True)  # full fine-tuning: every weight is in the checkpoint
+    try:
+        load_trainable(path, model)
+    except KeyError as e:
+        raise UserError(
+            f"model.path: the checkpoint {path} does not hold the weights its run trains"
+            f" (missing {e}); it was written by another run or another privdpo"
+        ) from None
+    return (model.merge_and_unload() if run.model.lora.enabled else model), tokenizer
 
 
 def _load_adapter(path: Path, cfg: EvalModelConfig, key: str):
