@@ -88,14 +88,44 @@ def test_selection_rules_on_hand_made_scores():
         "samples_per_prompt": 4,
         "min_score_gap": 0.5,
         "pairs": 4,
+        "paired_prompts": 4,
         "skipped_small_gap": 1,
         "skipped_ties": 2,
         "skipped_blank": 1,
         "unfinished_samples": 1,
     }
     assert str(summary) == (
-        "4 pairs from 8 prompts x 4 samples; skipped: 1 gap < 0.5, 2 ties, 1 blank;"
+        "4 pairs from 4 of 8 prompts x 4 samples; skipped: 1 gap < 0.5, 2 ties, 1 blank;"
         " 1 samples cut at max_new_tokens"
+    )
+
+
+def test_all_pairs_per_prompt_by_hand():
+    prompts = [
+        # a=1, b=3, c=3 (a tie with b), d=0: every pair with a gap >= 0.5 and unequal scores
+        samples(("a", 1.0), ("b", 3.0), ("c", 3.0), ("d", 0.0)),
+        samples(("a", 0.25), ("b", 0.0)),  # gap below: skipped, as best_worst would
+        samples(("a", 1.0), ("a", 2.0), ("b", 0.0)),  # identical texts never pair
+    ]
+    rows, summary = select_pairs(prompts, min_score_gap=0.5, pairs_per_prompt="all")
+    picked = [(r["chosen"], r["rejected"]) for r in rows]
+    assert picked == [
+        ("b", "a"),
+        ("c", "a"),
+        ("a", "d"),
+        ("b", "d"),
+        ("c", "d"),
+        ("a", "b"),
+        ("a", "b"),
+    ]
+    assert [r["chosen_score"] - r["rejected_score"] for r in rows] == [2, 2, 1, 3, 3, 1, 2]
+    assert (summary.pairs, summary.paired_prompts, summary.skipped_small_gap) == (7, 2, 1)
+    # best_worst keeps the first of each prompt's (best, worst): a subset of all
+    best, _ = select_pairs(prompts, min_score_gap=0.5)
+    assert all(
+        (r["chosen"], r["rejected"], r["chosen_score"])
+        in {(a["chosen"], a["rejected"], a["chosen_score"]) for a in rows}
+        for r in best
     )
 
 

@@ -736,6 +736,11 @@ class PairsSelectionConfig:
         "a prompt gives the pair (best, worst) only if best - worst >= this, in the judge's"
         " units; equal scores are never a pair",
     )
+    pairs_per_prompt: Literal["best_worst", "all"] = opt(
+        "best_worst",
+        "best_worst: one pair per prompt; all: every two samples whose scores differ by at"
+        " least min_score_gap (up to n(n-1)/2 pairs from n samples)",
+    )
 
 
 @dataclass

@@ -9,7 +9,10 @@ prompt with one seeded generator; the judge (`judges.py`) scores them; per promp
 - chosen is the first candidate with the highest score, rejected the first with the lowest;
 - equal scores are no preference: skipped (`skipped_ties`), whatever `min_score_gap`;
 - a gap `chosen_score - rejected_score` below `min_score_gap` is skipped
-  (`skipped_small_gap`); every other prompt gives one pair.
+  (`skipped_small_gap`); every other prompt gives one pair, or, with `pairs_per_prompt`
+  "all", one pair for every two candidates whose scores differ by at least
+  `min_score_gap` (and are not equal) and whose texts differ, the higher one chosen, in
+  sampling order: up to n(n-1)/2 pairs from n samples, at no extra sampling cost.
 
 Completions are the sampled tokens decoded with special tokens skipped and nothing else
 changed (a trailing EOS is dropped; `privdpo dpo` appends its own). Rows keep the prompt
@@ -60,13 +63,14 @@ class PromptSamples:
 
 @dataclass
 class PairsSummary:
-    """What became of the prompts: each gives one pair or is skipped for one reason, so
-    pairs + skipped_small_gap + skipped_ties + skipped_blank == prompts."""
+    """What became of the prompts: each gives pairs or is skipped for one reason, so
+    paired_prompts + skipped_small_gap + skipped_ties + skipped_blank == prompts."""
 
     prompts: int
     samples_per_prompt: int
     min_score_gap: float
     pairs: int = 0
+    paired_prompts: int = 0
     skipped_small_gap: int = 0
     skipped_ties: int = 0
     skipped_blank: int = 0
@@ -77,7 +81,8 @@ class PairsSummary:
 
     def __str__(self) -> str:
         return (
-            f"{self.pairs} pairs from {self.prompts} prompts x {self.samples_per_prompt}"
+            f"{self.pairs} pairs from {self.paired_prompts} of {self.prompts} prompts x"
+            f" {self.samples_per_prompt}"
             f" samples; skipped: {self.skipped_small_gap} gap < {self.min_score_gap:g},"
             f" {self.skipped_ties} ties, {self.skipped_blank} blank;"
             f" {self.unfinished_samples} samples cut at max_new_tokens"
@@ -88,7 +93,7 @@ class PairsSummary:
         return "\n".join(
             [
                 f"  prompts              {self.prompts:>6}  ({self.samples_per_prompt} samples each)",
-                f"  pairs                {self.pairs:>6}",
+                f"  pairs                {self.pairs:>6}  (from {self.paired_prompts} prompts)",
                 f"  skipped: small gap   {self.skipped_small_gap:>6}"
                 f"  (best - worst < min_score_gap {self.min_score_gap:g})",
                 f"  skipped: ties        {self.skipped_ties:>6}  (best and worst scored equal)",
@@ -174,10 +179,13 @@ def sample_completions(
 
 
 def select_pairs(
-    samples: list[PromptSamples], min_score_gap: float
+    samples: list[PromptSamples], min_score_gap: float, pairs_per_prompt: str = "best_worst"
 ) -> tuple[list[dict], PairsSummary]:
-    """One pair (best, worst) per prompt whose scores differ by at least `min_score_gap`
-    and are not equal; the rules are in the module docstring."""
+    """The pair (best, worst) of each prompt whose scores differ by at least
+    `min_score_gap` and are not equal, or with `pairs_per_prompt="all"` every such pair of
+    its candidates; the rules are in the module docstring."""
+    if pairs_per_prompt not in ("best_worst", "all"):
+        raise ValueError(f"pairs_per_prompt must be best_worst or all, got {pairs_per_prompt!r}")
     summary = PairsSummary(
         prompts=len(samples),
         samples_per_prompt=len(samples[0].completions) if samples else 0,
@@ -198,8 +206,20 @@ def select_pairs(
             summary.skipped_ties += 1
         elif gap < min_score_gap:
             summary.skipped_small_gap += 1
-        else:
+        elif pairs_per_prompt == "best_worst":
             rows.append(pair_row(s, best, worst))
+            summary.paired_prompts += 1
+        else:
+            found = [
+                pair_row(s, i, j) if s.scores[i] > s.scores[j] else pair_row(s, j, i)
+                for a, i in enumerate(candidates)
+                for j in candidates[a + 1 :]
+                if abs(s.scores[i] - s.scores[j]) >= min_score_gap
+                and s.scores[i] != s.scores[j]
+                and s.completions[i] != s.completions[j]
+            ]
+            rows += found
+            summary.paired_prompts += 1  # found holds at least (best, worst)
     summary.pairs = len(rows)
     return rows, summary
 
@@ -235,6 +255,7 @@ def make_pairs(
     batch_size: int,
     seed: int,
     min_score_gap: float,
+    pairs_per_prompt: str = "best_worst",
 ) -> tuple[list[dict], PairsSummary]:
     """Preference rows {"prompt", "chosen", "rejected", "user_id" (when the prompt has
     one), "chosen_score", "rejected_score"} and what became of each prompt.
@@ -254,7 +275,7 @@ def make_pairs(
         batch_size=batch_size,
         seed=seed,
     )
-    return select_pairs(samples, min_score_gap)
+    return select_pairs(samples, min_score_gap, pairs_per_prompt)
 
 
 def read_prompt_rows(path: str, user_id_column: str = "user_id") -> list[dict]:
@@ -332,6 +353,7 @@ def run_pairs(cfg: PairsRunConfig) -> PairsSummary:
         batch_size=g.batch_size,
         seed=g.seed,
         min_score_gap=cfg.selection.min_score_gap,
+        pairs_per_prompt=cfg.selection.pairs_per_prompt,
     )
     print(summary.table())
     if not rows:
