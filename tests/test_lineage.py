@@ -7,6 +7,7 @@ appears in clear in anything a run writes; the privacy package has no import cyc
 from __future__ import annotations
 
 import ast
+import hashlib
 import json
 import subprocess
 import sys
@@ -15,6 +16,7 @@ from pathlib import Path
 import dp_accounting
 import pytest
 
+import privdpo
 from conftest import REPO, sft_rows, write_jsonl
 from privdpo.cli import main
 from privdpo.privacy.accounting import PLD_VALUE_DISCRETIZATION, dpsgd_event
@@ -89,7 +91,48 @@ def test_a_non_private_parent_on_the_same_users_leaves_them_unprotected(tmp_path
     assert (tmp_path / "dpo" / "model" / "lineage.json").is_file()
     lineage = json.loads((tmp_path / "dpo" / "lineage.json").read_text())
     assert [st["recipe"] for st in lineage["stages"]] == ["sft", "dpo"]
-    assert lineage["start_model"]["trained_by_privdpo"] is True
+    check_lineage_fields(lineage, tmp_path / "pairs.jsonl", 28, tmp_path / "sft")
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def weights_index_by_hand(model: Path) -> str:
+    """The weight index as lineage.json documents it: per safetensors file its name, size
+    and JSON header."""
+    digest = hashlib.sha256()
+    for f in sorted(model.glob("*.safetensors")):
+        blob = f.read_bytes()
+        size = int.from_bytes(blob[:8], "little")
+        digest.update(f.name.encode() + b"\0" + str(len(blob)).encode() + blob[8 : 8 + size])
+    return digest.hexdigest()
+
+
+def check_lineage_fields(lineage: dict, data: Path, rows: int, parent_run: Path) -> None:
+    """The inputs, code, starting model and parent-ledger fields of a DPO run's lineage
+    that started from the model `parent_run` exported."""
+    (record,) = lineage["inputs"]
+    assert record == {"path": str(data), "split": "train", "sha256": sha256(data), "rows": rows}
+    assert lineage["code"]["privdpo"] == privdpo.__version__
+    head = subprocess.run(
+        ["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True
+    ).stdout.strip()
+    assert lineage["code"]["git_commit"] == (head or None)
+    model = parent_run / "model"
+    start = lineage["start_model"]
+    assert start["kind"] == "path" and start["path"] == str(model)
+    assert start["trained_by_privdpo"] is True and start["privdpo_run"] == str(parent_run)
+    assert start["config_sha256"] == sha256(model / "config.json")
+    assert start["weights_index_sha256"] == weights_index_by_hand(model)
+    assert start["lineage_json"] == {
+        "path": str(model / "lineage.json"),
+        "sha256": sha256(model / "lineage.json"),
+    }
+    privacy = model / "privacy.json"
+    assert start["privacy_json"] == (
+        {"path": str(privacy), "sha256": sha256(privacy)} if privacy.is_file() else None
+    )
 
 
 def test_require_end_to_end_refuses_to_start(tmp_path, capsys):
@@ -128,6 +171,9 @@ def test_private_stages_on_the_same_users_compose_in_dp_accounting(tmp_path):
     by_hand = accountant.compose(dp_accounting.ComposedDpEvent(events)).get_epsilon(dpo["delta"])
     assert dpo["epsilon"] == pytest.approx(by_hand, rel=1e-6)
     assert dpo["epsilon"] > dpo["stage_epsilon"]  # composing costs privacy
+    lineage = json.loads((tmp_path / "dpo" / "lineage.json").read_text())
+    check_lineage_fields(lineage, tmp_path / "pairs.jsonl", 28, tmp_path / "sft")
+    assert lineage["start_model"]["privacy_json"] is not None  # the parent's ledger, hashed
     checks = verify(tmp_path / "dpo")
     assert [c["name"] for c in checks] == ["this run", "end to end"]
     assert all(c["matches"] and not c["below_default"] for c in checks)

@@ -110,7 +110,8 @@ def input_record(path: str | Path, rows: int | None, split: str) -> dict:
 def model_record(model_cfg) -> dict:
     """The starting model: a preset, or a directory (a hash of its config and of its weight
     index: file names, sizes and safetensors headers), with its own lineage if privdpo
-    wrote one there."""
+    wrote one there: the run that made it and the sha256 of the lineage.json and
+    privacy.json found beside it (None where there is none)."""
     if model_cfg.preset:
         return {"kind": "preset", "preset": model_cfg.preset, "trained_by_privdpo": False}
     root = Path(model_cfg.path).expanduser()
@@ -132,7 +133,13 @@ def model_record(model_cfg) -> dict:
         "weights_index_sha256": index.hexdigest(),
         "trained_by_privdpo": lineage is not None and bool(lineage.get("stages")),
         "privdpo_run": lineage.get("run_dir") if lineage else None,
+        "lineage_json": _file_record(root / LINEAGE),
+        "privacy_json": _file_record(root / "privacy.json"),
     }
+
+
+def _file_record(path: Path) -> dict | None:
+    return {"path": str(path), "sha256": sha256_file(path)} if path.is_file() else None
 
 
 def code_version() -> dict:
