@@ -179,6 +179,66 @@ def test_private_stages_on_the_same_users_compose_in_dp_accounting(tmp_path):
     assert all(c["matches"] and not c["below_default"] for c in checks)
 
 
+def saved_preset(directory: Path) -> Path:
+    """The tiny preset saved as a user's own model directory: no lineage.json."""
+    from privdpo.models import build_preset
+
+    model, tokenizer = build_preset("tiny")
+    model.save_pretrained(directory, safe_serialization=True)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def test_a_model_privdpo_did_not_train_makes_the_statement_relative_to_it(tmp_path, capsys):
+    model = saved_preset(tmp_path / "my-model")
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", marker_pairs(28))
+    assert cli(tmp_path, "dpo", "dpo", pairs, f"model.path={model}", *USER_DP) == 0
+    assert f"note: the starting model {model} was not trained by privdpo" in capsys.readouterr().out
+    s = statement_of(tmp_path / "dpo")
+    end = s["end_to_end"]
+    assert end["relative_to_starting_model"] == str(model)
+    assert end["composition"] == "single stage" and end["epsilon"] == s["stage_epsilon"]
+    assert f"The guarantee is relative to the starting model {model}" in s["summary"]
+    report = (tmp_path / "dpo" / "report.html").read_text()
+    assert f"Relative to the starting model {model}" in report
+    lineage = json.loads((tmp_path / "dpo" / "lineage.json").read_text())
+    assert lineage["start_model"]["trained_by_privdpo"] is False
+    assert lineage["start_model"]["lineage_json"] is None
+    assert [st["recipe"] for st in lineage["stages"]] == ["dpo"]
+
+
+def test_a_tokenizer_fit_on_the_same_users_leaves_them_unprotected(tmp_path, capsys):
+    from privdpo.demo import tokenizer_lineage
+
+    model = saved_preset(tmp_path / "init")
+    pairs = marker_pairs(28)
+    corpus = write_jsonl(tmp_path / "corpus.jsonl", [{"text": p["prompt"]} for p in pairs])
+    users = sorted({p["user_id"] for p in pairs})
+    tokenizer_lineage(model, corpus, users, str(tmp_path / "salt"))
+    data = write_jsonl(tmp_path / "pairs.jsonl", pairs)
+    assert cli(tmp_path, "dpo", "dpo", data, f"model.path={model}", *USER_DP) == 0
+    out = capsys.readouterr().out
+    assert f"warning: {len(users)} of this run's users also contributed to the tokenizer fit" in out
+    s = statement_of(tmp_path / "dpo")
+    (entry,) = s["end_to_end"]["no_guarantee"]
+    assert entry["recipe"] == "tokenizer fit" and entry["overlapping_users"] == len(users)
+    assert "tokenizer fit stage" in s["summary"]
+    assert "those users have no differential-privacy guarantee in this model" in s["summary"]
+    assert s["end_to_end"]["relative_to_starting_model"] is None  # its lineage is known
+
+
+@pytest.mark.parametrize("private", [True, False])
+def test_a_salt_file_inside_the_run_directory_is_refused(tmp_path, capsys, private):
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", marker_pairs(28))
+    salt = tmp_path / "dpo" / "keys" / "salt"
+    extra = USER_DP if private else ["train.max_steps=1"]
+    code = cli(tmp_path, "dpo", "dpo", pairs, *extra, f"data.user_salt_file={salt}")
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert f"data.user_salt_file: {salt} is inside output.dir {tmp_path / 'dpo'}" in err
+    assert not (tmp_path / "dpo").exists() and not salt.exists()
+
+
 EXAMPLES = ["dpo_private.yaml", "dpo_user_private.yaml"]
 
 
