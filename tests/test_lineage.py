@@ -9,6 +9,7 @@ from __future__ import annotations
 import ast
 import hashlib
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -207,16 +208,26 @@ def test_a_model_privdpo_did_not_train_makes_the_statement_relative_to_it(tmp_pa
     assert [st["recipe"] for st in lineage["stages"]] == ["dpo"]
 
 
-def test_a_tokenizer_fit_on_the_same_users_leaves_them_unprotected(tmp_path, capsys):
+@pytest.mark.parametrize("where", ["model", "tokenizer_path"])
+def test_a_tokenizer_fit_on_the_same_users_leaves_them_unprotected(tmp_path, capsys, where):
+    """The tokenizer's lineage (as the demo writes it) beside the model, or in a directory
+    of its own named by model.tokenizer_path."""
     from privdpo.demo import tokenizer_lineage
 
     model = saved_preset(tmp_path / "init")
     pairs = marker_pairs(28)
     corpus = write_jsonl(tmp_path / "corpus.jsonl", [{"text": p["prompt"]} for p in pairs])
     users = sorted({p["user_id"] for p in pairs})
-    tokenizer_lineage(model, corpus, users, str(tmp_path / "salt"))
+    extra = [f"model.path={model}"]
+    if where == "model":
+        tokenizer_lineage(model, corpus, users, str(tmp_path / "salt"))
+    else:
+        tokenizer = tmp_path / "tokenizer"
+        shutil.copytree(model, tokenizer)
+        tokenizer_lineage(tokenizer, corpus, users, str(tmp_path / "salt"))
+        extra.append(f"model.tokenizer_path={tokenizer}")
     data = write_jsonl(tmp_path / "pairs.jsonl", pairs)
-    assert cli(tmp_path, "dpo", "dpo", data, f"model.path={model}", *USER_DP) == 0
+    assert cli(tmp_path, "dpo", "dpo", data, *extra, *USER_DP) == 0
     out = capsys.readouterr().out
     assert f"warning: {len(users)} of this run's users also contributed to the tokenizer fit" in out
     s = statement_of(tmp_path / "dpo")
@@ -224,7 +235,13 @@ def test_a_tokenizer_fit_on_the_same_users_leaves_them_unprotected(tmp_path, cap
     assert entry["recipe"] == "tokenizer fit" and entry["overlapping_users"] == len(users)
     assert "tokenizer fit stage" in s["summary"]
     assert "those users have no differential-privacy guarantee in this model" in s["summary"]
-    assert s["end_to_end"]["relative_to_starting_model"] is None  # its lineage is known
+    if where == "model":
+        assert s["end_to_end"]["relative_to_starting_model"] is None  # its lineage is known
+    else:
+        lineage = json.loads((tmp_path / "dpo" / "lineage.json").read_text())
+        assert lineage["tokenizer"]["path"] == str(tokenizer)
+        assert lineage["tokenizer"]["lineage_json"]["path"] == str(tokenizer / "lineage.json")
+        assert [st["recipe"] for st in lineage["stages"]] == ["tokenizer fit", "dpo"]
 
 
 @pytest.mark.parametrize("private", [True, False])
