@@ -302,6 +302,16 @@ def test_no_user_id_in_clear_in_anything_a_user_level_run_writes(tmp_path):
         r["user_id"] = secret_ids[int(r["user_id"][1:])]
     data = write_jsonl(tmp_path / "pairs.jsonl", rows)
     assert cli(tmp_path, "dpo", "run", data, *USER_DP, "data.eval_fraction=0.1") == 0
+    # The report shows the per-user histogram of pairs and how many were used.
+    s = statement_of(tmp_path / "run")
+    histogram = {int(c): n for c, n in s["units_per_user_histogram"].items()}
+    total = sum(c * n for c, n in histogram.items())
+    assert sum(histogram.values()) == s["users"] == 7
+    assert total == s["units_kept"] + s["units_dropped"] == 25  # 3 of 28 pairs held out
+    assert s["units_kept"] == sum(min(c, 2) * n for c, n in histogram.items())  # k = 2
+    report = (tmp_path / "run" / "report.html").read_text()
+    assert 'data-figure="contributions"' in report
+    assert f"7 users; {s['units_kept']} of 25 pairs used for training" in report
     written = [p for p in (tmp_path / "run").rglob("*") if p.is_file()]
     assert any(p.name == "users.json" for p in written)
     for path in written:
