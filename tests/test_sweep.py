@@ -264,6 +264,15 @@ def test_grid_values_and_point_names():
     same_last, fixed = parse_grid(["train.seed=0,1", "eval.seed=2,3", "train.lr=[1]"])
     assert [a.label for a in same_last] == ["train-seed", "eval-seed"]
     assert fixed == ["train.lr=[1]"]  # one value: an override for every point
+    # One epsilon for every point turns privacy on (or off) as an axis value does.
+    assert parse_grid(["dpo.beta=0.1,0.5", "privacy.target_epsilon=8"])[1] == [
+        "privacy.enabled=true",
+        "privacy.target_epsilon=8",
+    ]
+    assert parse_grid(["dpo.beta=0.1,0.5", "privacy.target_epsilon=inf"])[1] == [
+        "privacy.enabled=false",
+        "privacy.target_epsilon=null",
+    ]
 
 
 def test_the_example_config_plans_the_readme_grid(tmp_path, monkeypatch):

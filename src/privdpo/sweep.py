@@ -91,8 +91,8 @@ def parse_grid(items: list[str]) -> tuple[list[Axis], list[str]]:
         if not eq or not key or not re.fullmatch(r"[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)+", key):
             raise UserError(f"--grid {item!r}: not an axis; {GRID_FIX}")
         texts = split_values(text, item)
-        if len(texts) == 1:
-            fixed.append(item)
+        if len(texts) == 1:  # privacy.target_epsilon=8 turns privacy on here too
+            fixed.extend(axis_overrides(key, texts[0]))
             continue
         if len(set(texts)) < len(texts):
             raise UserError(f"--grid {item!r}: a value is repeated; list each value once")
