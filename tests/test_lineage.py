@@ -16,6 +16,7 @@ from pathlib import Path
 
 import dp_accounting
 import pytest
+import yaml
 
 import privdpo
 from conftest import REPO, sft_rows, write_jsonl
@@ -256,32 +257,109 @@ def test_a_salt_file_inside_the_run_directory_is_refused(tmp_path, capsys, priva
     assert not (tmp_path / "dpo").exists() and not salt.exists()
 
 
-EXAMPLES = ["dpo_private.yaml", "dpo_user_private.yaml"]
+# Every shipped example with privacy on (and the ELS variant of the user-level one): the
+# command that runs it and overrides. The sweep's private points are checked below.
+EXAMPLES = {
+    "audit_sft.yaml": ("audit", []),
+    "dpo_private.yaml": ("dpo", []),
+    "dpo_user_private.yaml": ("dpo", []),
+    "dpo_user_private.yaml els": ("dpo", ["privacy.user_algorithm=els"]),
+}
 
 
-@pytest.mark.parametrize("example", EXAMPLES)
-def test_verify_reproduces_the_shipped_examples_epsilons(tmp_path, example, capsys):
-    config = REPO / "examples" / example
-    assert (
-        main(
-            [
-                "dpo",
-                str(config),
-                f"output.dir={tmp_path / 'run'}",
-                "output.progress_bar=false",
-                f"data.train={REPO / 'src/privdpo/assets/sample_pairs.jsonl'}",
-                f"data.user_salt_file={tmp_path / 'salt'}",
-            ]
+def test_every_private_example_is_verified():
+    private = {
+        p.name
+        for p in (REPO / "examples").glob("*.yaml")
+        if ((yaml.safe_load(p.read_text()) or {}).get("privacy") or {}).get("enabled")
+    }
+    assert private == {name.split()[0] for name in EXAMPLES}
+
+
+def verify_example(tmp_path: Path, name: str, *overrides: str) -> None:
+    """Run the example as shipped (plus `overrides`), then `privdpo privacy verify` it: every
+    epsilon of its privacy.json reproduced by plain dp-accounting to 1e-9 relative."""
+    command, extra = EXAMPLES[name]
+    config = REPO / "examples" / name.split()[0]
+    train = yaml.safe_load(config.read_text())["data"]["train"]
+    run = tmp_path / "run"
+    args = [command, str(config), f"output.dir={run}", "output.progress_bar=false"]
+    args += [f"data.train={REPO / train}", f"data.user_salt_file={tmp_path / 'salt'}"]
+    assert main([*args, *extra, *overrides]) == 0
+    check_verified(run)
+
+
+def check_verified(run: Path) -> list[dict]:
+    statement = statement_of(run)
+    checks = verify(run)
+    expected = ["this run"]
+    stated = [statement["stage_epsilon"]]
+    if statement.get("user_algorithm") == "ELS":
+        expected.append("group bound")  # the comparison bound is recomputed too
+        stated.append(statement["group_privacy_epsilon"])
+    if statement["end_to_end"]["composed_stages"]:
+        expected.append("end to end")
+        stated.append(statement["epsilon"])
+    assert [c["name"] for c in checks] == expected
+    assert [c["stated"] for c in checks] == stated
+    for c in checks:
+        assert c["matches"] and c["relative_difference"] <= 1e-9 and not c["below_default"], c
+    return checks
+
+
+@pytest.mark.parametrize("name", EXAMPLES)
+def test_verify_reproduces_the_examples_epsilons_in_two_steps(tmp_path, name, capsys):
+    verify_example(tmp_path, name, "train.max_steps=2")
+    if "els" not in name:  # the command too (ELS's mixture PLD at the default is slow)
+        capsys.readouterr()
+        assert main(["privacy", "verify", str(tmp_path / "run")]) == 0
+        out = capsys.readouterr().out
+        assert "this run" in out and " ok" in out and "MISMATCH" not in out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", EXAMPLES)
+def test_verify_reproduces_the_shipped_examples_epsilons(tmp_path, name):
+    verify_example(tmp_path, name)
+
+
+def test_verify_reproduces_the_sweep_examples_private_points(tmp_path):
+    """examples/sweep_tiny.yaml's private points (4 steps each) of the README's grid."""
+    config = REPO / "examples" / "sweep_tiny.yaml"
+    train = yaml.safe_load(config.read_text())["data"]["train"]
+    args = ["sweep", str(config), f"output.dir={tmp_path / 'sweep'}"]
+    args += [f"data.train={REPO / train}", f"data.user_salt_file={tmp_path / 'salt'}"]
+    assert main([*args, "--grid", "dpo.beta=0.1,0.5", "privacy.target_epsilon=8"]) == 0
+    result = json.loads((tmp_path / "sweep" / "sweep.json").read_text())
+    assert [p["private"] for p in result["points"]] == [True, True]
+    for p in result["points"]:
+        check_verified(Path(p["dir"]))
+
+
+def test_an_infinite_group_bound_is_stated_as_none_and_verify_agrees(tmp_path):
+    """An ELS run so weakly private that group privacy gives no finite epsilon: privacy.json
+    (strict JSON) says None, verify's own search finds no finite bound, and the two match."""
+    from privdpo.privacy.ledger import PrivacyLedger
+    from privdpo.privacy.planning import PrivacyPlan, UserBound
+    from privdpo.privacy.statement import statement, write_statement
+    from privdpo.privacy.verify import _compare, plain_group_epsilon
+
+    q, sigma, steps, k = 0.5, 0.4, 3, 2
+    ledger = PrivacyLedger("user", 1e-6, "pld", [[q, sigma, steps]], els_bound=k)
+    users = UserBound("els", k, "privacy.contribution_bound", 10, 20, 0, {k: 10})
+    plan = PrivacyPlan("user", 20, q, steps, sigma, 1.0, 1e-6, "pld", ledger.epsilon(), None, users)
+    write_statement(statement(plan, ledger, False, None), tmp_path)
+    s = statement_of(tmp_path)
+    assert s["group_privacy_epsilon"] is None and 50 < s["stage_epsilon"] < 100
+    unit_level = [
+        dp_accounting.SelfComposedDpEvent(
+            dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma)), steps
         )
-        == 0
-    )
-    capsys.readouterr()
-    assert main(["privacy", "verify", str(tmp_path / "run")]) == 0
-    out = capsys.readouterr().out
-    assert "this run" in out and " ok" in out
-    (check,) = verify(tmp_path / "run")
-    assert check["relative_difference"] <= 1e-9
-    assert check["stated"] == statement_of(tmp_path / "run")["stage_epsilon"]
+    ]
+    settings = s["accountant_settings"]
+    assert plain_group_epsilon(unit_level, k, 1e-6, settings) == float("inf")
+    assert _compare(None, float("inf")) == (True, 0.0)
+    assert _compare(None, 3.0)[0] is False and _compare(3.0, float("inf"))[0] is False
 
 
 def test_verify_catches_a_tampered_statement(tmp_path, capsys):

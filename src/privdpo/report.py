@@ -435,6 +435,8 @@ def _privacy_meaning(p: dict) -> str:
             " For comparison, the loose group-privacy bound would give epsilon ="
             f" {escape(fmt_number(p['group_privacy_epsilon']))}."
         )
+    elif "group_privacy_epsilon" in p:
+        text += " For comparison, the loose group-privacy bound gives no finite epsilon."
     return text
 
 
