@@ -281,11 +281,18 @@ def test_user_level_statement(runs, tmp_path):
         users=7,
         units_kept=26,
         units_dropped=2,
+        units_per_user_histogram={"2": 1, "4": 5, "6": 1},  # JSON keys: strings
         epsilon=7.98,
         delta=1e-5,
     )
     (run / "privacy.json").write_text(json.dumps(statement))
-    text = check_report(write_report(run), tmp_path / "browser", DPO_FIGURES)["text"]
+    figures = DPO_FIGURES | {"contributions"}
+    text = check_report(write_report(run), tmp_path / "browser", figures)["text"]
+    # The histogram of pairs per user and how many were used: 2 + 20 + 6 = 28 pairs, of
+    # which min(n, 4) per user = 2 + 20 + 4 = 26 used.
+    assert "Contributions per user" in text
+    assert "7 users; 26 of 28 pairs used for training (at most k = 4 per user), 2 left out." in text
+    assert "pairs per user\tusers\n2\t1\n4\t5\n6\t1" in text
     assert (
         "Each user's data influences this model by at most epsilon = 7.98, delta = 1e-5,"
         " under ULS with k = 4 (user-level DP-SGD, dp-accounting PLD)."

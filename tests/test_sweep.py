@@ -11,14 +11,16 @@ import math
 import re
 from pathlib import Path
 
+import dp_accounting
 import pytest
 
 import privdpo.recipes.dpo
-from conftest import REPO, Crash, crash_after_step, without_timing, write_jsonl
+from conftest import REPO, Crash, crash_after_step, sft_rows, without_timing, write_jsonl
 from privdpo.cli import main
 from privdpo.metrics import read_metrics
 from privdpo.privacy.ledger import PrivacyLedger, composed_epsilon
-from privdpo.sweep import parse_grid, plan_sweep, point_name
+from privdpo.report import fmt_number
+from privdpo.sweep import Point, parse_grid, plan_sweep, point_name, sweep_privacy
 from test_dpo import marker_pairs
 from test_report import check_report
 
@@ -264,6 +266,15 @@ def test_grid_values_and_point_names():
     same_last, fixed = parse_grid(["train.seed=0,1", "eval.seed=2,3", "train.lr=[1]"])
     assert [a.label for a in same_last] == ["train-seed", "eval-seed"]
     assert fixed == ["train.lr=[1]"]  # one value: an override for every point
+    # One epsilon for every point turns privacy on (or off) as an axis value does.
+    assert parse_grid(["dpo.beta=0.1,0.5", "privacy.target_epsilon=8"])[1] == [
+        "privacy.enabled=true",
+        "privacy.target_epsilon=8",
+    ]
+    assert parse_grid(["dpo.beta=0.1,0.5", "privacy.target_epsilon=inf"])[1] == [
+        "privacy.enabled=false",
+        "privacy.target_epsilon=null",
+    ]
 
 
 def test_the_example_config_plans_the_readme_grid(tmp_path, monkeypatch):
@@ -285,3 +296,150 @@ def test_sweep_help_explains_it(capsys):
     out = capsys.readouterr().out
     for words in ("--grid", "privacy.target_epsilon=inf", "reused", "resumes", "--metric"):
         assert words in out
+
+
+USER_DP = [
+    "privacy.enabled=true",
+    "privacy.unit=user",
+    "privacy.contribution_bound=2",
+    "train.batch_size=4",
+    "train.micro_batch_size=4",
+    "train.max_steps=3",
+    "train.lr=1e-3",
+    "data.eval_fraction=0",
+    "output.progress_bar=false",
+]
+
+
+def plain_pld_epsilon(segments: list, delta: float, interval: float) -> float:
+    """[q, sigma, steps] segments, each a Poisson-subsampled Gaussian self-composed, composed
+    by dp-accounting's PLD accountant: no privdpo code."""
+    events = [
+        dp_accounting.SelfComposedDpEvent(
+            dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma)), steps
+        )
+        for q, sigma, steps in segments
+    ]
+    accountant = dp_accounting.pld.PLDAccountant(
+        neighboring_relation=dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE,
+        value_discretization_interval=interval,
+    )
+    return accountant.compose(dp_accounting.ComposedDpEvent(events)).get_epsilon(delta)
+
+
+def test_a_sweep_from_a_dp_sft_parent_composes_the_parent_once(tmp_path, capsys):
+    """User-level DP-SFT (users u0..u4), then a sweep of two user-level DP-DPO points from
+    its model on users u0..u6: the sweep's total composes the SFT stage (once) with both
+    points, and is at least every point's own end-to-end epsilon."""
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("{}\n")
+    salt = f"data.user_salt_file={tmp_path / 'salt'}"
+    sft_data = write_jsonl(tmp_path / "sft.jsonl", sft_rows(30))
+    sft = ["sft", str(empty), "model.preset=tiny", f"data.train={sft_data}", salt]
+    sft += [f"output.dir={tmp_path / 'sft'}", "privacy.noise_multiplier=1.0", *USER_DP]
+    assert main(sft) == 0
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", marker_pairs(28))
+    args = ["sweep", str(empty), f"output.dir={tmp_path / 'sweep'}", "dpo.beta=0.1", salt]
+    args += [f"model.path={tmp_path / 'sft' / 'model'}", f"data.train={pairs}", *USER_DP]
+    args += ["--grid", "privacy.noise_multiplier=1.0,2.0", "--metric", "loss"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    result = json.loads((tmp_path / "sweep" / "sweep.json").read_text())
+    points = result["points"]
+    cost = result["privacy"]
+    (group,) = cost["composed"]
+    assert group["points"] == [p["name"] for p in points] and group["unit"] == "user"
+    assert [s["recipe"] for s in group["earlier_stages"]] == ["sft"]
+    assert group["stages_composed"] == 3  # the SFT stage once, and each point
+    assert group["same_users"] == "the same 7 users in every point, by salted hash of the user ids"
+
+    # By hand: the SFT stage's and both points' steps, composed by dp-accounting.
+    sft_statement = json.loads((tmp_path / "sft" / "privacy.json").read_text())
+    interval = sft_statement["accountant_settings"]["value_discretization_interval"]
+    own = [seg for p in points for seg in p["ledger"]["segments"]]
+    parent = sft_statement["ledger"]["segments"]
+    by_hand = plain_pld_epsilon([*parent, *own], group["delta"], interval)
+    assert group["epsilon"] == pytest.approx(by_hand, rel=1e-6)
+    assert cost["epsilon"] == {"user": group["epsilon"]}
+    for p in points:
+        statement = json.loads((Path(p["dir"]) / "privacy.json").read_text())
+        assert p["epsilon"] == statement["epsilon"] > statement["stage_epsilon"]
+        assert p["earlier_stages"][0]["ledger"] == sft_statement["ledger"]
+        assert group["epsilon"] >= p["epsilon"]
+    # The shared parent counts once, not once per point; without it the total is smaller.
+    twice = plain_pld_epsilon([*parent, *parent, *own], group["delta"], interval)
+    assert group["epsilon"] < twice
+    assert group["epsilon"] > plain_pld_epsilon(own, group["delta"], interval)
+
+    html = (tmp_path / "sweep" / "sweep.html").read_text()
+    section = html[html.index('<section id="privacy">') :]
+    section = section[: section.index("</section>")]
+    assert f"<td>{fmt_number(by_hand)}</td>" in section
+    assert "the sft stage" in section and "counted once each" in section
+    assert "the same 7 users" in section
+    assert f"epsilon = {fmt_number(group['epsilon'])}" in out
+
+
+def made_point(name: str, unit: str, users, earlier=(), no_guarantee=()) -> Point:
+    """A finished private point as sweep_privacy sees it: its record and hashed users."""
+    sigma = {"a": 1.0, "b": 1.5, "c": 2.0, "d": 3.0}[name]
+    point = Point(name, {}, [])
+    point.record = {
+        "private": True,
+        "unit": unit,
+        "delta": 1e-5,
+        "epsilon": None,
+        "ledger": {
+            "unit": unit,
+            "delta": 1e-5,
+            "accountant": "pld",
+            "segments": [[0.1, sigma, 20]],
+        },
+        "stage_id": f"stage-{name}",
+        "earlier_stages": list(earlier),
+        "no_guarantee": list(no_guarantee),
+        "relative_to": None,
+    }
+    point.users = ("salt", frozenset(users)) if users is not None else None
+    return point
+
+
+def test_sweep_privacy_groups_points_by_their_users():
+    parent_ledger = {
+        "unit": "user",
+        "delta": 1e-5,
+        "accountant": "pld",
+        "segments": [[0.2, 1.2, 10]],
+    }
+    parent = {"id": "sft-1", "recipe": "sft", "run_dir": "runs/sft", "ledger": parent_ledger}
+    tokenizer = {
+        "id": "tok-1",
+        "recipe": "tokenizer fit",
+        "run_dir": "runs/init",
+        "reason": "2 of this run's users also contributed to the tokenizer fit stage",
+    }
+    a = made_point("a", "user", {"h1", "h2"}, [parent], [tokenizer])
+    b = made_point("b", "user", {"h2", "h3"}, [parent], [tokenizer])
+    c = made_point("c", "user", {"h9"})  # disjoint from a and b: parallel composition
+    d = made_point("d", "pair", None)  # no user ids: its own unit
+    cost = sweep_privacy([a, b, c, d])
+    ab, c_group, d_group = cost["composed"]
+    assert ab["points"] == ["a", "b"] and c_group["points"] == ["c"] and d_group["points"] == ["d"]
+    ledgers = [
+        PrivacyLedger.from_dict(x) for x in (parent_ledger, a.record["ledger"], b.record["ledger"])
+    ]
+    assert ab["epsilon"] == pytest.approx(composed_epsilon(ledgers, 1e-5), rel=1e-12)
+    assert ab["stages_composed"] == 3 and ab["same_users"].startswith("3 users, overlapping")
+    alone = PrivacyLedger.from_dict(c.record["ledger"]).epsilon()
+    assert c_group["epsilon"] == pytest.approx(alone, rel=1e-12)
+    assert cost["epsilon"] == {"user": max(ab["epsilon"], alone), "pair": d_group["epsilon"]}
+    assert d_group["same_users"].startswith("assumed the same")
+    text = cost["statement"]
+    assert "compose in parallel" in text
+    assert text.count("also contributed to the tokenizer fit stage") == 1  # carried, once
+    assert cost["no_guarantee"] == [tokenizer]
+
+    # Users that cannot be compared (another salt) are the same users: one group.
+    c.users = ("another salt", frozenset({"h9"}))
+    (abc, _) = sweep_privacy([a, b, c, d])["composed"]
+    assert abc["points"] == ["a", "b", "c"]

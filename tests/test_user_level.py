@@ -5,6 +5,7 @@ import math
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import dp_accounting
 import numpy as np
@@ -467,3 +468,13 @@ def test_default_bound_uls_keeps_half_of_the_units_within_the_measured_range():
     # Never beyond the measured 16, nor the largest count.
     assert default_bound_uls([1, 1000]) == 16
     assert default_bound_uls([3, 3, 3]) == 2  # 6 of 9 kept
+
+
+def test_the_user_level_example_states_the_default_rule():
+    """The example's comment on contribution_bound names the rule default_bound_uls uses
+    (it once said "least predicted noise", which always chose k = 1)."""
+    text = (Path(__file__).resolve().parents[1] / "examples/dpo_user_private.yaml").read_text()
+    comment = text[text.index("contribution_bound:") :].split("target_epsilon")[0]
+    assert "smallest power of two" in comment and "at most 16" in comment
+    assert "median per user" in comment
+    assert "least predicted noise" not in text

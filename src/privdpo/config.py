@@ -952,6 +952,15 @@ def check_common(cfg: Any) -> list[str]:
         problems.append("output.dir: required; set it to the run directory to create")
     if not 0.0 <= d.eval_fraction < 1.0:
         problems.append(f"data.eval_fraction: must be in [0, 1), got {d.eval_fraction}")
+    if cfg.output.dir and d.user_salt_file:
+        salt = Path(d.user_salt_file).expanduser().resolve()
+        if salt.is_relative_to(Path(cfg.output.dir).expanduser().resolve()):
+            problems.append(
+                f"data.user_salt_file: {d.user_salt_file} is inside output.dir"
+                f" {cfg.output.dir}; the salt must stay out of what a run writes (anyone"
+                " holding it can test user ids against the hashes): set it to a path outside"
+                " output.dir"
+            )
     problems.extend(check_privacy(cfg))
     problems.extend(check_scrub(cfg.scrub))
     if not t.shuffle and cfg.privacy.enabled:

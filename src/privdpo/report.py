@@ -435,6 +435,8 @@ def _privacy_meaning(p: dict) -> str:
             " For comparison, the loose group-privacy bound would give epsilon ="
             f" {escape(fmt_number(p['group_privacy_epsilon']))}."
         )
+    elif "group_privacy_epsilon" in p:
+        text += " For comparison, the loose group-privacy bound gives no finite epsilon."
     return text
 
 
@@ -483,7 +485,7 @@ def privacy_section(run_dir: Path, config: dict, records: list[dict]) -> str:
     return (
         '<section id="privacy"><h2>Privacy guarantee</h2>'
         f'<p class="statement">{sentence}</p>{meaning}{_coverage(statement)}'
-        f"{_contributions(statement)}"
+        f"{_contributions(statement, 'pairs' if run_kind(config) == 'dpo' else 'examples')}"
         f"<h3>Exact numbers</h3>{html_table(['quantity', 'value'], rows, 'numbers')}{recorded}"
         "</section>"
     )
@@ -530,28 +532,31 @@ def _stage_name(stage: dict) -> str:
     return f"the {stage.get('recipe')} stage{where}"
 
 
-def _contributions(p: dict) -> str:
-    """The per-user histogram of examples/pairs and how many were used (user level)."""
+def _contributions(p: dict, units: str) -> str:
+    """The per-user histogram of `units` ("pairs" or "examples") before the bound k, and
+    how many were used (user level)."""
     histogram = p.get("units_per_user_histogram")
     if not histogram:
         return ""
-    counts = sorted((int(k), int(v)) for k, v in histogram.items())
+    counts = sorted((int(c), int(n)) for c, n in histogram.items())
     k = p.get("contribution_bound")
     fig = Figure(figsize=(6.4, 2.6))
     ax = fig.add_subplot()
     ax.bar([str(c) for c, _ in counts], [n for _, n in counts], color="#4c72b0")
-    ax.set_xlabel("examples/pairs per user")
+    ax.set_xlabel(f"{units} per user (before the bound)")
     ax.set_ylabel("users")
     ax.set_title(f"Contributions per user (bound k = {k})")
     used, dropped = p.get("units_kept"), p.get("units_dropped")
+    total = sum(c * n for c, n in counts)
     caption = escape(
-        f"{fmt_number(p.get('users'))} users; {fmt_number(used)} examples/pairs used for"
-        f" training (at most k = {fmt_number(k)} per user), {fmt_number(dropped)} left out."
+        f"{fmt_number(p.get('users'))} users; {fmt_number(used)} of {fmt_number(total)} {units}"
+        f" used for training (at most k = {fmt_number(k)} per user), {fmt_number(dropped)}"
+        " left out."
     )
-    table = html_table(["per user", "users"], [[c, n] for c, n in counts], "numbers")
+    table = html_table([f"{units} per user", "users"], [[c, n] for c, n in counts], "numbers")
     return (
         "<h3>Contributions per user</h3>"
-        + figure_img("contributions", "histogram of examples or pairs per user", fig, caption)
+        + figure_img("contributions", f"histogram of {units} per user", fig, caption)
         + table
     )
 

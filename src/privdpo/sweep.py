@@ -72,6 +72,9 @@ class Point:
     action: str = "run"  # a key of STATUS
     status: str = "pending"
     record: dict | None = None
+    # (salt id, salted hashes of the point's users) from its users.json; None when the data
+    # names no users. Compared across points, never written to sweep.json.
+    users: tuple[str, frozenset[str]] | None = None
 
     @property
     def run_dir(self) -> Path:
@@ -91,8 +94,8 @@ def parse_grid(items: list[str]) -> tuple[list[Axis], list[str]]:
         if not eq or not key or not re.fullmatch(r"[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)+", key):
             raise UserError(f"--grid {item!r}: not an axis; {GRID_FIX}")
         texts = split_values(text, item)
-        if len(texts) == 1:
-            fixed.append(item)
+        if len(texts) == 1:  # privacy.target_epsilon=8 turns privacy on here too
+            fixed.extend(axis_overrides(key, texts[0]))
             continue
         if len(set(texts)) < len(texts):
             raise UserError(f"--grid {item!r}: a value is repeated; list each value once")
@@ -322,6 +325,7 @@ def run_sweep(
             except UserError as e:
                 raise UserError(f"sweep point {point.name} ({point.run_dir}): {e}") from None
         point.record = point_record(point, metric)
+        point.users = point_users(point.run_dir, point.record.get("stage_id"))
         point.status = STATUS[point.action]
         if point.action != "reuse":
             marker = {"point": point.name, "values": point.values, **point.record}
@@ -379,12 +383,17 @@ def point_record(point: Point, metric: str) -> dict:
         value = m.get("value") if isinstance(m, dict) else m
         if isinstance(value, int | float) and not isinstance(value, bool):
             eval_metrics[name] = value
-    epsilon, delta, unit, ledger = math.inf, None, None, None
+    epsilon, delta, unit, ledger, stage_epsilon = math.inf, None, None, None, None
+    end: dict = {}
     if point.cfg.privacy.enabled:
         statement = _read_json(run_dir / "privacy.json") or {}
-        epsilon = statement.get("epsilon")
+        epsilon = statement.get("epsilon")  # end to end
+        stage_epsilon = statement.get("stage_epsilon")
         delta, unit = statement.get("delta"), statement.get("unit")
         ledger = statement.get("ledger")
+        end = statement.get("end_to_end") or {}
+    lineage = _read_json(run_dir / "lineage.json") or {}
+    stages = lineage.get("stages") or []
     # metrics.jsonl first; eval.json's names (win_rate, kl_to_reference, ...) differ.
     source = "metrics.jsonl" if metric in final else "eval.json" if metric in eval_metrics else None
     steps = [r["step"] for r in records if "loss" in r]
@@ -393,13 +402,33 @@ def point_record(point: Point, metric: str) -> dict:
         "metric_from": source,
         "private": point.cfg.privacy.enabled,
         "epsilon": epsilon,
+        "stage_epsilon": stage_epsilon,
         "delta": delta,
         "unit": unit,
         "ledger": ledger,
+        # This run's stage in its lineage, and what its end-to-end epsilon covers: the
+        # earlier private stages composed with it (with their ledgers), the earlier stages
+        # that leave some of its users without a guarantee, the model it is relative to.
+        "stage_id": stages[-1]["id"] if stages else None,
+        "earlier_stages": [
+            {k: s[k] for k in ("id", "recipe", "run_dir", "ledger")}
+            for s in end.get("composed_stages", [])
+        ],
+        "no_guarantee": [
+            {k: s[k] for k in ("id", "recipe", "run_dir", "reason")}
+            for s in end.get("no_guarantee", [])
+        ],
+        "relative_to": end.get("relative_to_starting_model"),
         "steps": max(steps, default=0),
         "final_metrics": final,
         "eval_metrics": eval_metrics,
     }
+
+
+def point_users(run_dir: Path, stage_id: str | None) -> tuple[str, frozenset[str]] | None:
+    """The salted hashes of a point's users (users.json), to compare with other points'."""
+    users = (_read_json(run_dir / "users.json") or {}).get("stages", {}).get(stage_id)
+    return (users["salt_id"], frozenset(users["hashes"])) if users else None
 
 
 def _read_json(path: Path):
@@ -427,9 +456,18 @@ def best_point(points: list[Point], metric: str) -> Point | None:
 
 
 def sweep_privacy(points: list[Point]) -> dict | None:
-    """The privacy cost of the sweep as a release. Every point trains on the same data, so
-    choosing one model by the points' results releases something about all of them: the
-    private points' mechanisms compose (dp-accounting, sequential, per privacy unit), and a
+    """The privacy cost of the sweep as a release: choosing one model by the points'
+    results releases something about all of them.
+
+    Private points with the same unit whose users may overlap are *the same users*: by
+    salted hash of the user ids where both points have them (same salt), else assumed
+    (data without user ids, or hashes under another salt). Such points are grouped
+    (transitively), and each group's mechanisms compose sequentially in dp-accounting:
+    every point's own steps and the earlier private stages each point's end-to-end epsilon
+    already composes (a DP-SFT parent, ...), each stage once by its id however many points
+    start from it. Groups on disjoint users compose in parallel: the sweep's epsilon for a
+    unit is the largest of its groups'. Earlier stages that left some users without a
+    guarantee, and starting models a guarantee is relative to, carry over as they are; a
     choice that also looks at non-private points has no guarantee. Tuning bounds such as
     Papernot and Steinke 2022 need a random number of runs; a fixed grid gets composition."""
     done = [p for p in points if p.record]
@@ -441,26 +479,125 @@ def sweep_privacy(points: list[Point]) -> dict | None:
     for p in private:
         by_unit.setdefault(p.record["unit"], []).append(p)
     groups = []
-    for unit, group in by_unit.items():
-        ledgers = [PrivacyLedger.from_dict(p.record["ledger"]) for p in group]
-        delta = min(p.record["delta"] for p in group)
-        groups.append(
-            {
-                "unit": unit,
-                "points": [p.name for p in group],
-                "delta": delta,
-                "epsilon": composed_epsilon(ledgers, delta),
-                "accountant": f"dp-accounting {composition_accountant(ledgers).upper()}",
-            }
-        )
+    for unit, members in by_unit.items():
+        for group in _same_users(members):
+            stages: dict[str, dict] = {}  # stage id -> ledger, each stage once
+            earlier: dict[str, dict] = {}
+            for p in group:
+                for st in p.record.get("earlier_stages") or []:
+                    stages.setdefault(st["id"], st["ledger"])
+                    earlier.setdefault(st["id"], {k: st[k] for k in ("id", "recipe", "run_dir")})
+                stages.setdefault(p.record.get("stage_id") or p.name, p.record["ledger"])
+            ledgers = [PrivacyLedger.from_dict(led) for led in stages.values()]
+            delta = min(p.record["delta"] for p in group)
+            hashed = [p.users for p in group if p.users is not None]
+            groups.append(
+                {
+                    "unit": unit,
+                    "points": [p.name for p in group],
+                    "earlier_stages": list(earlier.values()),
+                    "stages_composed": len(stages),
+                    "same_users": _same_users_text(group, hashed),
+                    "delta": delta,
+                    "epsilon": composed_epsilon(ledgers, delta),
+                    "accountant": f"dp-accounting {composition_accountant(ledgers).upper()}",
+                }
+            )
     out["composed"] = groups
+    out["epsilon"] = {
+        unit: max(g["epsilon"] for g in groups if g["unit"] == unit) for unit in by_unit
+    }
+    unprotected: dict[str, dict] = {}
+    for p in private:
+        for st in p.record.get("no_guarantee") or []:
+            unprotected.setdefault(st["id"], st)
+    out["no_guarantee"] = list(unprotected.values())
+    out["relative_to"] = sorted(
+        {p.record["relative_to"] for p in private if p.record.get("relative_to")}
+    )
+    out["statement"] = _sweep_statement(out)
+    return out
+
+
+def _same_users(points: list[Point]) -> list[list[Point]]:
+    """Points grouped by possibly shared users: two points are linked unless both have
+    salted user hashes under one salt and those are disjoint; the groups are the connected
+    parts, each in the points' order."""
+    group_of = list(range(len(points)))  # union-find over point indices
+
+    def root(i: int) -> int:
+        while group_of[i] != i:
+            i = group_of[i]
+        return i
+
+    for i, j in itertools.combinations(range(len(points)), 2):
+        if not _disjoint(points[i], points[j]):
+            group_of[root(j)] = root(i)
+    groups: dict[int, list[Point]] = {}
+    for i, p in enumerate(points):
+        groups.setdefault(root(i), []).append(p)
+    return list(groups.values())
+
+
+def _disjoint(a: Point, b: Point) -> bool:
+    if a.users is None or b.users is None or a.users[0] != b.users[0]:
+        return False  # cannot be told apart: the same users
+    return not a.users[1] & b.users[1]
+
+
+def _same_users_text(group: list[Point], hashed: list) -> str:
+    if len(hashed) < len(group):
+        return (
+            "assumed the same: some points' data name no users, or were hashed under another salt"
+        )
+    union = frozenset().union(*(h[1] for h in hashed))
+    users = f"{len(union)} user{'s' if len(union) != 1 else ''}"
+    if len(group) == 1:
+        return f"{users}, by salted hash of the user ids"
+    if all(h[1] == hashed[0][1] for h in hashed):
+        return f"the same {users} in every point, by salted hash of the user ids"
+    return f"{users}, overlapping between the points, by salted hash of the user ids"
+
+
+def _sweep_statement(out: dict) -> str:
     parts = []
-    for g in groups:
+    for g in out["composed"]:
+        earlier = ", ".join(
+            f"the {s['recipe']} stage ({s['run_dir']})" if s.get("run_dir") else s["recipe"]
+            for s in g["earlier_stages"]
+        )
+        with_earlier = (
+            f", with those of the earlier private stages they start from counted once each"
+            f" ({earlier}),"
+            if earlier
+            else ""
+        )
+        names = ", ".join(g["points"])
+        if len(g["points"]) == 1:
+            head = f"Point {names} ({g['unit']} level; users: {g['same_users']}):"
+        else:
+            head = (
+                f"Points {names} ({g['unit']} level; users: {g['same_users']}): choosing"
+                " among them releases all of them, so"
+            )
         parts.append(
-            f"Choosing among the {len(g['points'])} private points ({g['unit']} level) releases"
-            f" all of them: their steps compose (sequentially, {g['accountant']}) to epsilon ="
-            f" {fmt_number(g['epsilon'])} at delta = {fmt_number(g['delta'])} for the sweep as a"
-            " whole, next to each point's own epsilon."
+            f"{head} {'its' if len(g['points']) == 1 else 'their'} steps{with_earlier} compose sequentially in {g['accountant']} to"
+            f" epsilon = {fmt_number(g['epsilon'])} at delta = {fmt_number(g['delta'])}"
+            " (each point's own end-to-end epsilon is in the table of points)."
+        )
+    for unit, eps in out["epsilon"].items():
+        several = sum(g["unit"] == unit for g in out["composed"]) > 1
+        if several:
+            parts.append(
+                f"The {unit}-level groups above have disjoint users (by salted hash), so they"
+                f" compose in parallel: the sweep's {unit}-level epsilon is {fmt_number(eps)}."
+            )
+    for st in out["no_guarantee"]:
+        parts.append(f"Carried over from a point's own statement: {st['reason']}.")
+    for path in out["relative_to"]:
+        parts.append(
+            f"Relative to the starting model {path}, which privdpo did not train: what it"
+            " learned before is not covered."
         )
     if out["non_private_points"]:
         parts.append(
@@ -471,8 +608,7 @@ def sweep_privacy(points: list[Point]) -> dict | None:
         "This is a fixed grid, so no private-tuning bound (e.g. Papernot and Steinke 2022, which"
         " needs a random number of runs) applies."
     )
-    out["statement"] = " ".join(parts)
-    return out
+    return " ".join(parts)
 
 
 def _finite(x) -> bool:
@@ -600,16 +736,17 @@ def _privacy_section(points: list[Point]) -> str:
     rows = [
         [
             g["unit"],
-            len(g["points"]),
+            ", ".join(g["points"]),
+            ", ".join(s["recipe"] for s in g["earlier_stages"]) or "none",
+            g["same_users"],
             fmt_number(g["epsilon"]),
             fmt_number(g["delta"]),
             g["accountant"],
         ]
         for g in cost["composed"]
     ]
-    table = html_table(
-        ["unit", "private points", "epsilon of the sweep", "delta", "accountant"], rows
-    )
+    header = ["unit", "private points", "earlier stages composed", "users", "epsilon of the sweep"]
+    table = html_table([*header, "delta", "accountant"], rows)
     return (
         f'<section id="privacy"><h2>Privacy of the sweep</h2><p>{escape(cost["statement"])}</p>'
         f"{table}</section>"

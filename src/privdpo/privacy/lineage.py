@@ -110,7 +110,8 @@ def input_record(path: str | Path, rows: int | None, split: str) -> dict:
 def model_record(model_cfg) -> dict:
     """The starting model: a preset, or a directory (a hash of its config and of its weight
     index: file names, sizes and safetensors headers), with its own lineage if privdpo
-    wrote one there."""
+    wrote one there: the run that made it and the sha256 of the lineage.json and
+    privacy.json found beside it (None where there is none)."""
     if model_cfg.preset:
         return {"kind": "preset", "preset": model_cfg.preset, "trained_by_privdpo": False}
     root = Path(model_cfg.path).expanduser()
@@ -132,7 +133,30 @@ def model_record(model_cfg) -> dict:
         "weights_index_sha256": index.hexdigest(),
         "trained_by_privdpo": lineage is not None and bool(lineage.get("stages")),
         "privdpo_run": lineage.get("run_dir") if lineage else None,
+        "lineage_json": _file_record(root / LINEAGE),
+        "privacy_json": _file_record(root / "privacy.json"),
     }
+
+
+def _file_record(path: Path) -> dict | None:
+    return {"path": str(path), "sha256": sha256_file(path)} if path.is_file() else None
+
+
+def tokenizer_record(model_cfg) -> tuple[dict, dict | None]:
+    """Where the tokenizer came from, and the lineage privdpo wrote beside a tokenizer of
+    its own (`model.tokenizer_path`), if any."""
+    if model_cfg.preset:
+        origin = "the preset's tokenizer, trained on privdpo's packaged public text"
+        return {"origin": origin}, None
+    if not model_cfg.tokenizer_path:
+        return {"origin": "saved with the starting model", "path": str(model_cfg.path)}, None
+    root = Path(model_cfg.tokenizer_path).expanduser()
+    record = {
+        "origin": "model.tokenizer_path",
+        "path": str(root),
+        "lineage_json": _file_record(root / LINEAGE),
+    }
+    return record, read_lineage(root)
 
 
 def code_version() -> dict:
@@ -260,16 +284,17 @@ class RunLineage:
         ]
         start = model_record(cfg.model)
         parent = read_lineage(Path(cfg.model.path).expanduser()) if cfg.model.path else None
-        ancestors = parent["stages"] if parent else []
-        ancestor_users = parent["_user_hashes"].get("stages", {}) if parent else {}
+        ancestors = list(parent["stages"]) if parent else []
+        ancestor_users = dict(parent["_user_hashes"].get("stages", {})) if parent else {}
+        tokenizer, tok = tokenizer_record(cfg.model)
+        if tok:  # a tokenizer of its own: the stages behind it (a fit on private text) count
+            known = {st["id"] for st in ancestors}
+            ancestors += [st for st in tok["stages"] if st["id"] not in known]
+            for stage_id, hashes in tok["_user_hashes"].get("stages", {}).items():
+                ancestor_users.setdefault(stage_id, hashes)
         sid = salt_id(salt) if salt is not None else None
         coverage = analyze(
             ancestors, ancestor_users, set(users) if users is not None else None, sid, unit, start
-        )
-        tokenizer = (
-            {"origin": "the preset's tokenizer, trained on privdpo's packaged public text"}
-            if cfg.model.preset
-            else {"origin": "saved with the starting model", "path": str(cfg.model.path)}
         )
         lineage = new_lineage(recipe, run_dir, inputs, start, tokenizer)
         stage = stage_record(

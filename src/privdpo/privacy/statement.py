@@ -170,11 +170,13 @@ def stage_statement(plan, ledger: PrivacyLedger, secure: bool) -> dict:
         }
         if u.algorithm == "els" and math.isfinite(eps):
             steps = ledger.steps  # the loose bound, for comparison only
-            out["group_privacy_epsilon"] = (
+            group = (
                 els_group_epsilon(p.sampling_rate, p.noise_multiplier, u.bound, steps, p.delta)
                 if steps
                 else 0.0
             )
+            # None: no finite bound (privacy.json is strict JSON, without Infinity).
+            out["group_privacy_epsilon"] = group if math.isfinite(group) else None
     return out
 
 

@@ -6,8 +6,10 @@ earlier stages it composed. Here each is turned back into dp-accounting events a
 measured with plain dp-accounting calls, with the accountant and settings the statement
 names (PLD at its stated value discretization; RDP at its orders), and also with
 dp-accounting's default PLD discretization: a reported epsilon must match the first and
-never be below the second. Nothing of privdpo's own accounting code is used, apart from
-building the events from the ledger's numbers.
+never be below the second. An ELS statement's `group_privacy_epsilon` (the loose
+group-privacy bound it gives for comparison) is recomputed too: the unit-level PLD from
+dp-accounting, then the group-privacy grid search written out here. Nothing of privdpo's
+own accounting code is used, apart from building the events from the ledger's numbers.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import math
 from pathlib import Path
 
 import dp_accounting
+import numpy as np
 
 from privdpo.errors import UserError
 from privdpo.privacy.ledger import PrivacyLedger
@@ -44,15 +47,19 @@ def plain_epsilon(events: list, delta: float, accountant: str, settings: dict | 
     return float(acc.compose(event).get_epsilon(delta))
 
 
+def _compare(stated: float | None, recomputed: float) -> tuple[bool, float]:
+    """(matches, relative difference); a stated None stands for an infinite epsilon."""
+    if stated is None or not math.isfinite(recomputed):
+        match = stated is None and not math.isfinite(recomputed)
+        return match, 0.0 if match else math.inf
+    rel = abs(recomputed - stated) / max(abs(recomputed), 1e-300)
+    return rel <= MATCH, rel
+
+
 def _check(name: str, stated, events, delta, accountant, settings) -> dict:
     recomputed = plain_epsilon(events, delta, accountant, settings)
     default = plain_epsilon(events, delta, "pld", None) if accountant == "pld" else None
-    if stated is None or not math.isfinite(recomputed):
-        match = stated is None and not math.isfinite(recomputed)
-        rel = 0.0 if match else math.inf
-    else:
-        rel = abs(recomputed - stated) / max(abs(recomputed), 1e-300)
-        match = rel <= MATCH
+    match, rel = _compare(stated, recomputed)
     below = default is not None and stated is not None and stated < default * (1 - MATCH)
     return {
         "name": name,
@@ -65,8 +72,42 @@ def _check(name: str, stated, events, delta, accountant, settings) -> dict:
     }
 
 
+def plain_group_epsilon(events: list, k: int, delta: float, settings: dict) -> float:
+    """The group-privacy epsilon of ELS's statement (`group_privacy_epsilon`, a loose bound
+    given for comparison), recomputed: the unit-level PLD of `events` from dp-accounting's
+    PLD accountant; then the smallest eps1 on a grid of step 1e-4 with
+    delta1(eps1) * sum_{i<k} e^{i eps1} <= delta (group privacy for k units), times k."""
+    if not events:
+        return 0.0
+    acc = dp_accounting.pld.PLDAccountant(
+        neighboring_relation=_NEIGHBOURS,
+        value_discretization_interval=settings["value_discretization_interval"],
+    )
+    acc.compose(dp_accounting.ComposedDpEvent(events))
+
+    def feasible(eps1: np.ndarray) -> np.ndarray:
+        i = np.arange(k)[:, None]
+        with np.errstate(divide="ignore"):
+            log_sum = np.logaddexp.reduce(i * eps1[None, :], axis=0)
+            log_delta1 = np.log(np.asarray(acc.get_delta(eps1), dtype=float))
+        return log_delta1 + log_sum <= math.log(delta)
+
+    top = 16.0  # a coarse scan at step 0.01 for the first feasible eps1, then 1e-4 below it
+    while not (ok := np.flatnonzero(feasible(np.arange(round(top * 100) + 1) / 100))).size:
+        if top >= 1000:
+            return math.inf
+        top *= 2
+    first = int(ok[0])
+    if first == 0:
+        return 0.0
+    fine = (first - 1) / 100 + np.arange(1, 101) / 1e4
+    fine[-1] = first / 100
+    return float(k * fine[np.flatnonzero(feasible(fine))[0]])
+
+
 def verify(run_dir: str | Path) -> list[dict]:
-    """One check per epsilon of the run's privacy.json (its stage, its end to end)."""
+    """One check per epsilon of the run's privacy.json (its stage, its end to end, and an
+    ELS run's group-privacy comparison bound)."""
     path = Path(run_dir) / "privacy.json"
     if not path.is_file():
         raise UserError(
@@ -89,6 +130,30 @@ def verify(run_dir: str | Path) -> list[dict]:
             "this run", statement.get("stage_epsilon"), ledger.events(), delta, accountant, settings
         )
     ]
+    if "group_privacy_epsilon" in statement and ledger.els_bound is not None:
+        # The bound given for comparison: the same steps as unit-level DP-SGD, k units a user.
+        units = [
+            dp_accounting.SelfComposedDpEvent(
+                dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma)),
+                steps,
+            )
+            for q, sigma, steps in ledger.segments
+            if steps
+        ]
+        stated = statement["group_privacy_epsilon"]  # None: no finite bound
+        recomputed = plain_group_epsilon(units, ledger.els_bound, delta, settings)
+        match, rel = _compare(stated, recomputed)
+        checks.append(
+            {
+                "name": "group bound",
+                "stated": stated,
+                "recomputed": recomputed,
+                "relative_difference": rel,
+                "matches": match,
+                "dp_accounting_default_pld": None,
+                "below_default": False,
+            }
+        )
     end = statement.get("end_to_end")
     if end and end.get("composed_stages"):
         ledgers = [PrivacyLedger.from_dict(s["ledger"]) for s in end["composed_stages"]] + [ledger]
