@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 import pytest
 from scipy import stats
 
@@ -38,6 +39,44 @@ def test_p_value_against_a_direct_computation(m, delta):
                 assert p_value(m, r, v, eps, delta) == pytest.approx(
                     direct_p_value(m, r, v, eps, delta), rel=1e-6, abs=1e-12
                 ), (m, r, v, eps, delta)
+
+
+def appendix_d_eps_audit(m, r, v, delta, p=0.05):
+    """`get_eps_audit` of Steinke, Nasr and Jagielski 2023, Appendix D, written out here
+    (its `p_value_DP_audit` with the loop over i as a cumulative sum of pmfs): the
+    largest epsilon whose p-value is below p, by growing eps_max and bisecting."""
+
+    def p_value_dp_audit(eps):
+        q = 1 / (1 + math.exp(-eps))
+        beta = stats.binom.sf(v - 1, r, q)
+        i = np.arange(1, v + 1)
+        band = np.cumsum(stats.binom.pmf(v - i, r, q))  # P[v > Binomial(r, q) >= v - i]
+        alpha = float(np.max(band / i)) if v > 0 else 0.0
+        return min(beta + alpha * delta * 2 * m, 1)
+
+    eps_min, eps_max = 0.0, 1.0
+    while p_value_dp_audit(eps_max) < p:
+        eps_max += 1
+    for _ in range(60):
+        eps = (eps_min + eps_max) / 2
+        if p_value_dp_audit(eps) < p:
+            eps_min = eps
+        else:
+            eps_max = eps
+    return eps_min
+
+
+@pytest.mark.parametrize("m", [50, 500, 5000])
+@pytest.mark.parametrize("delta", [0.0, 1e-5, 1e-3])
+def test_the_lower_bound_against_appendix_d(m, delta):
+    positive = 0
+    for r in sorted({1, m // 10, m // 2, m}):
+        for v in sorted({r // 2, (3 * r) // 4, (9 * r) // 10, r}):
+            expected = appendix_d_eps_audit(m, r, v, delta)
+            got = epsilon_lower_bound(m, r, v, delta)
+            assert got == pytest.approx(expected, abs=1e-6), (m, r, v, delta)
+            positive += expected > 0
+    assert positive >= 3  # the grid reaches bounds above 0, not only the trivial answer
 
 
 def test_the_lower_bound_is_the_largest_epsilon_ruled_out():

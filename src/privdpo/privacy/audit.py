@@ -27,6 +27,7 @@ import math
 import random
 from dataclasses import dataclass
 
+import numpy as np
 from scipy import stats
 
 CONFIDENCE = 0.95
@@ -44,10 +45,9 @@ def p_value(m: int, r: int, v: int, epsilon: float, delta: float) -> float:
     beta = float(binomial.sf(v - 1))
     alpha = 0.0
     if delta > 0 and v > 0:
-        cdf_below_v = float(binomial.cdf(v - 1))  # P[B < v]
-        for i in range(1, v + 1):
-            band = cdf_below_v - float(binomial.cdf(v - i - 1))  # P[v - i <= B < v]
-            alpha = max(alpha, band / i)
+        i = np.arange(1, v + 1)
+        bands = binomial.cdf(v - 1) - binomial.cdf(v - i - 1)  # P[v - i <= B < v]
+        alpha = float(np.max(bands / i))
     return min(1.0, beta + 2 * m * delta * alpha)
 
 
