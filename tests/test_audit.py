@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import random
 
 import numpy as np
 import pytest
@@ -14,7 +15,13 @@ from scipy import stats
 
 from conftest import sft_rows, write_jsonl
 from privdpo.cli import main
-from privdpo.privacy.audit import epsilon_lower_bound, guesses, p_value
+from privdpo.privacy.audit import (
+    choose_and_bound,
+    epsilon_lower_bound,
+    guesses,
+    p_value,
+    split_halves,
+)
 from privdpo.privacy.dpsgd import DPSGD
 
 
@@ -87,6 +94,52 @@ def test_the_lower_bound_is_the_largest_epsilon_ruled_out():
         assert direct_p_value(m, r, v, eps + 1e-3, delta) > 0.05
     assert epsilon_lower_bound(1000, 100, 50, 1e-5) == 0.0  # chance: nothing ruled out
     assert guesses([3.0, 1.0, 2.0, 5.0], 1, 1) == {1: False, 3: True}
+
+
+def planted_scores(m: int, seed: int, separated_in_pick: int, separated_in_judge: int):
+    """Inclusion and scores where the selection half separates only its top and bottom
+    `separated_in_pick` canaries (noise in between), the evaluated half its top and bottom
+    `separated_in_judge`: the best (k+, k-) differ between the halves."""
+    rng = random.Random(seed)
+    included = [rng.random() < 0.5 for _ in range(m)]
+    scores = [rng.random() for _ in range(m)]  # noise in [0, 1)
+    pick, judge = split_halves(m, seed)
+    for half, separated in ((pick, separated_in_pick), (judge, separated_in_judge)):
+        members = [i for i in half if included[i]]
+        others = [i for i in half if not included[i]]
+        for j, i in enumerate(members[:separated]):
+            scores[i] = 10 + j  # far above the noise: sure "in" guesses
+        for j, i in enumerate(others[:separated]):
+            scores[i] = -10 - j
+    return scores, included, pick, judge
+
+
+def test_guesses_are_chosen_on_the_held_out_half_only():
+    m, seed = 800, 3
+    scores, included, pick, judge = planted_scores(m, seed, 10, 200)
+    base = choose_and_bound(scores, included, 1e-5, seed)
+    # The evaluated half permuted and relabelled at random: (k+, k-) stay as they were.
+    rng = random.Random(1)
+    values = [scores[i] for i in judge]
+    rng.shuffle(values)
+    shuffled, relabelled = list(scores), list(included)
+    for i, value in zip(judge, values, strict=True):
+        shuffled[i], relabelled[i] = value, rng.random() < 0.5
+    other = choose_and_bound(shuffled, relabelled, 1e-5, seed)
+    assert (other.k_in, other.k_out) == (base.k_in, base.k_out)
+    assert other.correct < base.correct  # what changed is only the evaluated half
+    # ... while the selection half decides them: separable throughout, larger k.
+    wide, wide_included, _, _ = planted_scores(m, seed, 200, 200)
+    assert choose_and_bound(wide, wide_included, 1e-5, seed).guesses > base.guesses
+
+
+def test_a_perfect_separator_reaches_the_attainable_bound():
+    rng = random.Random(0)
+    included = [rng.random() < 0.5 for _ in range(1000)]
+    scores = [float(inside) + 1e-6 * rng.random() for inside in included]
+    result = choose_and_bound(scores, included, 1e-5, seed=0)
+    assert result.guesses > 0 and result.correct == result.guesses
+    assert result.epsilon_lower_bound == result.attainable_bound > 0
 
 
 def audit_config(tmp_path, *lines) -> str:

@@ -96,6 +96,14 @@ class AuditResult:
     delta: float
 
 
+def split_halves(m: int, seed: int) -> tuple[list[int], list[int]]:
+    """Canary indices split at random (seeded): the half (k+, k-) are chosen on, and the
+    half the bound is computed on."""
+    order = list(range(m))
+    random.Random(f"privdpo-audit-split-{seed}").shuffle(order)
+    return order[: m // 2], order[m // 2 :]
+
+
 def choose_and_bound(
     scores: list[float],
     included: list[bool],
@@ -105,9 +113,7 @@ def choose_and_bound(
 ) -> AuditResult:
     """Pick (k+, k-) on a seeded half of the canaries, bound epsilon on the other half."""
     m = len(scores)
-    order = list(range(m))
-    random.Random(f"privdpo-audit-split-{seed}").shuffle(order)
-    pick, judge = order[: m // 2], order[m // 2 :]
+    pick, judge = split_halves(m, seed)
 
     def bound_on(indices, k_in, k_out):
         g = guesses([scores[i] for i in indices], k_in, k_out)
