@@ -102,19 +102,26 @@ def rare_tokens(train: list, tokenizer) -> list[int]:
 
 
 @torch.no_grad()
-def black_box_scores(canaries: Canaries, policy, start, pad_id: int, device) -> list[float]:
-    """Each canary's score (see the module doc), summed over its items."""
-    scores = []
-    for items in canaries.items:
+def black_box_scores(
+    canaries: Canaries, policy, start, pad_id: int, device, items_per_batch: int = 64
+) -> list[float]:
+    """Each canary's score (see the module doc), summed over its items; the items are
+    scored in packed batches of `items_per_batch`."""
+    flat = [(c, item) for c, items in enumerate(canaries.items) for item in items]
+    scores = [0.0] * len(canaries.items)
+    for s in range(0, len(flat), items_per_batch):
+        part = flat[s : s + items_per_batch]
+        items = [item for _, item in part]
         if canaries.kind == "sft":
             batch = example_batch(items, pad_id).to(device)
-            gain = sequence_logps(policy, batch)[0] - sequence_logps(start, batch)[0]
-            scores.append(float(gain.sum()))
-        else:
+            gains = sequence_logps(policy, batch)[0] - sequence_logps(start, batch)[0]
+        else:  # sequences: every chosen response, then every rejected one
             batch = pair_batch(items, pad_id).to(device)
             lp, ref = sequence_logps(policy, batch)[0], sequence_logps(start, batch)[0]
-            c, r = (lp - ref).chunk(2)
-            scores.append(float((c - r).sum()))
+            chosen, rejected = (lp - ref).chunk(2)
+            gains = chosen - rejected
+        for (c, _), gain in zip(part, gains.tolist(), strict=True):
+            scores[c] += gain
     return scores
 
 
