@@ -139,7 +139,10 @@ def test_a_perfect_separator_reaches_the_attainable_bound():
     scores = [float(inside) + 1e-6 * rng.random() for inside in included]
     result = choose_and_bound(scores, included, 1e-5, seed=0)
     assert result.guesses > 0 and result.correct == result.guesses
-    assert result.epsilon_lower_bound == result.attainable_bound > 0
+    assert result.epsilon_lower_bound == result.attainable_with_chosen_guesses > 0
+    # every evaluated canary guessed right: a larger maximum, the bound's ceiling
+    assert result.max_attainable == epsilon_lower_bound(500, 500, 500, 1e-5)
+    assert result.max_attainable > result.attainable_with_chosen_guesses
 
 
 def audit_config(tmp_path, *lines) -> str:
@@ -162,10 +165,21 @@ def test_a_memorizing_non_private_run_is_caught(tmp_path, capsys):
     assert out["proven_epsilon"] is None  # not private: nothing to compare
     assert out["empirical_epsilon_lower_bound"] >= 2
     assert out["correct"] > 0.9 * out["guesses"]
+    bound, chosen, most = (
+        out["empirical_epsilon_lower_bound"],
+        out["attainable_with_chosen_guesses"],
+        out["max_attainable"],
+    )
+    assert bound <= chosen <= most
+    assert most == pytest.approx(epsilon_lower_bound(100, 100, 100, out["delta"]), abs=1e-9)
     assert (tmp_path / "run" / "model" / "AUDIT_RUN.txt").is_file()
     report = (tmp_path / "run" / "report.html").read_text()
     assert "Privacy audit" in report and 'data-figure="audit-scores"' in report
-    assert "empirical lower bound" in capsys.readouterr().out
+    assert "max attainable (all 100 evaluated canaries guessed right)" in report
+    printed = capsys.readouterr().out
+    assert "empirical lower bound" in printed
+    assert f"attainable with these {out['guesses']} guesses" in printed
+    assert "max attainable (all 100 guessed right)" in printed
 
 
 DP = ["privacy.enabled=true", "privacy.target_epsilon=1", "privacy.delta=1e-5"]

@@ -18,7 +18,8 @@ proven epsilon means the implementation leaks more than its accounting says: a b
 Choosing k+ and k- by looking at the same guesses would void the confidence level, so
 they are chosen on a held-out half of the canaries (`choose_and_bound`): the grid of
 (k+, k-) is tried on one half, the best is applied once to the other half, whose bound is
-reported together with the largest bound that half could give (every guess right).
+reported together with two maxima: the bound if those guesses were all right, and the
+largest bound that half could give at all (every one of its canaries guessed right).
 """
 
 from __future__ import annotations
@@ -91,7 +92,8 @@ class AuditResult:
     guesses: int  # r
     correct: int  # v
     epsilon_lower_bound: float
-    attainable_bound: float  # this half's bound with every guess right
+    attainable_with_chosen_guesses: float  # the bound if these r guesses were all right
+    max_attainable: float  # the bound if every evaluated canary were guessed right
     confidence: float
     delta: float
 
@@ -142,7 +144,8 @@ def choose_and_bound(
         guesses=r,
         correct=correct,
         epsilon_lower_bound=eps,
-        attainable_bound=epsilon_lower_bound(len(judge), r, r, delta, confidence),
+        attainable_with_chosen_guesses=epsilon_lower_bound(len(judge), r, r, delta, confidence),
+        max_attainable=epsilon_lower_bound(len(judge), len(judge), len(judge), delta, confidence),
         confidence=confidence,
         delta=delta,
     )

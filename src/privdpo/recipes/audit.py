@@ -227,7 +227,14 @@ def audit_table(out: dict) -> str:
             f"empirical lower bound ({out['confidence']:.0%})",
             f"{out['empirical_epsilon_lower_bound']:.3g}",
         ),
-        ("largest bound this audit could show", f"{out['attainable_bound']:.3g}"),
+        (
+            f"attainable with these {out['guesses']} guesses",
+            f"{out['attainable_with_chosen_guesses']:.3g}",
+        ),
+        (
+            f"max attainable (all {out['evaluated']} guessed right)",
+            f"{out['max_attainable']:.3g}",
+        ),
         ("canaries (evaluated half)", f"{out['canaries']} ({out['evaluated']})"),
         ("guesses in / out", f"{out['k_in']} / {out['k_out']}"),
         ("correct guesses", f"{out['correct']} of {out['guesses']}"),
