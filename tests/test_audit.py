@@ -5,16 +5,23 @@ white-box canaries with a failing exit."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import math
 import random
 
 import numpy as np
 import pytest
+import yaml
 from scipy import stats
 
-from conftest import sft_rows, write_jsonl
+from conftest import Crash, sft_rows, write_jsonl
 from privdpo.cli import main
+from privdpo.config import AuditConfig, EvalModelConfig, SFTRunConfig, load_config
+from privdpo.data.sft import load_sft_data
+from privdpo.errors import UserError
+from privdpo.models import AUDIT_MARKER, load_model_and_tokenizer
 from privdpo.privacy.audit import (
     choose_and_bound,
     epsilon_lower_bound,
@@ -23,6 +30,8 @@ from privdpo.privacy.audit import (
     split_halves,
 )
 from privdpo.privacy.dpsgd import DPSGD
+from privdpo.recipes.audit import Canaries, run_scores
+from privdpo.recipes.eval import ModelSource, load_source
 
 
 def direct_p_value(m, r, v, eps, delta):
@@ -158,9 +167,20 @@ def audit_config(tmp_path, *lines) -> str:
     return str(config)
 
 
-def test_a_memorizing_non_private_run_is_caught(tmp_path, capsys):
+@pytest.fixture(scope="module")
+def memorizing_audit(tmp_path_factory):
+    """A non-private audit run with 200 black-box canaries, which it memorizes; shared by
+    the tests that read it. (directory, config path, what it printed)."""
+    tmp_path = tmp_path_factory.mktemp("memorizing-audit")
     config = audit_config(tmp_path, "audit: {canaries: 200}\n")
-    assert main(["audit", config]) == 0
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert main(["audit", config]) == 0
+    return tmp_path, config, printed.getvalue()
+
+
+def test_a_memorizing_non_private_run_is_caught(memorizing_audit):
+    tmp_path, _, printed = memorizing_audit
     out = json.loads((tmp_path / "run" / "audit.json").read_text())
     assert out["proven_epsilon"] is None  # not private: nothing to compare
     assert out["empirical_epsilon_lower_bound"] >= 2
@@ -176,10 +196,61 @@ def test_a_memorizing_non_private_run_is_caught(tmp_path, capsys):
     report = (tmp_path / "run" / "report.html").read_text()
     assert "Privacy audit" in report and 'data-figure="audit-scores"' in report
     assert "max attainable (all 100 evaluated canaries guessed right)" in report
-    printed = capsys.readouterr().out
     assert "empirical lower bound" in printed
     assert f"attainable with these {out['guesses']} guesses" in printed
     assert "max attainable (all 100 guessed right)" in printed
+
+
+def test_an_audit_model_is_refused_as_a_model_to_train_or_evaluate(memorizing_audit, capsys):
+    tmp_path, _, _ = memorizing_audit
+    model = tmp_path / "run" / "model"
+    assert (model / AUDIT_MARKER).is_file()
+    config = tmp_path / "from_audit_model.yaml"
+    config.write_text(
+        f"model: {{path: {model}}}\n"
+        f"data: {{train: {tmp_path / 'sft.jsonl'}, eval_fraction: 0}}\n"
+        f"output: {{dir: {tmp_path / 'from-audit-model'}, progress_bar: false}}\n"
+    )
+    capsys.readouterr()
+    assert main(["sft", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert f"model.path: {model} is a model trained by `privdpo audit`" in err
+    assert "canaries" in err and "Traceback" not in err
+    assert not (tmp_path / "from-audit-model").exists()  # refused before anything is written
+    with pytest.raises(UserError, match="reference.path: .* trained by `privdpo audit`"):
+        load_source(ModelSource("dir", str(model), model), EvalModelConfig(), "reference.path")
+
+
+def test_a_normal_run_of_the_same_config_has_no_canaries_and_no_marker(memorizing_audit):
+    """The audit's config without its `audit` section, trained by `privdpo sft`: nothing
+    marked, no audit.json, and the canaries the audit run memorized are not in its model
+    (scored on it, included and excluded canaries look alike)."""
+    tmp_path, audit_config_path, _ = memorizing_audit
+    raw = yaml.safe_load(open(audit_config_path, encoding="utf-8"))
+    audit = AuditConfig(**raw.pop("audit"))
+    raw["output"]["dir"] = str(tmp_path / "normal")
+    config = tmp_path / "normal.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    assert main(["sft", str(config)]) == 0
+    normal = tmp_path / "normal"
+    assert not list(normal.rglob(AUDIT_MARKER)) and not list(normal.rglob("audit.json"))
+    # The audit's canaries, rebuilt as its run built them (same seed, data and tokenizer).
+    cfg = load_config(SFTRunConfig, config, [])
+    _, tokenizer = load_model_and_tokenizer(cfg.model, cfg.train.seed)
+    train, _, _ = load_sft_data(
+        cfg.data, tokenizer, cfg.sft.completion_only_loss, cfg.train.seed, cfg.scrub
+    )
+    canaries = Canaries(audit, "sft", None)
+    canaries.training_items(train, tokenizer)
+    audited = json.loads((tmp_path / "run" / "audit.json").read_text())
+    assert audited["empirical_epsilon_lower_bound"] >= 2
+    # The same canaries: scored on the audit's own model, they give its recorded scores.
+    on_audit_model = run_scores(canaries, tmp_path / "run", cfg.model.dtype, audit_model_ok=True)
+    assert on_audit_model == pytest.approx(audited["scores"], abs=1e-4)
+    scores = run_scores(canaries, normal, cfg.model.dtype, audit_model_ok=False)
+    result = choose_and_bound(scores, canaries.included, 1e-5, audit.seed)
+    assert result.epsilon_lower_bound == 0, result
+    assert result.correct <= 0.75 * result.guesses
 
 
 DP = ["privacy.enabled=true", "privacy.target_epsilon=1", "privacy.delta=1e-5"]
@@ -256,3 +327,37 @@ def test_user_level_dpo_audit_uses_canary_users(tmp_path):
     assert out["design"]["unit"] == "user" and out["design"]["items_per_canary"] == 2
     assert len(out["scores"]) == len(out["included"]) == 20
     assert out["empirical_epsilon_lower_bound"] <= out["proven_epsilon"]
+
+
+def dpo_audit_config(tmp_path, canaries: int, epochs: int) -> str:
+    from test_dpo import marker_pairs
+
+    data = write_jsonl(tmp_path / "pairs.jsonl", marker_pairs(40))
+    config = tmp_path / "dpo_audit.yaml"
+    config.write_text(
+        "model: {preset: tiny}\n"
+        f"data: {{train: {data}, eval_fraction: 0}}\n"
+        f"train: {{epochs: {epochs}, batch_size: 32, micro_batch_size: 32, lr: 3.0e-3,"
+        " eval_at_start: false, schedule: constant}\n"
+        "dpo: {beta: 0.1}\n"
+        f"audit: {{canaries: {canaries}}}\n"
+        f"output: {{dir: {tmp_path / 'run'}, progress_bar: false}}\n"
+    )
+    return str(config)
+
+
+def test_an_audit_run_cut_short_after_export_is_marked(tmp_path, monkeypatch):
+    """The marker is written at export, inside the recipe: a run that dies right after
+    exporting (here in its report) leaves a marked model, never an unmarked one."""
+    import privdpo.training
+
+    def crash(run_dir):
+        raise Crash
+
+    monkeypatch.setattr(privdpo.training, "write_report", crash)
+    config = dpo_audit_config(tmp_path, canaries=20, epochs=1)
+    with pytest.raises(Crash):
+        main(["audit", config])
+    assert (tmp_path / "run" / "model" / AUDIT_MARKER).is_file()
+    assert (tmp_path / "run" / AUDIT_MARKER).is_file()
+    assert not (tmp_path / "run" / "audit.json").exists()  # the audit itself never ran

@@ -11,8 +11,9 @@ each included with probability 1/2 (`privacy/audit.py`):
   model (SFT) or its implicit reward margin against the starting model (DPO), summed over
   a canary user's items;
 - white box: gradient canaries inside DP-SGD (`GradientCanaries`).
-The audit run's directory and exported model are marked (`AUDIT_RUN.txt`); canaries exist
-only in audit runs. `audit.json` holds the result; the report gets an audit section. A
+The audit run's directory and exported model are marked at export (`AUDIT_RUN.txt`, see
+`privdpo.models.AUDIT_MARKER`) and the model loader refuses them; canaries exist only in
+audit runs. `audit.json` holds the result; the report gets an audit section. A
 bound above the proven epsilon is a bug in the implementation: the command fails.
 """
 
@@ -35,12 +36,6 @@ from privdpo.data.tokenize import IGNORE
 from privdpo.errors import UserError
 from privdpo.logprobs import sequence_logps
 from privdpo.privacy.audit import GradientCanaries, choose_and_bound, inclusion
-
-MARKER = "AUDIT_RUN.txt"
-MARKER_TEXT = (
-    "This model was trained by `privdpo audit` with privacy-audit canaries in its data."
-    " It is for measuring privacy only: do not ship it.\n"
-)
 
 
 class Canaries:
@@ -125,6 +120,24 @@ def black_box_scores(
     return scores
 
 
+def run_scores(canaries: Canaries, run_dir: Path, dtype: str, audit_model_ok: bool) -> list[float]:
+    """Black box: the canaries scored on the model `run_dir` exported, against the model
+    the run started from."""
+    from privdpo.config import EvalModelConfig
+    from privdpo.recipes.eval import _run_reference, load_source, policy_source
+
+    problems: list[str] = []
+    source, run = policy_source(str(run_dir), problems)
+    if problems:
+        raise UserError("; ".join(problems))
+    model_cfg = EvalModelConfig(path=str(run_dir), dtype=dtype)
+    policy, tokenizer = load_source(source, model_cfg, "model.path", audit_model_ok)
+    start, _ = load_source(_run_reference(run_dir, run), model_cfg, "reference.path")
+    device = next(policy.parameters()).device
+    start.to(device)
+    return black_box_scores(canaries, policy, start, tokenizer.pad_token_id, device)
+
+
 def run_audit(config_path: str, overrides: list[str]) -> dict:
     raw = read_config_file(config_path)
     audit_raw = raw.pop("audit", {}) or {}
@@ -154,17 +167,7 @@ def run_audit(config_path: str, overrides: list[str]) -> dict:
     if audit.mode == "white_box":
         scores = canaries.gradient.scores
     else:
-        from privdpo.config import EvalModelConfig
-        from privdpo.recipes.eval import _run_reference, load_source, policy_source
-
-        problems: list[str] = []
-        source, run = policy_source(str(run_dir), problems)
-        model_cfg = EvalModelConfig(path=str(run_dir), dtype=cfg.model.dtype)
-        policy, tokenizer = load_source(source, model_cfg, "model.path")
-        start, _ = load_source(_run_reference(run_dir, run), model_cfg, "reference.path")
-        device = next(policy.parameters()).device
-        start.to(device)
-        scores = black_box_scores(canaries, policy, start, tokenizer.pad_token_id, device)
+        scores = run_scores(canaries, run_dir, cfg.model.dtype, audit_model_ok=True)
     statement = _read(run_dir / "privacy.json")
     proven = statement.get("epsilon") if statement else None
     delta = statement["delta"] if statement else 1e-5
@@ -191,9 +194,8 @@ def run_audit(config_path: str, overrides: list[str]) -> dict:
         "included": canaries.included,
     }
     text = json.dumps(out, indent=2, allow_nan=False) + "\n"
-    for d in [run_dir, *exported.values()]:
+    for d in [run_dir, *exported.values()]:  # already marked at export
         (d / "audit.json").write_text(text, encoding="utf-8")
-        (d / MARKER).write_text(MARKER_TEXT, encoding="utf-8")
     from privdpo.report import write_report
 
     write_report(run_dir)
