@@ -346,6 +346,32 @@ def dpo_audit_config(tmp_path, canaries: int, epochs: int) -> str:
     return str(config)
 
 
+def test_black_box_pair_level_dpo_audit(tmp_path):
+    """Canary pairs (a rare-token secret chosen over another) scored by their implicit
+    reward margin: a non-private DPO run that memorizes them is caught, and a pair-level
+    DP run at epsilon 1 stays below it."""
+    config = dpo_audit_config(tmp_path, canaries=100, epochs=2)
+    assert main(["audit", config]) == 0
+    leaky = json.loads((tmp_path / "run" / "audit.json").read_text())
+    assert leaky["design"]["score"].startswith("implicit reward margin")
+    assert leaky["design"]["unit"] == "(not private)" and leaky["design"]["items_per_canary"] == 1
+    assert leaky["empirical_epsilon_lower_bound"] >= 1.5
+    assert leaky["correct"] == leaky["guesses"] > 0
+    private = [
+        "privacy.enabled=true",
+        "privacy.unit=pair",
+        "privacy.target_epsilon=1",
+        "privacy.delta=1e-5",
+        f"output.dir={tmp_path / 'private'}",
+    ]
+    assert main(["audit", config, *private]) == 0
+    out = json.loads((tmp_path / "private" / "audit.json").read_text())
+    assert out["design"]["unit"] == "pair"
+    assert out["proven_epsilon"] == pytest.approx(1, rel=0.01)
+    assert out["empirical_epsilon_lower_bound"] < out["proven_epsilon"]
+    assert out["max_attainable"] == leaky["max_attainable"]  # the same canaries, split
+
+
 def test_an_audit_run_cut_short_after_export_is_marked(tmp_path, monkeypatch):
     """The marker is written at export, inside the recipe: a run that dies right after
     exporting (here in its report) leaves a marked model, never an unmarked one."""
