@@ -245,9 +245,9 @@ def test_a_normal_run_of_the_same_config_has_no_canaries_and_no_marker(memorizin
     audited = json.loads((tmp_path / "run" / "audit.json").read_text())
     assert audited["empirical_epsilon_lower_bound"] >= 2
     # The same canaries: scored on the audit's own model, they give its recorded scores.
-    on_audit_model = run_scores(canaries, tmp_path / "run", cfg.model.dtype, audit_model_ok=True)
+    on_audit_model = run_scores(canaries, tmp_path / "run", "float32", "cpu", audit_model_ok=True)
     assert on_audit_model == pytest.approx(audited["scores"], abs=1e-4)
-    scores = run_scores(canaries, normal, cfg.model.dtype, audit_model_ok=False)
+    scores = run_scores(canaries, normal, "float32", "cpu", audit_model_ok=False)
     result = choose_and_bound(scores, canaries.included, 1e-5, audit.seed)
     assert result.epsilon_lower_bound == 0, result
     assert result.correct <= 0.75 * result.guesses
@@ -374,13 +374,14 @@ def test_black_box_pair_level_dpo_audit(tmp_path):
 
 def test_an_audit_run_cut_short_after_export_is_marked(tmp_path, monkeypatch):
     """The marker is written at export, inside the recipe: a run that dies right after
-    exporting (here in its report) leaves a marked model, never an unmarked one."""
-    import privdpo.training
+    exporting (here as the audit scores its canaries) leaves a marked model, never an
+    unmarked one."""
+    import privdpo.recipes.audit
 
-    def crash(run_dir):
+    def crash(*args, **kwargs):
         raise Crash
 
-    monkeypatch.setattr(privdpo.training, "write_report", crash)
+    monkeypatch.setattr(privdpo.recipes.audit, "run_scores", crash)
     config = dpo_audit_config(tmp_path, canaries=20, epochs=1)
     with pytest.raises(Crash):
         main(["audit", config])

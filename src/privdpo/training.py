@@ -413,7 +413,8 @@ def finish_run(
     """Say why training stopped early (if it did), export the best or last weights, and
     write the lineage (and the privacy statement) beside every exported model: rank 0,
     the others wait for it. An audit run's exports (and the run) are marked as soon as
-    they exist, so that one cut short after export is marked too."""
+    they exist, so that one cut short after export is marked too; its report is the
+    audit's to write."""
     model = full_model(model, cfg, world)  # every rank joins when sharded
     if not world.is_main:
         barrier(world)
@@ -431,7 +432,8 @@ def finish_run(
     statement = lineage.finish(run_dir, list(exported.values()), dp)
     if statement is not None:
         print(statement["summary"])
-    print(f"report: {write_report(run_dir)}")
+    if not audit_run:  # an audit writes the report once, with its own section
+        print(f"report: {write_report(run_dir)}")
     barrier(world)
     return exported
 

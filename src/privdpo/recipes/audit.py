@@ -120,11 +120,14 @@ def black_box_scores(
     return scores
 
 
-def run_scores(canaries: Canaries, run_dir: Path, dtype: str, audit_model_ok: bool) -> list[float]:
+def run_scores(
+    canaries: Canaries, run_dir: Path, dtype: str, device: str, audit_model_ok: bool
+) -> list[float]:
     """Black box: the canaries scored on the model `run_dir` exported, against the model
-    the run started from."""
+    the run started from, both on `device` (a `train.device` value)."""
     from privdpo.config import EvalModelConfig
     from privdpo.recipes.eval import _run_reference, load_source, policy_source
+    from privdpo.training import pick_device
 
     problems: list[str] = []
     source, run = policy_source(str(run_dir), problems)
@@ -133,9 +136,10 @@ def run_scores(canaries: Canaries, run_dir: Path, dtype: str, audit_model_ok: bo
     model_cfg = EvalModelConfig(path=str(run_dir), dtype=dtype)
     policy, tokenizer = load_source(source, model_cfg, "model.path", audit_model_ok)
     start, _ = load_source(_run_reference(run_dir, run), model_cfg, "reference.path")
-    device = next(policy.parameters()).device
-    start.to(device)
-    return black_box_scores(canaries, policy, start, tokenizer.pad_token_id, device)
+    target = pick_device(device)
+    policy.to(target)
+    start.to(target)
+    return black_box_scores(canaries, policy, start, tokenizer.pad_token_id, target)
 
 
 def run_audit(config_path: str, overrides: list[str]) -> dict:
@@ -167,7 +171,9 @@ def run_audit(config_path: str, overrides: list[str]) -> dict:
     if audit.mode == "white_box":
         scores = canaries.gradient.scores
     else:
-        scores = run_scores(canaries, run_dir, cfg.model.dtype, audit_model_ok=True)
+        scores = run_scores(
+            canaries, run_dir, cfg.model.dtype, cfg.train.device, audit_model_ok=True
+        )
     statement = _read(run_dir / "privacy.json")
     proven = statement.get("epsilon") if statement else None
     delta = statement["delta"] if statement else 1e-5
@@ -198,7 +204,7 @@ def run_audit(config_path: str, overrides: list[str]) -> dict:
         (d / "audit.json").write_text(text, encoding="utf-8")
     from privdpo.report import write_report
 
-    write_report(run_dir)
+    print(f"report: {write_report(run_dir)}")
     print(audit_table(out))
     if out["exceeds_proven"]:
         raise UserError(
