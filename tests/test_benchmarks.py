@@ -60,3 +60,31 @@ def test_scrub_speed_100k_rows_under_two_minutes(tmp_path):
     2 cores (on cores of its own: a loaded machine stretches the wall time)."""
     result = _scrub_speed().main(["--work", str(tmp_path), "--workers", "2"])
     assert result["seconds"] < 120, result
+
+
+def test_audit_bounds_smoke_on_cpu(tmp_path):
+    """benchmarks/audit_bounds.py on the CPU with a tiny model: one case of each recipe
+    and privacy unit, both canary kinds; every case's JSON has the two epsilons and the
+    two maxima."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import audit_bounds
+    finally:
+        sys.path.pop(0)
+    assert len(audit_bounds.CASES) == 18  # 3 recipes x 3 epsilons x 2 canary kinds
+    out = tmp_path / "audit.json"
+    cases = "sft-example-eps1-whitebox,dpo-pair-eps4-blackbox,dpo-user-eps8-blackbox"
+    argv = ["--device", "cpu", "--tiny", "--out", str(out), "--work", str(tmp_path)]
+    audit_bounds.main([*argv, "--cases", cases])
+    results = json.loads(out.read_text())
+    assert results["device"] == "cpu" and list(results["cases"]) == cases.split(",")
+    for name, case in results["cases"].items():
+        assert "error" not in case, (name, case)
+        assert case["proven_epsilon"] == pytest.approx(case["target_epsilon"], rel=0.01)
+        assert 0 <= case["empirical_epsilon_lower_bound"] <= case["attainable_with_chosen_guesses"]
+        assert case["attainable_with_chosen_guesses"] <= case["max_attainable"]
+        assert not case["exceeds_proven"] and case["canaries"] == 20 and case["seconds"] > 0
+    assert [c["unit"] for c in results["cases"].values()] == ["example", "pair", "user"]
+    modes = [c["mode"] for c in results["cases"].values()]
+    assert modes == ["white_box", "black_box", "black_box"]
+    assert not list(tmp_path.glob("*/runs/*/model"))  # each case's run is removed after it

@@ -27,7 +27,10 @@ def readme_commands() -> list[str]:
 
 
 def run(command: str, cwd: Path, timeout: int) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    # This checkout's code, whatever privdpo is installed (a relative PYTHONPATH=src would
+    # not survive the change of directory).
+    path = os.pathsep.join(p for p in (str(REPO / "src"), os.environ.get("PYTHONPATH")) if p)
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "PYTHONPATH": path}
     return subprocess.run(
         command, shell=True, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
     )
@@ -65,6 +68,12 @@ def test_make_demo_runs_the_sentiment_experiment():
     assert (REPO / "runs" / "demo" / "demo.html").is_file()
 
 
+def readme_audit_output() -> str:
+    """The `audit:` table the README shows under its `privdpo audit` command."""
+    section = README.read_text(encoding="utf-8").split("`privdpo audit`", 1)[1]
+    return re.search(r"```text\n(audit:\n.*?)```", section, re.S).group(1)
+
+
 def test_the_privdpo_commands_in_the_readme_run(tmp_path):
     commands = [c for c in readme_commands() if c.startswith("privdpo ")]
     assert len(commands) >= 5
@@ -74,6 +83,9 @@ def test_the_privdpo_commands_in_the_readme_run(tmp_path):
     for command in commands:
         result = run(command, tmp_path, timeout=600)
         assert result.returncode == 0, f"{command}\n{result.stderr[-3000:]}"
+        if command.startswith("privdpo audit"):  # the README shows its real output
+            printed = result.stdout[result.stdout.rindex("\naudit:\n") + 1 :]
+            assert printed == readme_audit_output(), printed
     assert (tmp_path / "runs" / "sft-tiny" / "model" / "model.safetensors").is_file()
     assert (tmp_path / "runs" / "sft-lora" / "adapter" / "adapter_model.safetensors").is_file()
     assert (tmp_path / "runs" / "sft-lora" / "model" / "model.safetensors").is_file()

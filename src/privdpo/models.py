@@ -62,6 +62,14 @@ SPECIAL_TOKENS = ["<|endoftext|>", "<|pad|>", "<|im_start|>", "<|im_end|>"]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
+# What marks a model exported by `privdpo audit` (its data had canaries): the loader
+# refuses such a directory, so an audit model is never trained on, evaluated or served.
+AUDIT_MARKER = "AUDIT_RUN.txt"
+AUDIT_MARKER_TEXT = (
+    "This model was trained by `privdpo audit` with privacy-audit canaries in its data."
+    " It is for measuring privacy only: do not ship it. privdpo refuses to load it.\n"
+)
+
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -160,6 +168,22 @@ def check_local_model_dir(path_text: str) -> Path:
     return path
 
 
+def mark_audit_model(directory: Path) -> None:
+    """Mark `directory` (an audit run's exported model, or the run itself) as an audit's."""
+    (directory / AUDIT_MARKER).write_text(AUDIT_MARKER_TEXT, encoding="utf-8")
+
+
+def refuse_audit_model(path: Path, key: str = "model.path") -> None:
+    """Fail clearly on a directory `privdpo audit` marked (see AUDIT_MARKER)."""
+    if (path / AUDIT_MARKER).is_file():
+        raise UserError(
+            f"{key}: {path} is a model trained by `privdpo audit` (it carries {AUDIT_MARKER}):"
+            " its training data held privacy-audit canaries, so it exists only to measure"
+            " privacy and privdpo does not load it. Use the model of a normal run of the"
+            " same config (`privdpo sft` or `privdpo dpo`)"
+        )
+
+
 # Files that hold a tokenizer's vocabulary (tokenizer_config.json alone holds none).
 VOCABULARY_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
 PROBE_TEXT = "The quick brown fox jumps over the lazy dog."
@@ -221,15 +245,18 @@ def check_vocabulary(tokenizer: PreTrainedTokenizerBase, model, cfg: ModelConfig
         )
 
 
-def load_model_and_tokenizer(cfg: ModelConfig, seed: int = 0):
-    """The model (base, before LoRA) and tokenizer the config asks for."""
+def load_model_and_tokenizer(cfg: ModelConfig, seed: int = 0, audit_model_ok: bool = False):
+    """The model (base, before LoRA) and tokenizer the config asks for. A model marked by
+    `privdpo audit` is refused unless `audit_model_ok` (the audit scoring its own model)."""
     dtype = DTYPES[cfg.dtype]
     torch.manual_seed(seed)
     if cfg.preset is not None:
         model, tokenizer = build_preset(cfg.preset, dtype)
     else:
-        tokenizer = load_tokenizer(cfg)  # checks the directory first
         path = Path(cfg.path).expanduser()
+        if not audit_model_ok:
+            refuse_audit_model(path)
+        tokenizer = load_tokenizer(cfg)  # checks the directory first
         try:
             model = AutoModelForCausalLM.from_pretrained(
                 path,

@@ -583,8 +583,12 @@ def audit_section(run_dir: Path) -> str:
             fmt_number(bound),
         ],
         [
-            "largest bound this audit could show (all guesses right)",
-            fmt_number(audit.get("attainable_bound")),
+            f"attainable with these {audit.get('guesses')} guesses (all right)",
+            fmt_number(audit.get("attainable_with_chosen_guesses")),
+        ],
+        [
+            f"max attainable (all {audit.get('evaluated')} evaluated canaries guessed right)",
+            fmt_number(audit.get("max_attainable")),
         ],
         ["canaries (evaluated half)", f"{audit.get('canaries')} ({audit.get('evaluated')})"],
         ["guesses in / out", f"{audit.get('k_in')} / {audit.get('k_out')}"],

@@ -35,7 +35,7 @@ from privdpo.distributed import (
 )
 from privdpo.errors import UserError
 from privdpo.metrics import MetricsLogger
-from privdpo.models import compile_layers
+from privdpo.models import compile_layers, mark_audit_model
 from privdpo.privacy.ledger import PrivacyLedger
 from privdpo.report import write_report
 
@@ -430,11 +430,23 @@ def restore_best(stopper: EarlyStopping, step: int, run_dir: Path, model) -> Non
 
 
 def finish_run(
-    cfg, run_dir: Path, model, tokenizer, step: int, stopper, stop_reason, dp, lineage, world=SINGLE
+    cfg,
+    run_dir: Path,
+    model,
+    tokenizer,
+    step: int,
+    stopper,
+    stop_reason,
+    dp,
+    lineage,
+    world=SINGLE,
+    audit_run: bool = False,
 ):
     """Say why training stopped early (if it did), export the best or last weights, and
     write the lineage (and the privacy statement) beside every exported model: rank 0,
-    the others wait for it."""
+    the others wait for it. An audit run's exports (and the run) are marked as soon as
+    they exist, so that one cut short after export is marked too; its report is the
+    audit's to write."""
     model = full_model(model, cfg, world)  # every rank joins when sharded
     if not world.is_main:
         barrier(world)
@@ -444,12 +456,16 @@ def finish_run(
         (run_dir / "stopped_early.txt").write_text(stop_reason + "\n", encoding="utf-8")
     restore_best(stopper, step, run_dir, model)
     exported = export_model(model, tokenizer, run_dir, cfg.output.merge_lora)
+    if audit_run:
+        for directory in [run_dir, *exported.values()]:
+            mark_audit_model(directory)
     for kind, path in exported.items():
         print(f"exported {kind}: {path}")
     statement = lineage.finish(run_dir, list(exported.values()), dp)
     if statement is not None:
         print(statement["summary"])
-    print(f"report: {write_report(run_dir)}")
+    if not audit_run:  # an audit writes the report once, with its own section
+        print(f"report: {write_report(run_dir)}")
     barrier(world)
     return exported
 

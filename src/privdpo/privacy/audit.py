@@ -18,7 +18,8 @@ proven epsilon means the implementation leaks more than its accounting says: a b
 Choosing k+ and k- by looking at the same guesses would void the confidence level, so
 they are chosen on a held-out half of the canaries (`choose_and_bound`): the grid of
 (k+, k-) is tried on one half, the best is applied once to the other half, whose bound is
-reported together with the largest bound that half could give (every guess right).
+reported together with two maxima: the bound if those guesses were all right, and the
+largest bound that half could give at all (every one of its canaries guessed right).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import math
 import random
 from dataclasses import dataclass
 
+import numpy as np
 from scipy import stats
 
 CONFIDENCE = 0.95
@@ -44,10 +46,9 @@ def p_value(m: int, r: int, v: int, epsilon: float, delta: float) -> float:
     beta = float(binomial.sf(v - 1))
     alpha = 0.0
     if delta > 0 and v > 0:
-        cdf_below_v = float(binomial.cdf(v - 1))  # P[B < v]
-        for i in range(1, v + 1):
-            band = cdf_below_v - float(binomial.cdf(v - i - 1))  # P[v - i <= B < v]
-            alpha = max(alpha, band / i)
+        i = np.arange(1, v + 1)
+        bands = binomial.cdf(v - 1) - binomial.cdf(v - i - 1)  # P[v - i <= B < v]
+        alpha = float(np.max(bands / i))
     return min(1.0, beta + 2 * m * delta * alpha)
 
 
@@ -91,9 +92,18 @@ class AuditResult:
     guesses: int  # r
     correct: int  # v
     epsilon_lower_bound: float
-    attainable_bound: float  # this half's bound with every guess right
+    attainable_with_chosen_guesses: float  # the bound if these r guesses were all right
+    max_attainable: float  # the bound if every evaluated canary were guessed right
     confidence: float
     delta: float
+
+
+def split_halves(m: int, seed: int) -> tuple[list[int], list[int]]:
+    """Canary indices split at random (seeded): the half (k+, k-) are chosen on, and the
+    half the bound is computed on."""
+    order = list(range(m))
+    random.Random(f"privdpo-audit-split-{seed}").shuffle(order)
+    return order[: m // 2], order[m // 2 :]
 
 
 def choose_and_bound(
@@ -105,9 +115,7 @@ def choose_and_bound(
 ) -> AuditResult:
     """Pick (k+, k-) on a seeded half of the canaries, bound epsilon on the other half."""
     m = len(scores)
-    order = list(range(m))
-    random.Random(f"privdpo-audit-split-{seed}").shuffle(order)
-    pick, judge = order[: m // 2], order[m // 2 :]
+    pick, judge = split_halves(m, seed)
 
     def bound_on(indices, k_in, k_out):
         g = guesses([scores[i] for i in indices], k_in, k_out)
@@ -136,7 +144,8 @@ def choose_and_bound(
         guesses=r,
         correct=correct,
         epsilon_lower_bound=eps,
-        attainable_bound=epsilon_lower_bound(len(judge), r, r, delta, confidence),
+        attainable_with_chosen_guesses=epsilon_lower_bound(len(judge), r, r, delta, confidence),
+        max_attainable=epsilon_lower_bound(len(judge), len(judge), len(judge), delta, confidence),
         confidence=confidence,
         delta=delta,
     )

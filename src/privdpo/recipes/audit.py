@@ -11,8 +11,9 @@ each included with probability 1/2 (`privacy/audit.py`):
   model (SFT) or its implicit reward margin against the starting model (DPO), summed over
   a canary user's items;
 - white box: gradient canaries inside DP-SGD (`GradientCanaries`).
-The audit run's directory and exported model are marked (`AUDIT_RUN.txt`); canaries exist
-only in audit runs. `audit.json` holds the result; the report gets an audit section. A
+The audit run's directory and exported model are marked at export (`AUDIT_RUN.txt`, see
+`privdpo.models.AUDIT_MARKER`) and the model loader refuses them; canaries exist only in
+audit runs. `audit.json` holds the result; the report gets an audit section. A
 bound above the proven epsilon is a bug in the implementation: the command fails.
 """
 
@@ -35,12 +36,6 @@ from privdpo.data.tokenize import IGNORE
 from privdpo.errors import UserError
 from privdpo.logprobs import sequence_logps
 from privdpo.privacy.audit import GradientCanaries, choose_and_bound, inclusion
-
-MARKER = "AUDIT_RUN.txt"
-MARKER_TEXT = (
-    "This model was trained by `privdpo audit` with privacy-audit canaries in its data."
-    " It is for measuring privacy only: do not ship it.\n"
-)
 
 
 class Canaries:
@@ -102,20 +97,49 @@ def rare_tokens(train: list, tokenizer) -> list[int]:
 
 
 @torch.no_grad()
-def black_box_scores(canaries: Canaries, policy, start, pad_id: int, device) -> list[float]:
-    """Each canary's score (see the module doc), summed over its items."""
-    scores = []
-    for items in canaries.items:
+def black_box_scores(
+    canaries: Canaries, policy, start, pad_id: int, device, items_per_batch: int = 64
+) -> list[float]:
+    """Each canary's score (see the module doc), summed over its items; the items are
+    scored in packed batches of `items_per_batch`."""
+    flat = [(c, item) for c, items in enumerate(canaries.items) for item in items]
+    scores = [0.0] * len(canaries.items)
+    for s in range(0, len(flat), items_per_batch):
+        part = flat[s : s + items_per_batch]
+        items = [item for _, item in part]
         if canaries.kind == "sft":
             batch = example_batch(items, pad_id).to(device)
-            gain = sequence_logps(policy, batch)[0] - sequence_logps(start, batch)[0]
-            scores.append(float(gain.sum()))
-        else:
+            gains = sequence_logps(policy, batch)[0] - sequence_logps(start, batch)[0]
+        else:  # sequences: every chosen response, then every rejected one
             batch = pair_batch(items, pad_id).to(device)
             lp, ref = sequence_logps(policy, batch)[0], sequence_logps(start, batch)[0]
-            c, r = (lp - ref).chunk(2)
-            scores.append(float((c - r).sum()))
+            chosen, rejected = (lp - ref).chunk(2)
+            gains = chosen - rejected
+        for (c, _), gain in zip(part, gains.tolist(), strict=True):
+            scores[c] += gain
     return scores
+
+
+def run_scores(
+    canaries: Canaries, run_dir: Path, dtype: str, device: str, audit_model_ok: bool
+) -> list[float]:
+    """Black box: the canaries scored on the model `run_dir` exported, against the model
+    the run started from, both on `device` (a `train.device` value)."""
+    from privdpo.config import EvalModelConfig
+    from privdpo.recipes.eval import _run_reference, load_source, policy_source
+    from privdpo.training import pick_device
+
+    problems: list[str] = []
+    source, run = policy_source(str(run_dir), problems)
+    if problems:
+        raise UserError("; ".join(problems))
+    model_cfg = EvalModelConfig(path=str(run_dir), dtype=dtype)
+    policy, tokenizer = load_source(source, model_cfg, "model.path", audit_model_ok)
+    start, _ = load_source(_run_reference(run_dir, run), model_cfg, "reference.path")
+    target = pick_device(device)
+    policy.to(target)
+    start.to(target)
+    return black_box_scores(canaries, policy, start, tokenizer.pad_token_id, target)
 
 
 def run_audit(config_path: str, overrides: list[str]) -> dict:
@@ -147,17 +171,9 @@ def run_audit(config_path: str, overrides: list[str]) -> dict:
     if audit.mode == "white_box":
         scores = canaries.gradient.scores
     else:
-        from privdpo.config import EvalModelConfig
-        from privdpo.recipes.eval import _run_reference, load_source, policy_source
-
-        problems: list[str] = []
-        source, run = policy_source(str(run_dir), problems)
-        model_cfg = EvalModelConfig(path=str(run_dir), dtype=cfg.model.dtype)
-        policy, tokenizer = load_source(source, model_cfg, "model.path")
-        start, _ = load_source(_run_reference(run_dir, run), model_cfg, "reference.path")
-        device = next(policy.parameters()).device
-        start.to(device)
-        scores = black_box_scores(canaries, policy, start, tokenizer.pad_token_id, device)
+        scores = run_scores(
+            canaries, run_dir, cfg.model.dtype, cfg.train.device, audit_model_ok=True
+        )
     statement = _read(run_dir / "privacy.json")
     proven = statement.get("epsilon") if statement else None
     delta = statement["delta"] if statement else 1e-5
@@ -184,12 +200,11 @@ def run_audit(config_path: str, overrides: list[str]) -> dict:
         "included": canaries.included,
     }
     text = json.dumps(out, indent=2, allow_nan=False) + "\n"
-    for d in [run_dir, *exported.values()]:
+    for d in [run_dir, *exported.values()]:  # already marked at export
         (d / "audit.json").write_text(text, encoding="utf-8")
-        (d / MARKER).write_text(MARKER_TEXT, encoding="utf-8")
     from privdpo.report import write_report
 
-    write_report(run_dir)
+    print(f"report: {write_report(run_dir)}")
     print(audit_table(out))
     if out["exceeds_proven"]:
         raise UserError(
@@ -220,7 +235,14 @@ def audit_table(out: dict) -> str:
             f"empirical lower bound ({out['confidence']:.0%})",
             f"{out['empirical_epsilon_lower_bound']:.3g}",
         ),
-        ("largest bound this audit could show", f"{out['attainable_bound']:.3g}"),
+        (
+            f"attainable with these {out['guesses']} guesses",
+            f"{out['attainable_with_chosen_guesses']:.3g}",
+        ),
+        (
+            f"max attainable (all {out['evaluated']} guessed right)",
+            f"{out['max_attainable']:.3g}",
+        ),
         ("canaries (evaluated half)", f"{out['canaries']} ({out['evaluated']})"),
         ("guesses in / out", f"{out['k_in']} / {out['k_out']}"),
         ("correct guesses", f"{out['correct']} of {out['guesses']}"),

@@ -310,5 +310,15 @@ def run_dpo(cfg: DPORunConfig, resume: bool = False, audit=None) -> dict[str, Pa
     bar.close()
     logger.close()
     return finish_run(
-        cfg, run_dir, model, tokenizer, step, stopper, stop_reason, dp, lineage, world
+        cfg,
+        run_dir,
+        model,
+        tokenizer,
+        step,
+        stopper,
+        stop_reason,
+        dp,
+        lineage,
+        world,
+        audit_run=audit is not None,
     )

@@ -78,7 +78,13 @@ from privdpo.errors import ConfigError, DataError, UserError
 from privdpo.generation import eos_token_ids, exact_sequence_kl, generate, sequence_kl
 from privdpo.judges import Judge, load_judge, pairwise_outcomes
 from privdpo.logprobs import sequence_logps
-from privdpo.models import DTYPES, add_lora, check_local_model_dir, load_model_and_tokenizer
+from privdpo.models import (
+    DTYPES,
+    add_lora,
+    check_local_model_dir,
+    load_model_and_tokenizer,
+    refuse_audit_model,
+)
 from privdpo.report import write_report
 from privdpo.stats import Estimate, bootstrap_estimate, mean_estimate, ratio_estimate
 from privdpo.training import micro_batches, pick_device
@@ -721,16 +727,21 @@ def _errors_name(key: str):
         raise UserError(message) from None
 
 
-def load_source(source: ModelSource, cfg: EvalModelConfig, key: str):
-    """(model, tokenizer) of a source, in eval mode, without gradients, in `cfg.dtype`."""
+def load_source(source: ModelSource, cfg: EvalModelConfig, key: str, audit_model_ok: bool = False):
+    """(model, tokenizer) of a source, in eval mode, without gradients, in `cfg.dtype`.
+    A model marked by `privdpo audit` is refused unless `audit_model_ok`."""
     with _errors_name(key):
         if source.kind == "preset":
             model, tokenizer = load_model_and_tokenizer(
                 ModelConfig(preset=source.preset, dtype=source.dtype), source.seed
             )
         elif source.kind == "adapter":
+            if not audit_model_ok:
+                refuse_audit_model(source.path)
             model, tokenizer = _load_adapter(source.path, cfg, key)
         elif source.kind == "checkpoint":
+            if not audit_model_ok:  # an audit run's checkpoints hold its canaries too
+                refuse_audit_model(checkpoint_run_dir(source.path))
             model, tokenizer = _load_checkpoint(source.path, cfg)
         else:
             if not source.path.exists():
@@ -743,7 +754,8 @@ def load_source(source: ModelSource, cfg: EvalModelConfig, key: str):
                     path=str(source.path),
                     dtype=cfg.dtype,
                     trust_remote_code=cfg.trust_remote_code,
-                )
+                ),
+                audit_model_ok=audit_model_ok,
             )
     model.to(DTYPES[cfg.dtype]).eval()
     for p in model.parameters():

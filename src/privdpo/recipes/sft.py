@@ -251,5 +251,15 @@ def run_sft(cfg: SFTRunConfig, resume: bool = False, audit=None) -> dict[str, Pa
     bar.close()
     logger.close()
     return finish_run(
-        cfg, run_dir, model, tokenizer, step, stopper, stop_reason, dp, lineage, world
+        cfg,
+        run_dir,
+        model,
+        tokenizer,
+        step,
+        stopper,
+        stop_reason,
+        dp,
+        lineage,
+        world,
+        audit_run=audit is not None,
     )
