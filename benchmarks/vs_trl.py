@@ -473,12 +473,14 @@ def user_level_8b(work: Path, args) -> dict:
     checkpointing on."""
     from transformers import AutoTokenizer
 
-    model_dir = make_model_dir("llama-3-8b", work, args.device)
+    shape, tokens = ("tiny", 64) if args.tiny else ("llama-3-8b", 4096)  # tiny: the smoke test
+    model_dir = make_model_dir(shape, work, args.device)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    rows = make_pairs(tokenizer, 64, [(2048, 2048), (1023, 1023), (1023, 1023)], seed=1)
-    data = work / "pairs-8b.jsonl"
+    half = tokens // 2
+    rows = make_pairs(tokenizer, 64, [(half, half), (half // 2 - 1,) * 2, (half // 2 - 1,) * 2], 1)
+    data = work / f"pairs-{shape}-{tokens}.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    local = argparse.Namespace(**{**vars(args), "steps": 5, "warmup": 1, "max_length": 4096})
+    local = argparse.Namespace(**{**vars(args), "steps": 5, "warmup": 1, "max_length": tokens})
     run = run_privdpo(
         model_dir,
         data,
@@ -497,7 +499,7 @@ def user_level_8b(work: Path, args) -> dict:
         "step_seconds": run["step_seconds"],
         "sampled_pairs": run["batch_pairs"],
         "peak_gib": run["peak_gib"],
-        "tokens_per_pair": 4096,
+        "tokens_per_pair": tokens,
     }
 
 
@@ -634,7 +636,7 @@ def main(argv=None) -> dict:
             results["dp"][name] = {"error": f"{type(e).__name__}: {e}"[:500]}
         print(json.dumps(results["dp"][name]), flush=True)
         write(results, args.out)
-    if "llama3-8b-user-dp" in wanted and not args.tiny:
+    if "llama3-8b-user-dp" in wanted:
         try:
             results["llama3_8b_user_dp_lora"] = user_level_8b(work, args)
         except Exception as e:
