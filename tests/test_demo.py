@@ -4,7 +4,11 @@ say what the runs did. `make demo` itself (the full size) runs in test_readme.""
 
 from __future__ import annotations
 
+import contextlib
+import html
+import io
 import json
+import math
 
 import pytest
 
@@ -14,6 +18,7 @@ from privdpo.privacy.accounting import epsilon
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
+    """A reduced demo: (its directory, demo.json, what it printed)."""
     out = tmp_path_factory.mktemp("demo") / "demo"
     args = [
         "demo",
@@ -22,26 +27,59 @@ def demo(tmp_path_factory):
         "demo.pair_prompts=500",
         "demo.eval_prompts=100",
         "demo.frontier_betas=[0.5]",
+        "demo.frontier_epsilons=[]",
+        "demo.checkpoints=2",
+        "demo.best_of_n=[2,4]",
     ]
-    assert main(args) == 0
-    return out, json.loads((out / "demo.json").read_text())
+    console = io.StringIO()
+    with contextlib.redirect_stdout(console):
+        assert main(args) == 0
+    return out, json.loads((out / "demo.json").read_text()), console.getvalue()
 
 
 def test_dpo_raises_the_sentiment_reward_over_sft(demo):
-    _, summary = demo
+    _, summary, _ = demo
     rows = {r["model"]: r for r in summary["table"]}
-    assert set(rows) == {"SFT", "DPO", "DP-DPO", "DPO beta=0.5"}
-    sft, dpo = rows["SFT"]["reward"], rows["DPO"]["reward"]
+    kinds = [r["kind"] for r in summary["table"]]
+    assert kinds[:3] == ["sft", "best-of-n", "best-of-n"] and "dpo-step" in kinds
+    assert {"SFT", "best-of-2", "best-of-4", "DPO beta=1", "DPO beta=0.5", "DP-DPO eps=8"} <= set(
+        rows
+    )
+    sft, dpo = rows["SFT"]["reward"], rows["DPO beta=1"]["reward"]
     # DPO's whole interval lies above SFT's mean reward.
     assert dpo["ci_low"] > sft["value"], (sft, dpo)
-    assert rows["DPO"]["positive_rate"] > rows["SFT"]["positive_rate"]
-    assert rows["DPO"]["win_rate"]["value"] > 0.5
-    for name in ("DPO", "DP-DPO", "DPO beta=0.5"):
-        assert rows[name]["kl"] > 0
+    assert rows["DPO beta=1"]["positive_rate"] > rows["SFT"]["positive_rate"]
+    assert rows["DPO beta=1"]["win_rate"]["value"] > 0.5
+    for r in summary["table"]:
+        if r["kind"] in ("dpo", "dpo-step", "dp"):
+            assert r["kl"] > 0 and not r["kl_is_bound"]
+    # best-of-n: its KL is the bound log n - (n-1)/n; more samples, more reward
+    assert rows["best-of-4"]["kl"] == pytest.approx(math.log(4) - 3 / 4)
+    assert rows["best-of-4"]["reward"]["value"] > rows["best-of-2"]["reward"]["value"]
+    # the checkpoint along training is an earlier model than the run's end
+    step = next(r for r in summary["table"] if r["kind"] == "dpo-step")
+    assert step["kl"] < rows["DPO beta=1"]["kl"]
+
+
+def test_the_verdicts_are_computed_from_the_table(demo):
+    _, summary, console = demo
+    rows = {r["model"]: r for r in summary["table"]}
+    first, second = summary["verdicts"]
+    near = [r for r in summary["table"] if r["kind"] in ("dpo", "dpo-step") and r["kl"] <= 5]
+    best = max(near, key=lambda r: r["reward"]["value"])
+    assert first["model"] == best["model"]
+    assert first["held"] == (best["reward"]["value"] >= rows["best-of-4"]["reward"]["value"])
+    sft = rows["SFT"]["reward"]["value"]
+    share = (rows["DP-DPO eps=8"]["reward"]["value"] - sft) / (
+        rows["DPO beta=1"]["reward"]["value"] - sft
+    )
+    assert second["share"] == pytest.approx(share) and second["held"] == (share >= 0.6)
+    for v in summary["verdicts"]:
+        assert v["text"] in console
 
 
 def test_the_dp_run_states_user_level_privacy(demo):
-    out, summary = demo
+    out, summary, _ = demo
     statement = json.loads((out / "dp-dpo" / "adapter" / "privacy.json").read_text())
     assert statement == summary["privacy"]
     assert statement["level"] == "user-level" and statement["user_algorithm"] == "ULS"
@@ -65,7 +103,7 @@ def test_the_dp_run_states_user_level_privacy(demo):
 def test_the_statement_is_end_to_end_and_matches_the_lineage(demo):
     """The tokenizer and SFT saw only public reviewers: the DP-DPO statement's end-to-end
     bound is its own epsilon by parallel composition, and the lineage says why."""
-    out, summary = demo
+    out, summary, _ = demo
     statement = summary["privacy"]
     end = statement["end_to_end"]
     assert end["composition"] == "parallel" and end["no_guarantee"] == []
@@ -84,8 +122,26 @@ def test_the_statement_is_end_to_end_and_matches_the_lineage(demo):
     assert f"epsilon = {statement['epsilon']:.4g}" in statement["summary"]
 
 
+def test_the_printed_and_shown_statement_is_the_runs_ledger(demo):
+    """What the demo prints and shows about privacy is the DP-DPO run's own statement, and
+    `privdpo privacy verify` reproduces its epsilons from the ledger."""
+    from privdpo.demo import privacy_lines
+    from privdpo.privacy.verify import verify
+
+    out, summary, console = demo
+    statement = json.loads((out / "dp-dpo" / "privacy.json").read_text())
+    assert summary["privacy"] == statement
+    assert privacy_lines(statement) in console
+    assert f"this stage epsilon = {statement['stage_epsilon']:.4g}" in console
+    assert f"end to end epsilon = {statement['end_to_end']['epsilon']:.4g}" in console
+    page = (out / "demo.html").read_text()
+    assert html.escape(statement["summary"]) in page
+    checks = verify(out / "dp-dpo")
+    assert checks and all(c["matches"] for c in checks), checks
+
+
 def test_the_demo_page_and_every_report_exist(demo):
-    out, summary = demo
+    out, summary, _ = demo
     page = (out / "demo.html").read_text()
     for row in summary["table"]:
         assert row["model"] in page
@@ -95,6 +151,8 @@ def test_the_demo_page_and_every_report_exist(demo):
         assert (out / run / "report.html").is_file(), run
         assert f"{run}/report.html" in page
     assert (out / "dpo" / "eval.json").is_file()
+    for v in summary["verdicts"]:
+        assert html.escape(v["text"]) in page
 
 
 def test_a_foreign_directory_is_never_replaced(tmp_path, capsys):

@@ -49,23 +49,29 @@ def test_make_test_is_what_ci_runs():
     assert re.search(r"^make test$", (REPO / ".ci" / "run").read_text(), re.M)
 
 
+@pytest.mark.slow  # about 10 minutes on 2 cores; tests/test_demo.py runs a reduced demo
 def test_make_demo_runs_the_sentiment_experiment():
-    """`make demo` at full size: DPO's reward interval lies above SFT's, and the user-level
-    private run lands between the two (the README's promise, checked on the printed table)."""
-    result = run("make demo", REPO, timeout=600)
+    """`make demo` at full size: DPO's reward interval lies above SFT's, the user-level
+    private run lands between the two, and the README's sample output is this run's (the
+    table, the two claims and the privacy lines, byte for byte)."""
+    result = run("make demo", REPO, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "demo finished. The report is runs/demo/demo.html" in result.stdout
     rewards = {}  # model -> (mean reward, CI low, CI high), read off the printed table
     for line in result.stdout.splitlines():
-        row = re.match(r"^(SFT|DPO|DP-DPO)(?: \(eps=[^)]*\))?\s+(\S+) \[(\S+), (\S+)\]", line)
+        row = re.match(r"^(SFT|DPO beta=1|DP-DPO eps=8)\s+(\S+) \[(\S+), (\S+)\]", line)
         if row:
             rewards[row.group(1)] = tuple(float(row.group(i).rstrip("]")) for i in (2, 3, 4))
-    sft, dpo, private = rewards["SFT"], rewards["DPO"], rewards["DP-DPO"]
+    sft, dpo, private = rewards["SFT"], rewards["DPO beta=1"], rewards["DP-DPO eps=8"]
     assert dpo[1] > sft[2], rewards  # DPO's interval is above SFT's
     assert sft[0] < private[0] < dpo[0], rewards
     statement = json.loads((REPO / "runs/demo/dp-dpo/adapter/privacy.json").read_text())
     assert statement["level"] == "user-level" and statement["epsilon"] <= 8
     assert (REPO / "runs" / "demo" / "demo.html").is_file()
+    sample = README.read_text(encoding="utf-8").split("## Quickstart", 1)[1]
+    block = re.search(r"```text\n(.*?)```", sample, re.S).group(1)
+    printed = result.stdout[result.stdout.index("[demo] 6/6") :]
+    assert block.strip() == printed.strip()
 
 
 def readme_audit_output() -> str:

@@ -815,14 +815,41 @@ class DemoConfig:
     pair_prompts: int = opt(1500, "review prefixes turned into on-policy preference pairs")
     eval_prompts: int = opt(200, "held-out review prefixes the models are compared on")
     samples_per_prompt: int = opt(4, "completions sampled per prompt for the pairs")
+    pairs_per_prompt: Literal["best_worst", "all"] = opt(
+        "all", "pairs from each prompt's samples: the best and worst only, or every two"
+    )
     min_score_gap: float = opt(0.2, "least judge-score gap between chosen and rejected")
     max_new_tokens: int = opt(40, "tokens sampled per completion")
-    beta: float = opt(0.1, "DPO beta of the DPO and DP-DPO runs in the table")
-    frontier_betas: list[float] = opt(
-        [0.05, 0.5], "more betas of non-private DPO for the reward-vs-KL figure"
+    finetune: Literal["full", "lora"] = opt(
+        "full", "DPO runs: full fine-tuning (reference: a frozen copy) or LoRA (r 8)"
     )
-    dpo_epochs: int = opt(3, "DPO passes over the pairs")
-    target_epsilon: float = opt(8.0, "user-level epsilon of the DP-DPO run (ULS)")
+    beta: float = opt(1.0, "DPO beta of the main DPO run and of the DP-DPO runs")
+    lr: float = opt(5e-4, "learning rate of the DPO runs")
+    dpo_epochs: int = opt(4, "DPO passes over the pairs")
+    checkpoints: int = opt(
+        4, "points of the main DPO run on the frontier: its checkpoints along training"
+    )
+    frontier_betas: list[float] = opt(
+        [0.5, 2.0], "more betas of non-private DPO for the reward-vs-KL frontier"
+    )
+    target_epsilon: float = opt(8.0, "user-level epsilon of the DP-DPO run in the headline")
+    frontier_epsilons: list[float] = opt(
+        [1.0, 4.0], "more DP-DPO runs, for the privacy-utility curve"
+    )
+    dp_lora_r: int = opt(1, "DP-DPO: LoRA rank (few parameters: less noise in all)")
+    dp_lora_targets: list[str] = opt(
+        ["layers.1.mlp.down_proj", "layers.1.self_attn.o_proj"],
+        "DP-DPO: the modules given LoRA adapters (peft target_modules, suffixes of names)",
+    )
+    dp_contribution_bound: int = opt(4, "DP-DPO: most pairs per user (ULS's k)")
+    dp_lr: float = opt(0.1, "DP-DPO: learning rate")
+    dp_batch_size: int = opt(
+        4096, "DP-DPO: expected pairs per step (at least all kept pairs: every user each step)"
+    )
+    dp_epochs: int = opt(10, "DP-DPO: passes over the pairs (fixes the number of steps)")
+    best_of_n: list[int] = opt(
+        [2, 4, 8, 16], "best-of-n of the SFT model, the baseline DPO is compared with"
+    )
     user_salt_file: str = opt(
         ".privdpo/user-salt", "the salt for hashing reviewer ids in the runs' lineage"
     )
@@ -856,6 +883,11 @@ class DemoRunConfig:
                 ("samples_per_prompt", 2),
                 ("max_new_tokens", 1),
                 ("dpo_epochs", 1),
+                ("checkpoints", 1),
+                ("dp_lora_r", 1),
+                ("dp_contribution_bound", 1),
+                ("dp_batch_size", 1),
+                ("dp_epochs", 1),
             )
             if getattr(d, key) < low
         ]
@@ -864,8 +896,17 @@ class DemoRunConfig:
                 "demo.pair_prompts + demo.eval_prompts: at most half of demo.reviews (the"
                 " other half trains SFT); lower them or raise demo.reviews"
             )
-        if not d.target_epsilon > 0:
-            problems.append(f"demo.target_epsilon: must be positive, got {d.target_epsilon}")
+        for e in [d.target_epsilon, *d.frontier_epsilons]:
+            if not e > 0:
+                problems.append(f"demo.target_epsilon/frontier_epsilons: must be positive, got {e}")
+        for key in ("lr", "dp_lr"):
+            if not getattr(d, key) > 0:
+                problems.append(f"demo.{key}: must be positive, got {getattr(d, key)}")
+        if not d.best_of_n or 4 not in d.best_of_n or min(d.best_of_n) < 2:
+            problems.append(
+                f"demo.best_of_n: n of at least 2, 4 among them (the demo's verdict compares"
+                f" DPO with best-of-4), got {d.best_of_n}"
+            )
         for b in [d.beta, *d.frontier_betas]:
             if not b > 0:
                 problems.append(f"demo.beta/frontier_betas: must be positive, got {b}")

@@ -2,8 +2,8 @@
 
 Rafailov et al. 2023 ("Direct Preference Optimization", section 6.1) fine-tune a model on
 movie reviews, prompt it with review prefixes, and use a sentiment classifier as the
-ground-truth reward; DPO should raise the reward at a small KL to the reference. Here,
-with nothing downloaded:
+ground-truth reward; the point is the reward-vs-KL frontier: how much reward a method buys
+for each nat of divergence from the reference. Here, with nothing downloaded:
 
 1. a review corpus from the project's own generator (`demo_corpus`), reviewers with a
    skewed number of reviews each, split into two disjoint groups of reviewers: *public*
@@ -12,25 +12,31 @@ with nothing downloaded:
    public reviews (it learns the grammar, positive and negative alike), without privacy;
 3. prompts = 2-8-word prefixes of the private reviewers' reviews; `privdpo pairs`
    samples completions from the SFT model and the VADER lexicon judge prefers the more
-   positive one;
-4. DPO without privacy, and DPO with user-level DP (ULS, the private reviewers are the
-   users). The lineage of the DP-DPO model shows that no earlier stage saw a private
-   reviewer (parallel composition), so its epsilon is true end to end for them;
-5. both evaluated against the SFT model on held-out prefixes: mean judge reward,
-   positive-review rate, KL to the SFT model, win rate; more betas of non-private DPO
-   give the reward-vs-KL frontier;
-6. `demo.html`: the table, the frontier figure, the privacy statement, and links to each
-   run's own report.
+   positive (every two samples far enough apart make a pair);
+4. DPO without privacy at several betas (the main one with checkpoints along training),
+   and DPO with user-level DP (ULS, the private reviewers are the users) at several
+   epsilons. The lineage of the DP-DPO models shows that no earlier stage saw a private
+   reviewer (parallel composition), so their epsilons are true end to end for them;
+5. every point evaluated against the SFT model on held-out prefixes: mean judge reward,
+   positive-review rate, exact KL to the SFT model, win rate; and best-of-n sampling from
+   the SFT model, the baseline practitioners compare DPO with (its KL is at most
+   log n - (n-1)/n);
+6. `demo.html`: the table, the frontier figure, the two claims checked on this run (a DPO
+   point at KL <= 5 nats reaches best-of-4's reward; DP-DPO at epsilon 8 keeps 60% of
+   DPO's gain), the privacy statement, and links to each run's own report.
 
-Every number is produced by the run. `DemoConfig` scales it up (a bigger preset, more
-reviews, a GPU).
+Every number is produced by the run; the defaults were chosen by measurement
+(`benchmarks/demo_frontier.py`, benchmarks/README.md). `DemoConfig` scales it up (a
+bigger preset, more reviews, a GPU).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import random
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -52,7 +58,7 @@ from privdpo.privacy import lineage
 from privdpo.recipes.dpo import run_dpo
 from privdpo.recipes.eval import run_eval
 from privdpo.recipes.sft import run_sft
-from privdpo.report import figure_img, html_table
+from privdpo.report import figure_img, html_table, reward_kl_figure
 
 MARKER = "demo.json"  # what makes a directory the demo's own, safe to replace
 POSITIVE = 0.05  # VADER's conventional threshold for a positive text (compound score)
@@ -134,6 +140,11 @@ def run_demo(cfg: DemoRunConfig) -> dict:
     _say(
         f"3/6 pairs: {d.samples_per_prompt} samples per prefix from the SFT model, the VADER"
         " lexicon judge prefers the more positive"
+        + (
+            " (every two samples far enough apart make a pair)"
+            if d.pairs_per_prompt == "all"
+            else ""
+        )
     )
     model, tokenizer = load_model_and_tokenizer(_local(sft_model), d.seed)
     rows, summary = make_pairs(
@@ -148,42 +159,79 @@ def run_demo(cfg: DemoRunConfig) -> dict:
         batch_size=64,
         seed=d.seed,
         min_score_gap=d.min_score_gap,
+        pairs_per_prompt=d.pairs_per_prompt,
     )
     del model
     pairs_file = write_pairs(data / "pairs.jsonl", rows)
     _say(f"    {summary}")
 
-    # ---- 4. DPO and user-level DP-DPO ------------------------------------------------
-    runs = {"DPO": _dpo(cfg, root / "dpo", sft_model, pairs_file, d.beta, private=False)}
-    runs["DP-DPO"] = _dpo(cfg, root / "dp-dpo", sft_model, pairs_file, d.beta, private=True)
+    # ---- 4. DPO at several betas, user-level DP-DPO at several epsilons ----------------
+    main_dir = _dpo(cfg, root / "dpo", sft_model, pairs_file, d.beta, checkpoints=d.checkpoints)
+    points = [Point(f"DPO beta={d.beta:g}", "dpo", main_dir, beta=d.beta)]
     for beta in d.frontier_betas:
-        runs[f"DPO beta={beta:g}"] = _dpo(
-            cfg, root / f"dpo-beta-{beta:g}", sft_model, pairs_file, beta, private=False
-        )
+        run_dir = _dpo(cfg, root / f"dpo-beta-{beta:g}", sft_model, pairs_file, beta)
+        points.append(Point(f"DPO beta={beta:g}", "dpo", run_dir, beta=beta))
+    for eps in [d.target_epsilon, *d.frontier_epsilons]:
+        name = "dp-dpo" if eps == d.target_epsilon else f"dp-dpo-eps-{eps:g}"
+        run_dir = _dpo(cfg, root / name, sft_model, pairs_file, d.beta, epsilon=eps)
+        points.append(Point(f"DP-DPO eps={eps:g}", "dp", run_dir, beta=d.beta, epsilon=eps))
 
     # ---- 5. evaluation against the SFT model -----------------------------------------
-    _say("5/6 evaluation against the SFT model on the held-out prefixes")
+    _say(
+        "5/6 evaluation on the held-out prefixes against the SFT model: reward, exact KL,"
+        f" and best-of-n (n = {', '.join(map(str, d.best_of_n))}) of the SFT model"
+    )
+    prompts = data / "eval_prompts.jsonl"
     results = {
-        name: _evaluate(cfg, run_dir, sft_model, data / "eval_prompts.jsonl")
-        for name, run_dir in runs.items()
+        p.name: _evaluate(cfg, p.run_dir, sft_model, prompts, d.best_of_n) for p in points[:1]
     }
-    privacy = json.loads((runs["DP-DPO"] / "privacy.json").read_text(encoding="utf-8"))
-    table = _table_rows(results, privacy)
+    for step in _checkpoints(main_dir):
+        point = Point(
+            f"DPO beta={d.beta:g} step {step.name[5:].lstrip('0')}", "dpo-step", step, d.beta
+        )
+        points.append(point)
+        results[point.name] = _evaluate(cfg, step, sft_model, prompts)
+    for p in points[1:]:
+        if p.name not in results:
+            results[p.name] = _evaluate(cfg, p.run_dir, sft_model, prompts)
+    statement = json.loads((root / "dp-dpo" / "privacy.json").read_text(encoding="utf-8"))
+    for p in points:
+        if p.epsilon is not None:  # the epsilon each run proved, not the one it aimed at
+            p.epsilon = json.loads((p.run_dir / "privacy.json").read_text())["epsilon"]
+    table = frontier_rows(results, points)
+    verdicts = frontier_verdicts(table, d.beta, statement["epsilon"])
 
     # ---- 6. the demo's page ------------------------------------------------------------
     page = root / "demo.html"
-    page.write_text(_page(table, results, runs, privacy, root), encoding="utf-8")
+    page.write_text(_page(table, verdicts, points, statement, root), encoding="utf-8")
     summary_json = {
         "table": table,
-        "privacy": privacy,
-        "runs": {k: str(v) for k, v in runs.items()},
+        "verdicts": verdicts,
+        "privacy": statement,
+        "runs": {p.name: str(p.run_dir) for p in points},
     }
     (root / MARKER).write_text(json.dumps(summary_json, indent=2) + "\n", encoding="utf-8")
-    _say("6/6 results (mean VADER reward of sampled completions, 95% bootstrap interval):")
+    _say(
+        "6/6 results: mean VADER reward of one completion per held-out prefix (95% bootstrap"
+        " interval), exact KL to the SFT model in nats per completion (best-of-n: its bound)"
+    )
     print(format_table(table))
-    print("\n" + privacy_lines(privacy))
+    print("\n" + "\n".join(v["text"] for v in verdicts))
+    print("\n" + privacy_lines(statement))
     print(f"\ndemo finished. The report is {page}")
     return summary_json
+
+
+@dataclass
+class Point:
+    """One model on the frontier: its name, kind (dpo, dpo-step, dp), what to evaluate
+    (a run directory or a checkpoint), its beta and, for DP, its epsilon."""
+
+    name: str
+    kind: str
+    run_dir: Path
+    beta: float
+    epsilon: float | None = None
 
 
 # ---- steps -------------------------------------------------------------------------------
@@ -247,49 +295,88 @@ def privacy_lines(statement: dict) -> str:
     return "\n".join(lines)
 
 
-def _dpo(cfg: DemoRunConfig, run_dir: Path, sft_model: Path, pairs: Path, beta, private, extra=()):
+def _dpo(
+    cfg: DemoRunConfig,
+    run_dir: Path,
+    sft_model: Path,
+    pairs: Path,
+    beta: float,
+    epsilon: float | None = None,
+    checkpoints: int = 1,
+    extra=(),
+) -> Path:
+    """One DPO run on the SFT model: the demo's non-private settings, or with `epsilon`
+    user-level DP (ULS; the private reviewers are the users) with the DP settings.
+    `checkpoints`: that many evenly spaced checkpoints are kept (the last at the end)."""
     d = cfg.demo
-    label = "DP-DPO (user level, ULS)" if private else f"DPO (beta={beta:g})"
-    _say(f"4/6 {label}: LoRA on the SFT model, reference = the SFT model")
+    if epsilon is None:
+        label = f"DPO (beta={beta:g})"
+        finetune, lr, epochs, batch = d.finetune, d.lr, d.dpo_epochs, 64
+    else:
+        label = f"DP-DPO (user level, ULS, epsilon={epsilon:g}, beta={beta:g})"
+        finetune, lr, epochs, batch = "lora", d.dp_lr, d.dp_epochs, d.dp_batch_size
+    how = "full fine-tuning" if finetune == "full" else "LoRA"
+    _say(f"4/6 {label}: {how} of the SFT model, reference = the SFT model")
     overrides = [
         f"model.path={sft_model}",
-        "model.lora.enabled=true",
-        "model.lora.r=8",
-        "model.lora.alpha=16",
-        "model.lora.target_modules=[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj]",
         f"data.train={pairs}",
         "data.eval_fraction=0.1",
         "data.max_length=128",
         f"train.seed={d.seed}",
-        f"train.epochs={d.dpo_epochs}",
-        "train.batch_size=64",
+        f"train.epochs={epochs}",
+        f"train.batch_size={batch}",
         "train.micro_batch_size=64",
-        "train.lr=1e-2",
+        f"train.lr={lr}",
         "train.warmup_steps=5",
         "train.eval_at_start=false",
+        f"train.keep_checkpoints={checkpoints + 1}",
         f"dpo.beta={beta}",
-        "dpo.reference=adapter_disabled",
         f"output.dir={run_dir}",
         f"train.device={d.device}",
         f"output.progress_bar={cfg.output.progress_bar}",
         f"data.user_salt_file={d.user_salt_file}",
     ]
-    if private:
+    if finetune == "full":
+        overrides += ["model.lora.enabled=false", "dpo.reference=copy"]
+    else:
+        r, targets = (8, LORA_TARGETS) if epsilon is None else (d.dp_lora_r, d.dp_lora_targets)
+        overrides += [
+            "model.lora.enabled=true",
+            f"model.lora.r={r}",
+            f"model.lora.alpha={2 * r}",
+            f"model.lora.target_modules=[{','.join(targets)}]",
+            "dpo.reference=adapter_disabled",
+        ]
+    if checkpoints > 1:
+        units = sum(1 for _ in pairs.open(encoding="utf-8")) * 0.9  # the training split
+        steps = epochs * math.ceil(units / batch)
+        overrides.append(f"train.save_every={max(1, math.ceil(steps / checkpoints))}")
+    if epsilon is not None:
         overrides += [
             "privacy.enabled=true",
             "privacy.unit=user",
             "privacy.user_algorithm=uls",
-            f"privacy.target_epsilon={d.target_epsilon}",
+            f"privacy.target_epsilon={epsilon}",
+            f"privacy.contribution_bound={d.dp_contribution_bound}",
             "privacy.max_grad_norm=1.0",
         ]
     run_dpo(load_config(DPORunConfig, None, [*overrides, *extra]))
     return run_dir
 
 
-def _evaluate(cfg: DemoRunConfig, run_dir: Path, sft_model: Path, prompts: Path) -> dict:
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def _checkpoints(run_dir: Path) -> list[Path]:
+    """The run's kept checkpoints before its last step (the last is the exported model)."""
+    steps = sorted((run_dir / "checkpoints").glob("step-*"))
+    return steps[:-1]
+
+
+def _evaluate(cfg: DemoRunConfig, model: Path, sft_model: Path, prompts: Path, best_of=()):
     d = cfg.demo
     overrides = [
-        f"model.path={run_dir}",
+        f"model.path={model}",
         f"reference.path={sft_model}",
         f"data.prompts={prompts}",
         f"generation.num_prompts={d.eval_prompts}",
@@ -299,87 +386,191 @@ def _evaluate(cfg: DemoRunConfig, run_dir: Path, sft_model: Path, prompts: Path)
         f"generation.seed={d.seed}",
         "judge.kind=lexicon",
         "eval.temperatures=[1.0]",
+        f"eval.best_of_n=[{','.join(map(str, best_of))}]",
         f"eval.device={d.device}",
     ]
     return run_eval(load_config(EvalRunConfig, None, overrides))
 
 
-def _table_rows(results: dict, privacy: dict) -> list[dict]:
-    """One row per model: the SFT model's numbers are the reference side of any eval
-    (the same prompts and seed give the same SFT samples in every eval)."""
-    first = next(iter(results.values()))
+KIND_ORDER = {"sft": 0, "best-of-n": 1, "dpo-step": 2, "dpo": 3, "dp": 4}
+
+
+def frontier_rows(results: dict, points: list[Point]) -> list[dict]:
+    """The table: the SFT model (the reference side of every eval: the same prompts and
+    seed give the same SFT samples in each), best-of-n of the SFT model, then every point:
+    mean reward with its interval, positive rate, KL to the SFT model (exact estimate, or
+    best-of-n's bound), win rate against the SFT model, epsilon."""
+    first = results[points[0].name]
     rows = [
-        {
-            "model": "SFT",
-            "reward": first["metrics"]["reference_reward"],
-            "positive_rate": _positive_rate(first, "reference_score"),
-            "kl": 0.0,
-            "win_rate": None,
-            "epsilon": None,
-        }
-    ]
-    for name, result in results.items():
-        m = result["metrics"]
-        rows.append(
-            {
-                "model": name,
-                "reward": m["policy_reward"],
-                "positive_rate": _positive_rate(result, "policy_score"),
-                "kl": m["kl_to_reference"]["value"],
-                "win_rate": m["win_rate"],
-                "epsilon": privacy["epsilon"] if name == "DP-DPO" else None,
-            }
+        _row(
+            "SFT",
+            "sft",
+            first["metrics"]["reference_reward"],
+            _positive(first, "reference_score"),
+            0.0,
         )
-    return rows
+    ]
+    for b in first["best_of_n"]:
+        if b["model"] == "reference":
+            rows.append(
+                _row(
+                    f"best-of-{b['n']}",
+                    "best-of-n",
+                    b["reward"],
+                    sum(s > POSITIVE for s in b["scores"]) / len(b["scores"]),
+                    b["kl_bound"],
+                    win_rate=b["win_rate"],
+                    kl_is_bound=True,
+                )
+            )
+    for p in points:
+        m = results[p.name]["metrics"]
+        rows.append(
+            _row(
+                p.name,
+                p.kind,
+                m["policy_reward"],
+                _positive(results[p.name], "policy_score"),
+                m["kl_exact"]["value"],
+                kl_ci=(m["kl_exact"]["ci_low"], m["kl_exact"]["ci_high"]),
+                win_rate=m["win_rate"],
+                beta=p.beta,
+                epsilon=p.epsilon,
+            )
+        )
+    return sorted(rows, key=_row_order)
 
 
-def _positive_rate(result: dict, key: str) -> float:
+def _row_order(r: dict) -> tuple:
+    """SFT, best-of-n by n, the main run's checkpoints by step, DPO by beta, DP by epsilon."""
+    step = int(r["model"].rsplit(" ", 1)[1]) if r["kind"] == "dpo-step" else 0
+    return (KIND_ORDER[r["kind"]], step, r["beta"] or 0, r["epsilon"] or 0, r["kl"])
+
+
+def _row(
+    name,
+    kind,
+    reward,
+    positive,
+    kl,
+    *,
+    kl_ci=None,
+    win_rate=None,
+    kl_is_bound=False,
+    beta=None,
+    epsilon=None,
+):
+    return {
+        "model": name,
+        "kind": kind,
+        "reward": reward,
+        "positive_rate": positive,
+        "kl": kl,
+        "kl_ci": kl_ci,
+        "kl_is_bound": kl_is_bound,
+        "win_rate": win_rate,
+        "beta": beta,
+        "epsilon": epsilon,
+    }
+
+
+def _positive(result: dict, key: str) -> float:
     scores = [s[key] for s in result["samples"]]
     return sum(score > POSITIVE for score in scores) / len(scores)
 
 
+KL_LIMIT = 5.0  # nats per completion: the DPO point that should match best-of-4 stays below
+KEEP = 0.6  # the share of the non-private gain DP-DPO should keep at epsilon 8
+
+
+def frontier_verdicts(table: list[dict], beta: float, epsilon: float) -> list[dict]:
+    """The two claims the demo makes, checked on its own table: (1) a DPO point at KL <=
+    KL_LIMIT nats reaches best-of-4's reward; (2) DP-DPO at the headline epsilon keeps at
+    least KEEP of the reward DPO gains over SFT at the same beta. Each says whether it
+    held, with the numbers."""
+    rows = {r["model"]: r for r in table}
+    sft = rows["SFT"]["reward"]["value"]
+    bo4 = rows["best-of-4"]["reward"]["value"]
+    dpo = [r for r in table if r["kind"] in ("dpo", "dpo-step") and r["kl"] <= KL_LIMIT]
+    best = max(dpo, key=lambda r: r["reward"]["value"], default=None)
+    if best is None:
+        first = {
+            "claim": "dpo_matches_best_of_4",
+            "held": False,
+            "text": f"No DPO point has an exact KL of at most {KL_LIMIT:g} nats; best-of-4"
+            f" reaches {bo4:.3f} at KL <= {rows['best-of-4']['kl']:.2f}.",
+        }
+    else:
+        r = best["reward"]["value"]
+        first = {
+            "claim": "dpo_matches_best_of_4",
+            "held": r >= bo4,
+            "model": best["model"],
+            "text": f"{best['model']}: reward {r:.3f} at KL {best['kl']:.2f} nats (<= {KL_LIMIT:g})"
+            f" {'reaches' if r >= bo4 else 'falls short of'} best-of-4's {bo4:.3f}"
+            f" (KL <= {rows['best-of-4']['kl']:.2f}).",
+        }
+    dp = next(r for r in table if r["kind"] == "dp" and r["epsilon"] == epsilon)
+    dpo_final = rows[f"DPO beta={beta:g}"]
+    gain = dpo_final["reward"]["value"] - sft
+    kept = (dp["reward"]["value"] - sft) / gain if gain > 0 else float("nan")
+    second = {
+        "claim": "dp_keeps_the_gain",
+        "held": bool(kept >= KEEP),
+        "share": kept,
+        "text": f"DP-DPO at epsilon {epsilon:.3g} keeps {kept:.0%} of DPO's reward gain over SFT"
+        f" at beta {beta:g} ({dp['reward']['value']:.3f} against {dpo_final['reward']['value']:.3f};"
+        f" SFT {sft:.3f}; the aim is {KEEP:.0%}).",
+    }
+    return [first, second]
+
+
 def format_table(rows: list[dict]) -> str:
-    header = f"{'model':<16} {'reward [95% CI]':>24} {'positive':>9} {'KL to SFT':>10} {'win vs SFT':>11}"
+    header = (
+        f"{'model':<24} {'reward [95% CI]':>24} {'positive':>9} {'KL to SFT':>10}"
+        f" {'win vs SFT':>11}"
+    )
     lines = [header, "-" * len(header)]
     for r in rows:
         w = r["reward"]
         reward = f"{w['value']:.3f} [{w['ci_low']:.3f}, {w['ci_high']:.3f}]"
         win = f"{r['win_rate']['value']:.2f}" if r["win_rate"] else "-"
-        name = r["model"] + (f" (eps={r['epsilon']:.2g})" if r["epsilon"] is not None else "")
-        lines.append(
-            f"{name:<16} {reward:>24} {r['positive_rate']:>9.0%} {r['kl']:>10.2f} {win:>11}"
-        )
+        kl = f"<= {r['kl']:.2f}" if r["kl_is_bound"] else f"{r['kl']:.2f}"
+        lines.append(f"{r['model']:<24} {reward:>24} {r['positive_rate']:>9.0%} {kl:>10} {win:>11}")
     return "\n".join(lines)
 
 
 def _frontier_figure(rows: list[dict]) -> Figure:
-    fig = Figure(figsize=(6, 4), dpi=100, facecolor="white")
-    ax = fig.add_subplot()
+    series = {
+        "sft": "SFT",
+        "best-of-n": "best-of-n of SFT (KL bound)",
+        "dpo-step": "DPO, main beta, along training",
+        "dpo": "DPO, end of training",
+        "dp": "DP-DPO (user level), by epsilon",
+    }
+    points = []
     for r in rows:
-        dp = r["epsilon"] is not None
-        ax.scatter(
-            r["kl"],
-            r["reward"]["value"],
-            marker="s" if dp else "o",
-            s=50,
-            zorder=3,
-            color="tab:red" if dp else ("tab:gray" if r["model"] == "SFT" else "tab:blue"),
+        label = r["model"]
+        if r["kind"] == "dpo-step":  # the final step is the run's own point
+            label = "step " + r["model"].rsplit(" ", 1)[1]
+        points.append(
+            {
+                "label": label,
+                "kl": r["kl"],
+                "kl_ci": r["kl_ci"],
+                "reward": r["reward"],
+                "series": series[r["kind"]],
+                "kl_is_bound": r["kl_is_bound"],
+            }
         )
-        ax.annotate(
-            r["model"],
-            (r["kl"], r["reward"]["value"]),
-            textcoords="offset points",
-            xytext=(5, 5),
-            fontsize=8,
-        )
-    ax.set_xlabel("KL(policy || SFT), nats per completion")
-    ax.set_ylabel("mean VADER reward")
-    ax.set_title("reward vs KL to the SFT model (held-out prefixes)")
-    ax.grid(alpha=0.3)
-    return fig
+    return reward_kl_figure(
+        points,
+        title="Reward vs KL to the SFT model (held-out prefixes)",
+        reward_label="mean VADER reward",
+    )
 
 
-def _page(table: list[dict], results: dict, runs: dict, privacy: dict, root: Path) -> str:
+def _page(table: list[dict], verdicts, points: list[Point], statement: dict, root: Path) -> str:
     import html
 
     cells = []
@@ -390,32 +581,48 @@ def _page(table: list[dict], results: dict, runs: dict, privacy: dict, root: Pat
                 r["model"],
                 f"{w['value']:.3f} [{w['ci_low']:.3f}, {w['ci_high']:.3f}]",
                 f"{r['positive_rate']:.0%}",
-                f"{r['kl']:.3f}",
+                f"<= {r['kl']:.3f}" if r["kl_is_bound"] else f"{r['kl']:.3f}",
                 f"{r['win_rate']['value']:.3f}" if r["win_rate"] else "-",
                 f"{r['epsilon']:.3g}" if r["epsilon"] is not None else "no DP",
             ]
         )
+    runs = {"SFT": root / "sft", **{p.name: p.run_dir for p in points if p.kind != "dpo-step"}}
     links = "".join(
         f'<li><a href="{html.escape(str(p.relative_to(root)))}/report.html">'
         f"{html.escape(name)}</a></li>"
-        for name, p in {"SFT": root / "sft", **runs}.items()
+        for name, p in runs.items()
     )
+    claims = "".join(
+        f"<li>{'held' if v['held'] else 'not reached'}: {html.escape(v['text'])}</li>"
+        for v in verdicts
+    )
+    header = [
+        "model",
+        "mean reward [95% CI]",
+        "positive rate",
+        "KL to SFT (nats)",
+        "win rate vs SFT",
+        "epsilon",
+    ]
     return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>privdpo demo</title>
 <style>body{{font-family:sans-serif;max-width:60em;margin:2em auto}}
 table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:4px 8px}}</style>
 </head><body>
 <h1>privdpo demo: controlled sentiment generation, offline</h1>
-<p>A {html.escape("tiny")} model trained from random initialization on generated reviews,
-then DPO on its own samples judged by the VADER sentiment lexicon (positive preferred),
-with and without user-level differential privacy. Rewards are VADER compound scores of
-completions sampled at temperature 1 for held-out review prefixes; KL and win rate are
-against the SFT model.</p>
-{html_table(["model", "mean reward [95% CI]", "positive rate", "KL to SFT", "win rate vs SFT", "epsilon"], cells)}
+<p>A tiny model trained from random initialization on generated reviews, then DPO on its
+own samples judged by the VADER sentiment lexicon (positive preferred), with and without
+user-level differential privacy. Rewards are VADER compound scores of one completion
+sampled at temperature 1 for each held-out review prefix. KL is to the SFT model, in nats
+per completion: the exact estimate (the next-token KL summed along the model's own
+samples), or for best-of-n its bound log n - (n-1)/n. Win rates are against the SFT
+model's samples.</p>
+{html_table(header, cells)}
 <h2>Reward vs KL</h2>
 {figure_img("frontier", "mean reward against KL to the SFT model", _frontier_figure(table))}
+<h2>What the run shows</h2><ul>{claims}</ul>
 <h2>Privacy</h2>
-<p>{html.escape(privacy["summary"])}</p>
+<p>{html.escape(privacy_lines(statement))}</p>
 <h2>Each run's report</h2><ul>{links}</ul>
 </body></html>
 """
