@@ -459,19 +459,19 @@ def test_describe_config_shows_defaults_and_types():
         (True, "cpu", False, True),
     ],
 )
-def test_train_compile_auto_is_settled_by_the_device_and_privacy(
+def test_train_compile_auto_is_decided_by_the_device_and_privacy(
     tmp_path, setting, device, private, expected
 ):
     import torch
 
-    from privdpo.training import resolve_compile
+    from privdpo.training import use_compile
 
     extra = {"train": {"compile": setting}}
     if private:
         extra["privacy"] = {"enabled": True, "noise_multiplier": 1.0}
     cfg = load(tmp_path, extra)
-    resolve_compile(cfg, torch.device(device))
-    assert cfg.train.compile is expected
+    assert use_compile(cfg, torch.device(device)) is expected
+    assert cfg.train.compile == setting  # the config keeps what the user wrote
 
 
 def test_train_compile_true_with_privacy_is_refused(tmp_path):

@@ -81,13 +81,13 @@ def _frozen(model):
     return model
 
 
-def build_reference(cfg: DPORunConfig, base_model, device) -> Reference:
+def build_reference(cfg: DPORunConfig, base_model, device, compiled: bool = False) -> Reference:
     """The reference for `cfg`, built from the initial (pre-LoRA) `base_model` when it is a
     copy. Call before LoRA wraps the model."""
     kind = reference_kind(cfg)
     if kind == "copy":
         reference = _frozen(copy.deepcopy(base_model)).to(device)
-        if cfg.train.compile:
+        if compiled:
             compile_layers(reference)
         return Reference(kind, reference)
     if kind == "path":
@@ -97,7 +97,7 @@ def build_reference(cfg: DPORunConfig, base_model, device) -> Reference:
             trust_remote_code=cfg.model.trust_remote_code,
         )
         model, _ = load_model_and_tokenizer(ref_cfg, cfg.train.seed)
-        if cfg.train.compile:
+        if compiled:
             compile_layers(model)
         return Reference(kind, _frozen(model).to(device))
     return Reference(kind)

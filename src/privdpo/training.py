@@ -40,9 +40,7 @@ from privdpo.privacy.ledger import PrivacyLedger
 from privdpo.report import write_report
 
 # Keys that may differ between a run and its resume: they do not change the result.
-# Settings that change how a step runs, not what it computes. train.compile is saved
-# resolved (true or false), while the resumed config may still say auto.
-RESUME_MAY_DIFFER = {"output.progress_bar", "train.compile"}
+RESUME_MAY_DIFFER = {"output.progress_bar"}
 
 
 def check_run_dir(cfg, resume: bool) -> Path:
@@ -126,12 +124,13 @@ def pick_device(name: str, world=SINGLE) -> torch.device:
     return torch.device(name)
 
 
-def resolve_compile(cfg, device: torch.device) -> None:
-    """Settle `train.compile: auto` for this run, in place (the saved config shows what ran):
-    compiled decoder layers on CUDA, where a step is otherwise bound by kernel launches and
-    Python; eager on the CPU, and for DP runs, whose per-unit gradient hooks run eager."""
+def use_compile(cfg, device: torch.device) -> bool:
+    """Whether this run compiles its decoder layers (`train.compile`; auto: on CUDA, where a
+    step is otherwise bound by kernel launches and Python, and not for DP runs, whose
+    per-unit gradient hooks run eager; never on the CPU)."""
     if cfg.train.compile == "auto":
-        cfg.train.compile = device.type == "cuda" and not cfg.privacy.enabled
+        return device.type == "cuda" and not cfg.privacy.enabled
+    return cfg.train.compile
 
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
@@ -148,7 +147,7 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Adam
     )
 
 
-def configure_model(model, cfg: TrainConfig) -> None:
+def configure_model(model, cfg: TrainConfig, compiled: bool) -> None:
     """The training-step options that act on the model: packing's precondition, gradient
     checkpointing, torch.compile of each decoder layer. Call on the policy only (after LoRA,
     after a reference copy was taken)."""
@@ -160,7 +159,7 @@ def configure_model(model, cfg: TrainConfig) -> None:
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
-    if cfg.compile:
+    if compiled:
         compile_layers(model)
 
 

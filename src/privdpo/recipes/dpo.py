@@ -51,11 +51,11 @@ from privdpo.training import (
     record_eval,
     reduce_gradients,
     reduce_metrics,
-    resolve_compile,
     resume_run,
     run_state,
     shard_model,
     steps_per_epoch,
+    use_compile,
 )
 
 PAIR_METRICS = (
@@ -85,10 +85,13 @@ def build_pair_batch(pairs: list[PairExample], cfg: DPORunConfig, pad_id: int, i
     return pair_batch(pairs, pad_id, batch_layout(t), t.share_prompt and t.packing, item_unit)
 
 
-def pair_forward(model, reference, pairs: list[PairExample], batch, cfg, sink=None):
+def pair_forward(
+    model, reference, pairs: list[PairExample], batch, cfg, sink=None, compiled: bool = False
+):
     """Per-pair losses [B] and the per-pair values behind the metrics (detached), for the
-    `batch` of `pairs` (on the model's device)."""
-    attention, compiled = cfg.train.attention, cfg.train.compile
+    `batch` of `pairs` (on the model's device); `compiled`: the run's layers are compiled
+    (`training.use_compile`), so the head's tile work is too."""
+    attention = cfg.train.attention
     logps, num_tokens = sequence_logps(model, batch, sink, attention, compiled)  # both responses
     chosen, rejected = logps.chunk(2)
     chosen_tokens, rejected_tokens = num_tokens.chunk(2)
@@ -117,14 +120,14 @@ def metric_sums(losses: torch.Tensor, values: dict) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate(model, reference, pairs, cfg, pad_id, device) -> dict:
+def evaluate(model, reference, pairs, cfg, pad_id, device, compiled: bool = False) -> dict:
     """Mean loss and pair metrics over the held-out pairs, with dropout off."""
     was_training = model.training
     model.eval()
     sums = None
     for chunk in micro_batches(pairs, cfg.train.micro_batch_size):
         batch = build_pair_batch(chunk, cfg, pad_id).to(device)
-        losses, values = pair_forward(model, reference, chunk, batch, cfg)
+        losses, values = pair_forward(model, reference, chunk, batch, cfg, None, compiled)
         part = metric_sums(losses, values)
         sums = part if sums is None else sums + part
     model.train(was_training)
@@ -146,7 +149,7 @@ def run_dpo(cfg: DPORunConfig, resume: bool = False, audit=None) -> dict[str, Pa
     if not cfg.output.progress_bar or not world.is_main:
         hf_logging.disable_progress_bar()
     device = pick_device(cfg.train.device, world)
-    resolve_compile(cfg, device)
+    compiled = use_compile(cfg, device)
     model, tokenizer = load_model_and_tokenizer(cfg.model, cfg.train.seed)
     train, evals, summary = load_preference_data(cfg.data, tokenizer, cfg.train.seed, cfg.scrub)
     require_user_ids(train, cfg)
@@ -160,14 +163,14 @@ def run_dpo(cfg: DPORunConfig, resume: bool = False, audit=None) -> dict[str, Pa
     # Where this run stands in its lineage, said (or refused) before anything is written.
     unit = None if not cfg.privacy.enabled else ("user" if users is not None else "pair")
     lineage = RunLineage.begin(cfg, "dpo", train, evals, summary, unit)
-    reference = build_reference(cfg, model, device)
+    reference = build_reference(cfg, model, device, compiled)
     if cfg.model.lora.enabled:
         model = add_lora(model, cfg.model.lora)
     if reference.kind == "adapter_disabled":
         reference.policy = model
     if cfg.dpo.disable_dropout:
         _disable_dropout(model)
-    configure_model(model, cfg.train)
+    configure_model(model, cfg.train, compiled)
     model.to(device)
     shard_model(model, cfg.train, world)
     model.train()
@@ -207,7 +210,7 @@ def run_dpo(cfg: DPORunConfig, resume: bool = False, audit=None) -> dict[str, Pa
     )
     stop_reason = None
     if evals and cfg.train.eval_at_start and step == 0:
-        eval_metrics = evaluate(model, reference, evals, cfg, pad_id, device)
+        eval_metrics = evaluate(model, reference, evals, cfg, pad_id, device, compiled)
         record_eval(0, eval_metrics, logger, stopper, run_dir, model, world)
 
     # ---- train -----------------------------------------------------------------------
@@ -231,7 +234,7 @@ def run_dpo(cfg: DPORunConfig, resume: bool = False, audit=None) -> dict[str, Pa
             host = build_pair_batch(chunk, cfg, pad_id, item_unit)
             batch = host.to(device)
             if dp is None:
-                losses, values = pair_forward(model, reference, chunk, batch, cfg)
+                losses, values = pair_forward(model, reference, chunk, batch, cfg, None, compiled)
                 (losses.sum() / num_pairs).backward()
             else:  # the pair (or the user's pairs) is the unit; a user's loss is their mean
                 with dp.micro_batch(host):
@@ -288,7 +291,7 @@ def run_dpo(cfg: DPORunConfig, resume: bool = False, audit=None) -> dict[str, Pa
         if evals and (
             (cfg.train.eval_every and step % cfg.train.eval_every == 0) or step == total_steps
         ):
-            eval_metrics = evaluate(model, reference, evals, cfg, pad_id, device)
+            eval_metrics = evaluate(model, reference, evals, cfg, pad_id, device, compiled)
             stopped = record_eval(step, eval_metrics, logger, stopper, run_dir, model, world)
             stop_reason = stop_reason or stopped
         if (

@@ -46,11 +46,11 @@ from privdpo.training import (
     record_eval,
     reduce_gradients,
     reduce_metrics,
-    resolve_compile,
     resume_run,
     run_state,
     shard_model,
     steps_per_epoch,
+    use_compile,
 )
 
 
@@ -61,8 +61,9 @@ def build_example_batch(examples: list[Example], cfg: SFTRunConfig, pad_id: int,
 
 def example_losses(model, batch, cfg: SFTRunConfig, sink=None) -> torch.Tensor:
     """[B] each example's token-mean NLL: the per-unit loss under differential privacy
-    (a unit's loss may depend on that unit only, so no batch-wide token count)."""
-    logps, num_tokens = sequence_logps(model, batch, sink, cfg.train.attention, cfg.train.compile)
+    (a unit's loss may depend on that unit only, so no batch-wide token count). DP runs
+    are never compiled (`training.use_compile`)."""
+    logps, num_tokens = sequence_logps(model, batch, sink, cfg.train.attention)
     return -logps / num_tokens.clamp(min=1)
 
 
@@ -72,14 +73,16 @@ def count_label_tokens(examples: list[Example]) -> int:
 
 
 @torch.no_grad()
-def evaluate(model, examples: list[Example], cfg: SFTRunConfig, pad_id: int, device) -> dict:
+def evaluate(
+    model, examples: list[Example], cfg: SFTRunConfig, pad_id: int, device, compiled=False
+) -> dict:
     """Token-mean NLL over the held-out split (dropout off)."""
     was_training = model.training
     model.eval()
     total_nll, total_tokens = None, count_label_tokens(examples)
     for chunk in micro_batches(examples, cfg.train.micro_batch_size):
         batch = build_example_batch(chunk, cfg, pad_id).to(device)
-        part = sft_loss(token_logps(model, batch, None, cfg.train.attention, cfg.train.compile), 1)
+        part = sft_loss(token_logps(model, batch, None, cfg.train.attention, compiled), 1)
         total_nll = part if total_nll is None else total_nll + part
     model.train(was_training)
     loss = total_nll.item() / max(1, total_tokens)
@@ -94,7 +97,7 @@ def run_sft(cfg: SFTRunConfig, resume: bool = False, audit=None) -> dict[str, Pa
     if not cfg.output.progress_bar or not world.is_main:
         hf_logging.disable_progress_bar()
     device = pick_device(cfg.train.device, world)
-    resolve_compile(cfg, device)
+    compiled = use_compile(cfg, device)
     model, tokenizer = load_model_and_tokenizer(cfg.model, cfg.train.seed)
     train, evals, summary = load_sft_data(
         cfg.data, tokenizer, cfg.sft.completion_only_loss, cfg.train.seed, cfg.scrub
@@ -117,7 +120,7 @@ def run_sft(cfg: SFTRunConfig, resume: bool = False, audit=None) -> dict[str, Pa
     print(summary.table())
     if cfg.model.lora.enabled:
         model = add_lora(model, cfg.model.lora)
-    configure_model(model, cfg.train)
+    configure_model(model, cfg.train, compiled)
     model.to(device)
     shard_model(model, cfg.train, world)
     model.train()
@@ -146,7 +149,7 @@ def run_sft(cfg: SFTRunConfig, resume: bool = False, audit=None) -> dict[str, Pa
     )
     stop_reason = None
     if evals and cfg.train.eval_at_start and step == 0:
-        eval_metrics = evaluate(model, evals, cfg, pad_id, device)
+        eval_metrics = evaluate(model, evals, cfg, pad_id, device, compiled)
         record_eval(0, eval_metrics, logger, stopper, run_dir, model, world)
 
     # ---- train -----------------------------------------------------------------------
@@ -170,9 +173,7 @@ def run_sft(cfg: SFTRunConfig, resume: bool = False, audit=None) -> dict[str, Pa
             host = build_example_batch(chunk, cfg, pad_id, item_unit)
             batch = host.to(device)
             if dp is None:
-                loss = sft_loss(
-                    token_logps(model, batch, None, attention, cfg.train.compile), num_tokens
-                )
+                loss = sft_loss(token_logps(model, batch, None, attention, compiled), num_tokens)
                 loss.backward()
             else:  # each item's loss weighted by 1 / (items of its unit): a unit's mean
                 with dp.micro_batch(host):
@@ -229,7 +230,7 @@ def run_sft(cfg: SFTRunConfig, resume: bool = False, audit=None) -> dict[str, Pa
         if evals and (
             (cfg.train.eval_every and step % cfg.train.eval_every == 0) or step == total_steps
         ):
-            eval_metrics = evaluate(model, evals, cfg, pad_id, device)
+            eval_metrics = evaluate(model, evals, cfg, pad_id, device, compiled)
             stopped = record_eval(step, eval_metrics, logger, stopper, run_dir, model, world)
             stop_reason = stop_reason or stopped
         if (
