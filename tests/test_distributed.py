@@ -341,10 +341,12 @@ def test_eval_under_torchrun_stops_every_rank_with_a_clear_error(tmp_path):
         cwd=tmp_path,
     )
     assert result.returncode != 0
-    for rank in (0, 1):
-        assert f"privdpo eval [rank {rank}]: error: privdpo eval runs as one process" in (
-            result.stderr
-        )
+    # Each rank refuses on its own; torchrun ends the other as soon as the first exits, so
+    # the first rank's error is certain to be printed, the other's only if it came first.
+    assert re.search(
+        r"privdpo eval \[rank [01]\]: error: privdpo eval runs as one process", result.stderr
+    ), result.stderr[-3000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["eval.yaml"]  # nothing ran
     assert not re.search(r'File "[^"]*/privdpo/', result.stderr), result.stderr[-3000:]
 
 
