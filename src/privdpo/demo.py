@@ -182,24 +182,26 @@ def run_demo(cfg: DemoRunConfig) -> dict:
         f" and best-of-n (n = {', '.join(map(str, d.best_of_n))}) of the SFT model"
     )
     prompts = data / "eval_prompts.jsonl"
-    results = {
-        p.name: _evaluate(cfg, p.run_dir, sft_model, prompts, d.best_of_n) for p in points[:1]
-    }
-    for step in _checkpoints(main_dir):
-        point = Point(
-            f"DPO beta={d.beta:g} step {step.name[5:].lstrip('0')}", "dpo-step", step, d.beta
-        )
-        points.append(point)
-        results[point.name] = _evaluate(cfg, step, sft_model, prompts)
+    results = {points[0].name: _evaluate(cfg, main_dir, sft_model, prompts, d.best_of_n)}
     for p in points[1:]:
-        if p.name not in results:
-            results[p.name] = _evaluate(cfg, p.run_dir, sft_model, prompts)
-    statement = json.loads((root / "dp-dpo" / "privacy.json").read_text(encoding="utf-8"))
+        results[p.name] = _evaluate(cfg, p.run_dir, sft_model, prompts)
+    for step_dir in _checkpoints(main_dir):
+        step = int(step_dir.name.removeprefix("step-"))
+        point = Point(f"DPO beta={d.beta:g} step {step}", "dpo-step", step_dir, d.beta, step=step)
+        points.append(point)
+        results[point.name] = _evaluate(cfg, step_dir, sft_model, prompts)
+    statements = {
+        p.name: json.loads((p.run_dir / "privacy.json").read_text(encoding="utf-8"))
+        for p in points
+        if p.kind == "dp"
+    }
     for p in points:
-        if p.epsilon is not None:  # the epsilon each run proved, not the one it aimed at
-            p.epsilon = json.loads((p.run_dir / "privacy.json").read_text())["epsilon"]
+        if p.kind == "dp":  # the epsilon each run proved, not the one it aimed at
+            p.epsilon = statements[p.name]["epsilon"]
+    headline = f"DP-DPO eps={d.target_epsilon:g}"
+    statement = statements[headline]
     table = frontier_rows(results, points)
-    verdicts = frontier_verdicts(table, d.beta, statement["epsilon"])
+    verdicts = frontier_verdicts(table, points[0].name, headline)
 
     # ---- 6. the demo's page ------------------------------------------------------------
     page = root / "demo.html"
@@ -225,13 +227,15 @@ def run_demo(cfg: DemoRunConfig) -> dict:
 @dataclass
 class Point:
     """One model on the frontier: its name, kind (dpo, dpo-step, dp), what to evaluate
-    (a run directory or a checkpoint), its beta and, for DP, its epsilon."""
+    (a run directory or a checkpoint), its beta, for DP its epsilon, for a checkpoint its
+    step."""
 
     name: str
     kind: str
     run_dir: Path
     beta: float
     epsilon: float | None = None
+    step: int | None = None
 
 
 # ---- steps -------------------------------------------------------------------------------
@@ -320,7 +324,7 @@ def _dpo(
     overrides = [
         f"model.path={sft_model}",
         f"data.train={pairs}",
-        "data.eval_fraction=0.1",
+        f"data.eval_fraction={EVAL_FRACTION}",
         "data.max_length=128",
         f"train.seed={d.seed}",
         f"train.epochs={epochs}",
@@ -348,7 +352,7 @@ def _dpo(
             "dpo.reference=adapter_disabled",
         ]
     if checkpoints > 1:
-        units = sum(1 for _ in pairs.open(encoding="utf-8")) * 0.9  # the training split
+        units = sum(1 for _ in pairs.open(encoding="utf-8")) * (1 - EVAL_FRACTION)  # training
         steps = epochs * math.ceil(units / batch)
         overrides.append(f"train.save_every={max(1, math.ceil(steps / checkpoints))}")
     if epsilon is not None:
@@ -364,6 +368,7 @@ def _dpo(
     return run_dir
 
 
+EVAL_FRACTION = 0.1  # of the pairs, held out by every DPO run
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -436,6 +441,7 @@ def frontier_rows(results: dict, points: list[Point]) -> list[dict]:
                 win_rate=m["win_rate"],
                 beta=p.beta,
                 epsilon=p.epsilon,
+                step=p.step,
             )
         )
     return sorted(rows, key=_row_order)
@@ -443,8 +449,7 @@ def frontier_rows(results: dict, points: list[Point]) -> list[dict]:
 
 def _row_order(r: dict) -> tuple:
     """SFT, best-of-n by n, the main run's checkpoints by step, DPO by beta, DP by epsilon."""
-    step = int(r["model"].rsplit(" ", 1)[1]) if r["kind"] == "dpo-step" else 0
-    return (KIND_ORDER[r["kind"]], step, r["beta"] or 0, r["epsilon"] or 0, r["kl"])
+    return (KIND_ORDER[r["kind"]], r["step"] or 0, r["beta"] or 0, r["epsilon"] or 0, r["kl"])
 
 
 def _row(
@@ -459,6 +464,7 @@ def _row(
     kl_is_bound=False,
     beta=None,
     epsilon=None,
+    step=None,
 ):
     return {
         "model": name,
@@ -471,6 +477,7 @@ def _row(
         "win_rate": win_rate,
         "beta": beta,
         "epsilon": epsilon,
+        "step": step,
     }
 
 
@@ -483,11 +490,11 @@ KL_LIMIT = 5.0  # nats per completion: the DPO point that should match best-of-4
 KEEP = 0.6  # the share of the non-private gain DP-DPO should keep at epsilon 8
 
 
-def frontier_verdicts(table: list[dict], beta: float, epsilon: float) -> list[dict]:
+def frontier_verdicts(table: list[dict], dpo_name: str, dp_name: str) -> list[dict]:
     """The two claims the demo makes, checked on its own table: (1) a DPO point at KL <=
-    KL_LIMIT nats reaches best-of-4's reward; (2) DP-DPO at the headline epsilon keeps at
-    least KEEP of the reward DPO gains over SFT at the same beta. Each says whether it
-    held, with the numbers."""
+    KL_LIMIT nats reaches best-of-4's reward; (2) the DP-DPO row `dp_name` (the headline
+    epsilon) keeps at least KEEP of the reward the DPO row `dpo_name` (the same beta) gains
+    over SFT. Each says whether it held, with the numbers."""
     rows = {r["model"]: r for r in table}
     sft = rows["SFT"]["reward"]["value"]
     bo4 = rows["best-of-4"]["reward"]["value"]
@@ -510,16 +517,15 @@ def frontier_verdicts(table: list[dict], beta: float, epsilon: float) -> list[di
             f" {'reaches' if r >= bo4 else 'falls short of'} best-of-4's {bo4:.3f}"
             f" (KL <= {rows['best-of-4']['kl']:.2f}).",
         }
-    dp = next(r for r in table if r["kind"] == "dp" and r["epsilon"] == epsilon)
-    dpo_final = rows[f"DPO beta={beta:g}"]
+    dp, dpo_final = rows[dp_name], rows[dpo_name]
     gain = dpo_final["reward"]["value"] - sft
     kept = (dp["reward"]["value"] - sft) / gain if gain > 0 else float("nan")
     second = {
         "claim": "dp_keeps_the_gain",
         "held": bool(kept >= KEEP),
         "share": kept,
-        "text": f"DP-DPO at epsilon {epsilon:.3g} keeps {kept:.0%} of DPO's reward gain over SFT"
-        f" at beta {beta:g} ({dp['reward']['value']:.3f} against {dpo_final['reward']['value']:.3f};"
+        "text": f"DP-DPO at epsilon {dp['epsilon']:.3g} keeps {kept:.0%} of DPO's reward gain"
+        f" over SFT at beta {dpo_final['beta']:g} ({dp['reward']['value']:.3f} against {dpo_final['reward']['value']:.3f};"
         f" SFT {sft:.3f}; the aim is {KEEP:.0%}).",
     }
     return [first, second]
@@ -552,7 +558,7 @@ def _frontier_figure(rows: list[dict]) -> Figure:
     for r in rows:
         label = r["model"]
         if r["kind"] == "dpo-step":  # the final step is the run's own point
-            label = "step " + r["model"].rsplit(" ", 1)[1]
+            label = f"step {r['step']}"
         points.append(
             {
                 "label": label,
