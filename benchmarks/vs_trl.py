@@ -96,7 +96,7 @@ SHAPES = {
 # (name, shape, options): the comparisons the issue asks for, in run order.
 CONFIGS = {
     "qwen-full": ("qwen2.5-0.5b", {"profile": True}),
-    "qwen-lora": ("qwen2.5-0.5b", {"lora": True}),
+    "qwen-lora": ("qwen2.5-0.5b", {"lora": True, "profile": True}),
     "qwen-gc": ("qwen2.5-0.5b", {"gc": True}),
     "qwen-precomputed": ("qwen2.5-0.5b", {"precompute": True}),
     # TRL's fastest: liger kernels patch transformers' model classes for the whole process,
@@ -110,6 +110,7 @@ CONFIGS = {
     # privdpo eager (train.compile=false), against the TRL runs of the configuration in base
     "qwen-full-eager": ("qwen2.5-0.5b", {"compile": False, "base": "qwen-full"}),
     "llama-full-eager": ("llama-3.2-1b", {"compile": False, "base": "llama-full"}),
+    "qwen-lora-eager": ("qwen2.5-0.5b", {"lora": True, "compile": False, "base": "qwen-lora"}),
 }
 DP_CONFIGS = {"qwen-dp-full": "qwen-full", "qwen-dp-lora": "qwen-lora"}
 LORA = {"r": 16, "alpha": 32, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]}
@@ -430,7 +431,7 @@ def compare(
     return result
 
 
-def dp_compare(name, base, model_dir, data, work, args) -> dict:
+def dp_compare(name, base, model_dir, data, work, args, eager_runs=None) -> dict:
     opts = {"lora": base["options"].get("lora", False)}
     runs = []
     for i in range(2):
@@ -440,7 +441,7 @@ def dp_compare(name, base, model_dir, data, work, args) -> dict:
                 model_dir,
                 data,
                 work,
-                opts,
+                dict(opts, profile=i == 1),  # the second run's profile: where a DP step goes
                 args,
                 [
                     "privacy.enabled=true",
@@ -456,14 +457,21 @@ def dp_compare(name, base, model_dir, data, work, args) -> dict:
         for s, b in zip(r["step_seconds"], r["batch_pairs"], strict=True)
     ]
     plain = [s for r in base["_privdpo_runs"] for s in r["step_seconds"]]
+    eager = [s for r in (eager_runs or []) for s in r["step_seconds"]]
     return {
         "options": opts,
         "dp_median_step_seconds": statistics.median(dp_steps),
         "plain_median_step_seconds": statistics.median(plain),
         "step_time_ratio": statistics.median(dp_steps) / statistics.median(plain),
         "per_pair_time_ratio": statistics.median(dp_per_pair) / (statistics.median(plain) / 8),
+        # DP runs eager: against the eager non-private step too, where the job has it
+        "plain_eager_median_step_seconds": statistics.median(eager) if eager else None,
+        "step_time_ratio_to_eager": statistics.median(dp_steps) / statistics.median(eager)
+        if eager
+        else None,
         "dp_peak_gib": max(r["peak_gib"] or 0 for r in runs) or None,
         "mean_sampled_pairs": statistics.fmean(b for r in runs for b in r["batch_pairs"]),
+        "profile": runs[1].get("profile"),
     }
 
 
@@ -631,7 +639,8 @@ def main(argv=None) -> dict:
             continue
         model_dir, rows, data, _ = shapes["tiny" if args.tiny else base["shape"]]
         try:
-            results["dp"][name] = dp_compare(name, base, model_dir, data, work, args)
+            eager = results["configs"].get(f"{base_name}-eager", {}).get("_privdpo_runs")
+            results["dp"][name] = dp_compare(name, base, model_dir, data, work, args, eager)
         except Exception as e:
             results["dp"][name] = {"error": f"{type(e).__name__}: {e}"[:500]}
         print(json.dumps(results["dp"][name]), flush=True)

@@ -9,6 +9,7 @@ import html
 import io
 import json
 import math
+from collections import Counter
 
 import pytest
 
@@ -23,7 +24,7 @@ def demo(tmp_path_factory):
     args = [
         "demo",
         f"output.dir={out}",
-        "demo.reviews=1600",
+        "demo.reviews=2800",
         "demo.pair_prompts=500",
         "demo.eval_prompts=100",
         "demo.frontier_betas=[0.5]",
@@ -80,7 +81,7 @@ def test_the_verdicts_are_computed_from_the_table(demo):
 
 def test_the_dp_run_states_user_level_privacy(demo):
     out, summary, _ = demo
-    statement = json.loads((out / "dp-dpo" / "adapter" / "privacy.json").read_text())
+    statement = json.loads((out / "dp-dpo" / "model" / "privacy.json").read_text())
     assert statement == summary["privacy"]
     assert statement["level"] == "user-level" and statement["user_algorithm"] == "ULS"
     assert 0.99 * 8 <= statement["epsilon"] <= 8
@@ -110,7 +111,7 @@ def test_the_statement_is_end_to_end_and_matches_the_lineage(demo):
     assert end["epsilon"] == statement["stage_epsilon"] == statement["epsilon"]
     assert [s["recipe"] for s in end["parallel_stages"]] == ["tokenizer fit", "sft"]
     assert all(s["overlapping_users"] == 0 for s in end["parallel_stages"])
-    lineage = json.loads((out / "dp-dpo" / "adapter" / "lineage.json").read_text())
+    lineage = json.loads((out / "dp-dpo" / "model" / "lineage.json").read_text())
     assert [s["recipe"] for s in lineage["stages"]] == ["tokenizer fit", "sft", "dpo"]
     assert lineage["stages"][-1]["ledger"] == statement["ledger"]
     # No reviewer is on both sides of the split.
@@ -160,3 +161,35 @@ def test_a_foreign_directory_is_never_replaced(tmp_path, capsys):
     assert main(["demo", f"output.dir={tmp_path}"]) == 2
     assert "not a finished privdpo demo directory" in capsys.readouterr().err
     assert (tmp_path / "precious.txt").read_text() == "keep me"
+
+
+def test_the_split_gives_each_private_reviewer_at_most_the_set_number_of_prefixes():
+    from privdpo.demo import split_by_reviewer
+    from privdpo.demo_corpus import generate_reviews
+
+    reviews = generate_reviews(3000, seed=3)
+    for per in (1, 2, 100):
+        private, public = split_by_reviewer(reviews, 400, per, seed=3)
+        assert len(private) == 400
+        counts = Counter(r["user_id"] for r in private)
+        assert max(counts.values()) <= per
+        assert not set(counts) & {r["user_id"] for r in public}
+        # nothing is duplicated, and only private reviewers' other reviews are left out
+        kept = {id(r) for r in private} | {id(r) for r in public}
+        assert len(kept) == len(private) + len(public)
+        left_out = [r for r in reviews if id(r) not in kept]
+        assert all(r["user_id"] in counts for r in left_out)
+    # one prefix each: as many private reviewers as prefixes
+    private, _ = split_by_reviewer(reviews, 400, 1, seed=3)
+    assert len({r["user_id"] for r in private}) == 400
+
+
+def test_too_few_public_reviews_is_a_clear_error(tmp_path, capsys):
+    """1,500 private reviewers with one prefix each use most of 3,400 reviews: the demo
+    says which key to change before it trains anything."""
+    out = tmp_path / "demo"
+    assert main(["demo", f"output.dir={out}", "demo.reviews=3400"]) == 2
+    err = capsys.readouterr().err
+    assert "demo.reviews: 3400 reviews leave" in err and "raise demo.reviews" in err
+    assert "Traceback" not in err
+    assert not (out / "sft").exists()

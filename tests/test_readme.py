@@ -65,7 +65,7 @@ def test_make_demo_runs_the_sentiment_experiment():
     sft, dpo, private = rewards["SFT"], rewards["DPO beta=1"], rewards["DP-DPO eps=8"]
     assert dpo[1] > sft[2], rewards  # DPO's interval is above SFT's
     assert sft[0] < private[0] < dpo[0], rewards
-    statement = json.loads((REPO / "runs/demo/dp-dpo/adapter/privacy.json").read_text())
+    statement = json.loads((REPO / "runs/demo/dp-dpo/model/privacy.json").read_text())
     assert statement["level"] == "user-level" and statement["epsilon"] <= 8
     assert (REPO / "runs" / "demo" / "demo.html").is_file()
     sample = README.read_text(encoding="utf-8").split("## Quickstart", 1)[1]

@@ -808,11 +808,16 @@ class PairsRunConfig:
 class DemoConfig:
     """The offline demo: the DPO paper's controlled sentiment experiment at small scale."""
 
-    reviews: int = opt(4000, "reviews generated for the corpus (several thousand)")
+    reviews: int = opt(7000, "reviews generated for the corpus (several thousand)")
     seed: int = opt(0, "seed of the corpus, the prompts, sampling and training")
     preset: Literal["tiny", "small"] = opt("tiny", "model preset trained from random init")
     sft_epochs: int = opt(3, "SFT passes over the reviews")
     pair_prompts: int = opt(1500, "review prefixes turned into on-policy preference pairs")
+    prefixes_per_reviewer: int = opt(
+        1,
+        "most prefixes taken from one private reviewer's reviews (fewer each, more reviewers:"
+        " user-level DP's noise on the mean gradient falls as 1 / reviewers)",
+    )
     eval_prompts: int = opt(200, "held-out review prefixes the models are compared on")
     samples_per_prompt: int = opt(4, "completions sampled per prompt for the pairs")
     pairs_per_prompt: Literal["best_worst", "all"] = opt(
@@ -836,17 +841,20 @@ class DemoConfig:
     frontier_epsilons: list[float] = opt(
         [1.0, 4.0], "more DP-DPO runs, for the privacy-utility curve"
     )
-    dp_lora_r: int = opt(1, "DP-DPO: LoRA rank (few parameters: less noise in all)")
+    dp_finetune: Literal["full", "lora"] = opt(
+        "full", "DP-DPO runs: full fine-tuning or LoRA (dp_lora_r on dp_lora_targets)"
+    )
+    dp_lora_r: int = opt(1, "DP-DPO with LoRA: its rank (few parameters: less noise in all)")
     dp_lora_targets: list[str] = opt(
         ["layers.1.mlp.down_proj", "layers.1.self_attn.o_proj"],
-        "DP-DPO: the modules given LoRA adapters (peft target_modules, suffixes of names)",
+        "DP-DPO with LoRA: the modules given adapters (peft target_modules, name suffixes)",
     )
-    dp_contribution_bound: int = opt(4, "DP-DPO: most pairs per user (ULS's k)")
-    dp_lr: float = opt(0.1, "DP-DPO: learning rate")
+    dp_contribution_bound: int = opt(2, "DP-DPO: most pairs per user (ULS's k)")
+    dp_lr: float = opt(1e-2, "DP-DPO: learning rate")
     dp_batch_size: int = opt(
         4096, "DP-DPO: expected pairs per step (at least all kept pairs: every user each step)"
     )
-    dp_epochs: int = opt(10, "DP-DPO: passes over the pairs (fixes the number of steps)")
+    dp_epochs: int = opt(3, "DP-DPO: passes over the pairs (fixes the number of steps)")
     best_of_n: list[int] = opt(
         [2, 4, 8, 16], "best-of-n of the SFT model, the baseline DPO is compared with"
     )
@@ -879,6 +887,7 @@ class DemoRunConfig:
                 ("reviews", 100),
                 ("sft_epochs", 1),
                 ("pair_prompts", 10),
+                ("prefixes_per_reviewer", 1),
                 ("eval_prompts", 10),
                 ("samples_per_prompt", 2),
                 ("max_new_tokens", 1),

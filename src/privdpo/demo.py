@@ -7,15 +7,18 @@ for each nat of divergence from the reference. Here, with nothing downloaded:
 
 1. a review corpus from the project's own generator (`demo_corpus`), reviewers with a
    skewed number of reviews each, split into two disjoint groups of reviewers: *public*
-   reviewers (a stand-in for a public corpus) and *private* ones (the users to protect);
+   reviewers (a stand-in for a public corpus) and *private* ones (the users to protect),
+   each private reviewer giving one review (`prefixes_per_reviewer`): user-level DP's
+   noise on the mean gradient falls as one over the number of users, so the same number
+   of prefixes from more reviewers is what makes private training learn;
 2. a tokenizer fit on, and SFT of a preset model from random initialization on, the
    public reviews (it learns the grammar, positive and negative alike), without privacy;
 3. prompts = 2-8-word prefixes of the private reviewers' reviews; `privdpo pairs`
    samples completions from the SFT model and the VADER lexicon judge prefers the more
    positive (every two samples far enough apart make a pair);
 4. DPO without privacy at several betas (the main one with checkpoints along training),
-   and DPO with user-level DP (ULS, the private reviewers are the users) at several
-   epsilons. The lineage of the DP-DPO models shows that no earlier stage saw a private
+   and DPO with user-level DP (ULS, the private reviewers are the users; every user in
+   every step) at several epsilons, both full fine-tuning of the SFT model. The lineage of the DP-DPO models shows that no earlier stage saw a private
    reviewer (parallel composition), so their epsilons are true end to end for them;
 5. every point evaluated against the SFT model on held-out prefixes: mean judge reward,
    positive-review rate, exact KL to the SFT model, win rate; and best-of-n sampling from
@@ -74,7 +77,17 @@ def run_demo(cfg: DemoRunConfig) -> dict:
 
     # ---- 1. corpus, split by reviewer ------------------------------------------------
     reviews = generate_reviews(d.reviews, d.seed)
-    private_reviews, public_reviews = split_by_reviewer(reviews, d.pair_prompts, d.seed)
+    private_reviews, public_reviews = split_by_reviewer(
+        reviews, d.pair_prompts, d.prefixes_per_reviewer, d.seed
+    )
+    if len(public_reviews) < d.eval_prompts + MIN_SFT_REVIEWS:
+        raise UserError(
+            f"demo.reviews: {d.reviews} reviews leave {len(public_reviews)} public ones once"
+            f" {d.pair_prompts} prefixes are drawn from private reviewers (at most"
+            f" {d.prefixes_per_reviewer} each); at least {d.eval_prompts + MIN_SFT_REVIEWS} are"
+            " needed (held-out prefixes and SFT): raise demo.reviews or"
+            " demo.prefixes_per_reviewer, or lower demo.pair_prompts"
+        )
     eval_reviews, sft_reviews = public_reviews[: d.eval_prompts], public_reviews[d.eval_prompts :]
     corpus = _write_jsonl(
         data / "public_reviews.jsonl",
@@ -90,7 +103,7 @@ def run_demo(cfg: DemoRunConfig) -> dict:
         f" split by reviewer: {len(public_users)} public reviewers ({len(sft_reviews)} reviews"
         f" for the tokenizer and SFT, {len(eval_prompts)} prefixes held out for evaluation)"
         f" and {len(private_users)} private reviewers ({len(pair_prompts)} prefixes for the"
-        " DPO pairs)"
+        f" DPO pairs, at most {d.prefixes_per_reviewer} per reviewer)"
     )
 
     # ---- 2. SFT from random initialization -------------------------------------------
@@ -241,9 +254,11 @@ class Point:
 # ---- steps -------------------------------------------------------------------------------
 
 
-def split_by_reviewer(reviews: list[dict], private_reviews: int, seed: int):
+def split_by_reviewer(reviews: list[dict], private_reviews: int, per_reviewer: int, seed: int):
     """(private, public) reviews, no reviewer in both: reviewers in a seeded random order
-    go to the private side until it holds at least `private_reviews` reviews."""
+    go to the private side, each giving at most `per_reviewer` of their reviews, until it
+    holds `private_reviews` reviews (fewer if the reviewers run out); the rest of a private
+    reviewer's reviews are used nowhere."""
     users = sorted({r["user_id"] for r in reviews})
     random.Random(f"privdpo-demo-split-{seed}").shuffle(users)
     by_user: dict[str, list[dict]] = {}
@@ -252,7 +267,10 @@ def split_by_reviewer(reviews: list[dict], private_reviews: int, seed: int):
     private: list[dict] = []
     public: list[dict] = []
     for u in users:
-        (private if len(private) < private_reviews else public).extend(by_user[u])
+        if len(private) < private_reviews:
+            private.extend(by_user[u][: min(per_reviewer, private_reviews - len(private))])
+        else:
+            public.extend(by_user[u])
     return private, public
 
 
@@ -318,7 +336,7 @@ def _dpo(
         finetune, lr, epochs, batch = d.finetune, d.lr, d.dpo_epochs, 64
     else:
         label = f"DP-DPO (user level, ULS, epsilon={epsilon:g}, beta={beta:g})"
-        finetune, lr, epochs, batch = "lora", d.dp_lr, d.dp_epochs, d.dp_batch_size
+        finetune, lr, epochs, batch = d.dp_finetune, d.dp_lr, d.dp_epochs, d.dp_batch_size
     how = "full fine-tuning" if finetune == "full" else "LoRA"
     _say(f"4/6 {label}: {how} of the SFT model, reference = the SFT model")
     overrides = [
@@ -369,6 +387,7 @@ def _dpo(
 
 
 EVAL_FRACTION = 0.1  # of the pairs, held out by every DPO run
+MIN_SFT_REVIEWS = 500  # public reviews the SFT needs at least, besides the held-out ones
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
