@@ -242,6 +242,41 @@ def test_gradient_checkpointing_gives_the_same_clipped_sum():
         assert (got[id(p)] - e).norm() <= 1e-5 * e.norm() + 1e-9
 
 
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_checkpointed_layers_keep_no_input_for_the_backward(lora):
+    """Under gradient checkpointing the inputs the per-unit gradients need are recomputed
+    with their layer in the backward pass: after the forward pass no input of a Linear
+    inside a decoder layer is still alive (it was, in a closure, for the whole micro-batch:
+    what ran the 8B user-level run out of memory), and the clipped sums stay exact."""
+    from torch.multiprocessing.reductions import StorageWeakRef
+
+    model, tokenizer = tiny(lora=lora)
+    reference = copy.deepcopy(model).eval()
+    units = pairs(tokenizer, 4)
+    expected, _ = naive_clipped_sum(
+        model, lambda chunk: dpo_unit_losses(model, reference, chunk), units, 0.5
+    )
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    sampler = PerUnitGradients(model)
+    inputs = []
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and ".layers." in f".{name}":
+            module.register_forward_hook(
+                lambda m, args, out: inputs.append(StorageWeakRef(args[0].untyped_storage()))
+            )
+    batch = unit_batch("dpo", units, "packed-shared")
+    with sampler.units(batch):
+        losses = dpo_unit_losses(model, reference, units, batch, sampler.head_sink)
+        alive = sum(not ref.expired() for ref in inputs)
+        seen = len(inputs)
+        losses.sum().backward()
+    assert seen > 0 and alive == 0, f"{alive} of {seen} layer inputs kept past the forward"
+    sampler.clip_and_accumulate(0.5)
+    got = sampler.take_clipped_sum()
+    for p, e in zip([p for p in model.parameters() if p.requires_grad], expected, strict=True):
+        assert (got[id(p)] - e).norm() <= 1e-5 * e.norm() + 1e-9
+
+
 def test_autograd_weight_gradients_are_skipped_and_restored():
     """Inside `units`, autograd computes no batch weight gradient (the samplers do the
     work); afterwards the parameters are trainable again."""

@@ -8,9 +8,9 @@ units in one row, prompts shared) or padded; so each unit's gradient is a sum ov
 token range ("segment sums"), never over batch rows. No library offers that grouping
 (Opacus clips per batch row).
 
-How: a forward hook on each module with trainable parameters keeps its input, and a hook
-on its output's gradient computes, during the backward pass, each unit's gradient for that
-module's parameters (autograd's own batch-summed weight gradients are switched off, as they
+How: a forward hook on each module with trainable parameters saves its input for the
+backward pass (recomputed there under gradient checkpointing), and the backward of that
+module's output computes each unit's gradient for the module's parameters (autograd's own batch-summed weight gradients are switched off, as they
 would be thrown away). The language-model head runs inside `logprobs.LabelLogps`, which
 hands each chunk's logits gradient to this module's head sink. After the backward pass
 every unit's gradient norm over all parameters is known (in float32); each unit is scaled
@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import bisect
 from contextlib import contextmanager
+from functools import partial
 
 import torch
 from torch import nn
@@ -233,6 +234,26 @@ class _HeadSink:
             ghost.keep(hidden, target, lse, grad)
 
 
+class _Tap(torch.autograd.Function):
+    """The identity on a module's output whose backward hands (the module's input, the
+    output's gradient) to `sink`. The input is a tensor saved for backward, not a Python
+    reference: under gradient checkpointing it is dropped after the forward pass and
+    recomputed with its layer in the backward pass, like every other activation, instead
+    of being held for the whole micro-batch."""
+
+    @staticmethod
+    def forward(ctx, output, x, sink):
+        ctx.save_for_backward(x)
+        ctx.sink = sink
+        return output.view_as(output)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        ctx.sink(x, grad.detach())
+        return grad, None, None
+
+
 class PerUnitGradients:
     """Attach to a model; then a backward pass inside `units(batch)` leaves per-unit
     gradients.
@@ -347,9 +368,7 @@ class PerUnitGradients:
             return None
         if not output.requires_grad:  # nothing before it is trainable: start the graph here
             output = output.detach().requires_grad_()
-        x = inputs[0].detach()
-        output.register_hook(lambda g, m=module, x=x: self._per_unit(m, x, g.detach()))
-        return output
+        return _Tap.apply(output, inputs[0].detach(), partial(self._per_unit, module))
 
     def _per_unit(self, module, x: torch.Tensor, g: torch.Tensor) -> None:
         units = self.units_now
