@@ -18,8 +18,9 @@ for each nat of divergence from the reference. Here, with nothing downloaded:
    positive (every two samples far enough apart make a pair);
 4. DPO without privacy at several betas (the main one with checkpoints along training),
    and DPO with user-level DP (ULS, the private reviewers are the users; every user in
-   every step) at several epsilons, both full fine-tuning of the SFT model. The lineage of the DP-DPO models shows that no earlier stage saw a private
-   reviewer (parallel composition), so their epsilons are true end to end for them;
+   every step) at several epsilons, both full fine-tuning of the SFT model. The lineage
+   of the DP-DPO models shows that no earlier stage saw a private reviewer (parallel
+   composition), so their epsilons are true end to end for them;
 5. every point evaluated against the SFT model on held-out prefixes: mean judge reward,
    positive-review rate, exact KL to the SFT model, win rate; and best-of-n sampling from
    the SFT model, the baseline practitioners compare DPO with (its KL is at most
