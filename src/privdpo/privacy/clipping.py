@@ -11,10 +11,11 @@ token range ("segment sums"), never over batch rows. No library offers that grou
 How: a forward hook on each module with trainable parameters saves its input for the
 backward pass (recomputed there under gradient checkpointing), and the backward of that
 module's output computes each unit's gradient for the module's parameters (autograd's own
-batch-summed weight gradients are switched off, as they would be thrown away). The language-model head runs inside `logprobs.LabelLogps`, which
-hands each chunk's logits gradient to this module's head sink. After the backward pass
-every unit's gradient norm over all parameters is known (in float32); each unit is scaled
-by min(1, C / norm) and the scaled gradients are summed. One forward and one backward
+batch-summed weight gradients are switched off, as they would be thrown away). The
+language-model head runs inside `logprobs.LabelLogps`, which hands each chunk's logits
+gradient to this module's head sink. After the backward pass every unit's gradient norm
+over all parameters is known (in float32); each unit is scaled by min(1, C / norm) and
+the scaled gradients are summed. One forward and one backward
 pass, as without privacy.
 
 Ghost clipping (`ghost=True`), for the layers whose per-unit gradients are big: the token
