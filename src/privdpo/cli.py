@@ -403,6 +403,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         args.func(args)
+        if rank is not None:  # every rank finished: leave the group together
+            from privdpo.distributed import close_world
+
+            close_world(wait_for_peers=True)
     except UserError as e:
         print(f"privdpo {args.command}{where}: error: {e}", file=sys.stderr)
         return 2

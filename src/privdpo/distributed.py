@@ -73,11 +73,15 @@ def init_world(device_name: str) -> World:
     return world
 
 
-def close_world() -> None:
+def close_world(wait_for_peers: bool = False) -> None:
     """Leave the process group, if this process joined one. A group left for the
     interpreter's exit to tear down can abort the process (gloo: "terminate called without
-    an active exception"); `privdpo.cli.main` calls this on every way out."""
+    an active exception"); `privdpo.cli.main` calls this on every way out. After a run that
+    succeeded, `wait_for_peers` first waits at a barrier, so that no rank tears its group
+    down while a peer still talks to it (which aborted a peer the same way under load)."""
     if dist.is_available() and dist.is_initialized():
+        if wait_for_peers:
+            dist.barrier()
         dist.destroy_process_group()
 
 
