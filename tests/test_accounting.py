@@ -3,9 +3,11 @@
 import itertools
 import json
 import math
+import time
 
 import dp_accounting
 import pytest
+import torch
 from dp_accounting.rdp.rdp_privacy_accountant import DEFAULT_RDP_ORDERS
 
 from privdpo.privacy import accounting
@@ -365,3 +367,86 @@ def test_ledger_from_dict_rejects_unknown_keys_but_names_els_bound():
     with pytest.raises(ValueError, match="unknown \\['k'\\]") as error:
         PrivacyLedger.from_dict(d)
     assert "els_bound" in str(error.value)
+
+
+# ---- epsilons ahead of the step (a background thread) --------------------------------------
+def _slow_epsilon(calls, seconds=0.05):
+    def epsilon_of(key):
+        calls.append(key)
+        time.sleep(seconds)
+        return float(sum(steps for _, _, steps in key))
+
+    return epsilon_of
+
+
+def test_epsilons_ahead_equal_the_ledgers_and_are_computed_once():
+    from privdpo.privacy.dpsgd import EpsilonAhead
+
+    ledger = PrivacyLedger(unit="pair", delta=1e-5)
+    keys = {s: ledger.key_after(s, 0.1, 1.0) for s in (1, 2, 3)}
+    calls = []
+    ahead = EpsilonAhead(keys, _slow_epsilon(calls))
+    # Asked at once for step 3: the thread is on step 1, so the caller computes step 3
+    # itself and the thread skips it; step 1 and 2 come from the thread.
+    assert ahead.get(3, keys[3]) == 3.0
+    assert ahead.get(1, keys[1]) == 1.0
+    assert ahead.get(2, keys[2]) == 2.0
+    deadline = time.monotonic() + 5
+    while ahead.current is not None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert sorted(calls) == sorted(keys.values())  # each key once, none twice
+    # A key not planned (another noise) is computed on the spot.
+    other = ledger.key_after(1, 0.1, 2.0)
+    assert ahead.get(1, other) == 1.0 and calls[-1] == other
+
+
+def test_stopped_epsilons_ahead_compute_no_more_keys():
+    from privdpo.privacy.dpsgd import EpsilonAhead
+
+    ledger = PrivacyLedger(unit="pair", delta=1e-5)
+    keys = {s: ledger.key_after(s, 0.1, 1.0) for s in range(1, 201)}
+    calls = []
+    ahead = EpsilonAhead(keys, _slow_epsilon(calls, 0.02))
+    ahead.stop()
+    time.sleep(0.3)
+    assert len(calls) <= 2  # at most the key it was on when stopped
+
+
+def test_a_budget_stop_plans_no_epsilon_past_the_budget():
+    from privdpo.config import PrivacyConfig
+    from privdpo.privacy.dpsgd import DPSGD
+    from privdpo.privacy.planning import PrivacyPlan
+
+    plan = PrivacyPlan(
+        unit="pair",
+        num_units=32,
+        sampling_rate=0.25,
+        steps=200,
+        noise_multiplier=0.8,
+        max_grad_norm=1.0,
+        delta=1e-3,
+        accountant="pld",
+        epsilon=math.inf,
+        target_epsilon=3.0,
+    )
+    config = PrivacyConfig(enabled=True, noise_multiplier=0.8, target_epsilon=3, delta=1e-3)
+
+    class Head(torch.nn.Module):  # the least model the clipper takes: an output Linear
+        def __init__(self):
+            super().__init__()
+            self.embed = torch.nn.Embedding(3, 2)
+            self.lm_head = torch.nn.Linear(2, 3)
+
+        def get_output_embeddings(self):
+            return self.lm_head
+
+        def get_input_embeddings(self):
+            return self.embed
+
+    engine = DPSGD(Head(), plan, config, seed=0, groups=[[i] for i in range(32)])
+    assert engine.budget_steps == max_steps_within(3.0, 1e-3, 0.25, 0.8, "pld") < 200
+    engine.plan_logged_epsilons(list(range(1, 201)))
+    planned = engine._epsilon_ahead.keys
+    engine.stop_epsilons()
+    assert max(planned) == engine.budget_steps
+    assert planned[engine.budget_steps] == ((0.25, 0.8, engine.budget_steps),)

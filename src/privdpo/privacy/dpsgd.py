@@ -179,12 +179,20 @@ class DPSGD:
         steps that will be logged): the noise and sampling rate are fixed, so each is known
         before the step runs, and the accountant stays off the training step."""
         q, sigma = self.plan.sampling_rate, self.plan.noise_multiplier
+        last = self.budget_steps if self.budget_steps is not None else max(steps, default=0)
         keys = {
             s: self.ledger.key_after(s - self.ledger.steps, q, sigma)
-            for s in steps
+            for s in sorted({min(s, last) for s in steps})
             if s > self.ledger.steps
         }
+        self.stop_epsilons()
         self._epsilon_ahead = EpsilonAhead(keys, self.ledger.epsilon_of_key)
+
+    def stop_epsilons(self) -> None:
+        """Stop the background epsilons (the run ended, perhaps early): the thread would
+        otherwise go on computing epsilons of steps that never ran."""
+        if self._epsilon_ahead is not None:
+            self._epsilon_ahead.stop()
 
     def logged_epsilon(self) -> float:
         """The ledger's epsilon now: from the background thread when it is ready."""
@@ -210,24 +218,55 @@ class DPSGD:
 
 
 class EpsilonAhead:
-    """Epsilons of ledger keys (step -> segments), computed in order by a daemon thread.
-    `get` returns the computed value when the key matches, and otherwise computes it on
-    the calling thread: the number is the same either way (an exact function of the key)."""
+    """Epsilons of ledger keys (step -> segments), computed in step order by a daemon
+    thread. `get` returns the thread's value when the key matches, waits for it when the
+    thread is computing that very key, and otherwise computes it on the calling thread
+    (the thread then skips it): the number is the same either way (an exact function of
+    the key). `stop` ends the thread after the key it is on."""
 
     def __init__(self, keys: dict[int, tuple], epsilon_of):
         self.keys = keys
         self.epsilon_of = epsilon_of
         self.values: dict[int, float] = {}
+        self.current: int | None = None
+        self.stopped = False
+        self.changed = threading.Condition()
         threading.Thread(target=self._run, daemon=True, name="privdpo-epsilon").start()
 
     def _run(self) -> None:
         for step, key in sorted(self.keys.items()):
-            self.values[step] = self.epsilon_of(key)
+            with self.changed:
+                if self.stopped:
+                    break
+                if step in self.values:
+                    continue
+                self.current = step
+            value = self.epsilon_of(key)
+            with self.changed:
+                self.values.setdefault(step, value)
+                self.current = None
+                self.changed.notify_all()
+        with self.changed:
+            self.current = None
+            self.changed.notify_all()
 
     def get(self, step: int, key: tuple) -> float:
-        if self.keys.get(step) == key and step in self.values:
-            return self.values[step]
-        return self.epsilon_of(key)
+        if self.keys.get(step) != key:
+            return self.epsilon_of(key)
+        with self.changed:
+            while step not in self.values and self.current == step:
+                self.changed.wait()
+            if step in self.values:
+                return self.values[step]
+            self.values[step] = None  # claimed: the thread skips it
+        value = self.epsilon_of(key)
+        with self.changed:
+            self.values[step] = value
+        return value
+
+    def stop(self) -> None:
+        with self.changed:
+            self.stopped = True
 
 
 def hash_seed(seed: int, step: int, purpose: str) -> int:

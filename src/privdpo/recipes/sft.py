@@ -251,6 +251,8 @@ def run_sft(cfg: SFTRunConfig, resume: bool = False, audit=None) -> dict[str, Pa
             interval["started"] = time.perf_counter()  # saving is not training time
     bar.close()
     logger.close()
+    if dp is not None:
+        dp.stop_epsilons()
     return finish_run(
         cfg,
         run_dir,
