@@ -25,7 +25,7 @@ def demo(tmp_path_factory):
         "demo",
         f"output.dir={out}",
         "demo.reviews=2800",
-        "demo.pair_prompts=500",
+        "demo.pair_prompts=250",
         "demo.eval_prompts=100",
         "demo.frontier_betas=[0.5]",
         "demo.frontier_epsilons=[]",
