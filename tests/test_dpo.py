@@ -212,3 +212,56 @@ def test_every_loss_trains(tmp_path, loss, capsys):
     records = [r for r in read_metrics(tmp_path / "run") if "loss" in r]
     assert len(records) == 3
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in records)
+
+
+@pytest.mark.parametrize("lora_dropout", [0.0, 0.5])
+def test_the_adapter_disabled_reference_is_the_base_model_and_leaves_the_policy_as_it_was(
+    lora_dropout,
+):
+    """The LoRA policy with its adapters off gives the base model's log-probs (in eval mode
+    when a dropout is active), and leaves the policy's mode, adapters and flags as they
+    were: trainable adapters stay trainable, a frozen one stays frozen."""
+    import copy
+
+    from privdpo.config import LoraConfig
+    from privdpo.data.batching import pair_batch
+    from privdpo.data.preference import PairExample
+    from privdpo.models import add_lora
+    from privdpo.reference import Reference
+
+    torch.manual_seed(0)
+    base, _ = build_preset("tiny")
+    frozen_copy = copy.deepcopy(base).eval()
+    policy = add_lora(base, LoraConfig(enabled=True, r=4, dropout=lora_dropout))
+    for name, p in policy.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.5)  # adapters that change the output
+    frozen = next(p for n, p in policy.named_parameters() if "lora_A" in n)
+    frozen.requires_grad_(False)
+    flags = {n: p.requires_grad for n, p in policy.named_parameters()}
+    policy.train()
+    rng = random.Random(0)
+    pairs = [
+        PairExample(
+            [rng.randrange(5, 200) for _ in range(5)],
+            [rng.randrange(5, 200) for _ in range(4)],
+            [rng.randrange(5, 200) for _ in range(3)],
+            f"pairs.jsonl:{i}",
+            None,
+        )
+        for i in range(3)
+    ]
+    batch = pair_batch(pairs, pad_id=0, layout="padded", share_prompt=False)
+    got = Reference("adapter_disabled", policy=policy).logps(pairs, batch)
+    again = Reference("adapter_disabled", policy=policy).logps(pairs, batch)
+    want = Reference("copy", model=frozen_copy).logps(pairs, batch)
+    for g, a, w in zip(got, again, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(a, w, rtol=1e-5, atol=1e-5)
+    assert policy.training and all(m.training for m in policy.modules())
+    assert {n: p.requires_grad for n, p in policy.named_parameters()} == flags
+    with torch.no_grad():  # the adapters are on again: the policy differs from its base
+        policy.eval()
+        on = policy(input_ids=batch.input_ids[:1]).logits
+        off = frozen_copy(input_ids=batch.input_ids[:1]).logits
+    assert (on - off).abs().max() > 1e-3

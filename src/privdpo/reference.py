@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -46,6 +47,8 @@ class Reference:
         self.model = model  # copy / path: a frozen model; adapter_disabled: None
         self.policy = policy  # adapter_disabled: the LoRA policy itself
         self.cache: dict[str, torch.Tensor] | None = None  # precomputed: where -> [2]
+        self._adapter_layers: list | None = None  # adapter_disabled: found on first use
+        self._needs_eval = True
 
     def logps(
         self, pairs, batch, attention: str = "auto", compiled: bool = False
@@ -58,20 +61,46 @@ class Reference:
             return both[:, 0], both[:, 1]
         with torch.inference_mode():
             if self.kind == "adapter_disabled":
-                was_training = self.policy.training
-                # Leaving disable_adapter() sets the adapters trainable again; inside DP's
-                # per-unit backward they must stay as they were (a recomputed checkpoint
-                # would otherwise see other parameters than its forward).
-                flags = [(p, p.requires_grad) for p in self.policy.parameters()]
-                self.policy.eval()  # the reference has no dropout
-                with self.policy.disable_adapter():
+                with self._adapters_off():
                     logps, _ = sequence_logps(self.policy, batch, None, attention, compiled)
-                for p, flag in flags:
-                    p.requires_grad_(flag)
-                self.policy.train(was_training)
             else:
                 logps, _ = sequence_logps(self.model, batch, None, attention, compiled)
         return logps.clone().chunk(2)  # a normal tensor again, usable in the loss's graph
+
+    @contextmanager
+    def _adapters_off(self):
+        """The LoRA policy as its base model: each adapter layer switched off by its own
+        `enable_adapters` (what peft's `disable_adapter()` does, without walking every
+        module and checking the model's status on every call: on a step bound by the
+        host, that walk was a cost of its own), and in eval mode only when some dropout
+        is active. Switching the adapters back on sets them trainable; inside DP's
+        per-unit backward they must stay as they were (a recomputed checkpoint would
+        otherwise see other parameters than its forward), so their flags are restored."""
+        if self._adapter_layers is None:
+            from peft.tuners.tuners_utils import BaseTunerLayer
+
+            modules = list(self.policy.modules())
+            self._adapter_layers = [m for m in modules if isinstance(m, BaseTunerLayer)]
+            attention_dropout = getattr(self.policy.config, "attention_dropout", 0.0) or 0.0
+            self._needs_eval = attention_dropout > 0 or any(
+                isinstance(m, torch.nn.Dropout) and m.p > 0 for m in modules
+            )
+        flags = [(p, p.requires_grad) for m in self._adapter_layers for p in m.parameters()]
+        was_training = self.policy.training
+        if self._needs_eval:
+            self.policy.eval()  # the reference has no dropout
+        for layer in self._adapter_layers:
+            layer.enable_adapters(False)
+        try:
+            yield
+        finally:
+            for layer in self._adapter_layers:
+                layer.enable_adapters(True)
+            for p, flag in flags:
+                if p.requires_grad != flag:
+                    p.requires_grad_(flag)
+            if self._needs_eval:
+                self.policy.train(was_training)
 
 
 def _frozen(model):
