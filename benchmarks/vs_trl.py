@@ -544,6 +544,12 @@ def main(argv=None) -> dict:
     parser.add_argument(
         "--configs", default=",".join([*CONFIGS, *DP_CONFIGS, "attention", "llama3-8b-user-dp"])
     )
+    parser.add_argument(
+        "--tiny-layers",
+        type=int,
+        default=2,
+        help="decoder layers of the tiny model (24, as Qwen2.5-0.5B: a step bound by the host)",
+    )
     parser.add_argument("--steps", type=int, default=16)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--work", default=None, help="scratch directory (default: a temp dir)")
@@ -555,6 +561,7 @@ def main(argv=None) -> dict:
     args.max_length = 1024
     if args.tiny:
         args.steps, args.warmup = min(args.steps, 4), min(args.warmup, 1)
+        SHAPES["tiny"] = {**SHAPES["tiny"], "num_hidden_layers": args.tiny_layers}
     wanted = args.configs.split(",")
     root = args.work or (
         "/dev/shm" if Path("/dev/shm").is_dir() and args.device == "cuda" else None
