@@ -7,7 +7,6 @@ import time
 
 import dp_accounting
 import pytest
-import torch
 from dp_accounting.rdp.rdp_privacy_accountant import DEFAULT_RDP_ORDERS
 
 from privdpo.privacy import accounting
@@ -414,6 +413,7 @@ def test_stopped_epsilons_ahead_compute_no_more_keys():
 
 def test_a_budget_stop_plans_no_epsilon_past_the_budget():
     from privdpo.config import PrivacyConfig
+    from privdpo.models import build_preset
     from privdpo.privacy.dpsgd import DPSGD
     from privdpo.privacy.planning import PrivacyPlan
 
@@ -431,19 +431,8 @@ def test_a_budget_stop_plans_no_epsilon_past_the_budget():
     )
     config = PrivacyConfig(enabled=True, noise_multiplier=0.8, target_epsilon=3, delta=1e-3)
 
-    class Head(torch.nn.Module):  # the least model the clipper takes: an output Linear
-        def __init__(self):
-            super().__init__()
-            self.embed = torch.nn.Embedding(3, 2)
-            self.lm_head = torch.nn.Linear(2, 3)
-
-        def get_output_embeddings(self):
-            return self.lm_head
-
-        def get_input_embeddings(self):
-            return self.embed
-
-    engine = DPSGD(Head(), plan, config, seed=0, groups=[[i] for i in range(32)])
+    model, _ = build_preset("tiny")
+    engine = DPSGD(model, plan, config, seed=0, groups=[[i] for i in range(32)])
     assert engine.budget_steps == max_steps_within(3.0, 1e-3, 0.25, 0.8, "pld") < 200
     engine.plan_logged_epsilons(list(range(1, 201)))
     planned = engine._epsilon_ahead.keys

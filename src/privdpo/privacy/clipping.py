@@ -15,8 +15,7 @@ batch-summed weight gradients are switched off, as they would be thrown away). T
 language-model head runs inside `logprobs.LabelLogps`, which hands each chunk's logits
 gradient to this module's head sink. After the backward pass every unit's gradient norm
 over all parameters is known (in float32); each unit is scaled by min(1, C / norm) and
-the scaled gradients are summed. One forward and one backward
-pass, as without privacy.
+the scaled gradients are summed. One forward and one backward pass, as without privacy.
 
 Ghost clipping (`ghost=True`), for the layers whose per-unit gradients are big: the token
 embedding and the head ([U, vocab, hidden] each, the same tensor when tied). Their

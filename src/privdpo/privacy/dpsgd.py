@@ -182,7 +182,7 @@ class DPSGD:
         last = self.budget_steps if self.budget_steps is not None else max(steps, default=0)
         keys = {
             s: self.ledger.key_after(s - self.ledger.steps, q, sigma)
-            for s in sorted({min(s, last) for s in steps})
+            for s in {min(s, last) for s in steps}
             if s > self.ledger.steps
         }
         self.stop_epsilons()
@@ -227,8 +227,8 @@ class EpsilonAhead:
     def __init__(self, keys: dict[int, tuple], epsilon_of):
         self.keys = keys
         self.epsilon_of = epsilon_of
-        self.values: dict[int, float] = {}
-        self.current: int | None = None
+        self.values: dict[int, float | None] = {}  # None: claimed by `get`, being computed
+        self.current: int | None = None  # the step the thread is computing
         self.stopped = False
         self.changed = threading.Condition()
         threading.Thread(target=self._run, daemon=True, name="privdpo-epsilon").start()
@@ -246,9 +246,6 @@ class EpsilonAhead:
                 self.values.setdefault(step, value)
                 self.current = None
                 self.changed.notify_all()
-        with self.changed:
-            self.current = None
-            self.changed.notify_all()
 
     def get(self, step: int, key: tuple) -> float:
         if self.keys.get(step) != key:
