@@ -31,6 +31,7 @@ import argparse
 import datetime
 import gc
 import json
+import math
 import os
 import random
 import statistics
@@ -107,12 +108,18 @@ CONFIGS = {
     ),
     "llama-full": ("llama-3.2-1b", {"profile": True}),
     "llama-lora": ("llama-3.2-1b", {"lora": True}),
+    "llama-precomputed": ("llama-3.2-1b", {"precompute": True}),
+    "llama-precomputed-liger": (
+        "llama-3.2-1b",
+        {"precompute": True, "liger": True, "base": "llama-precomputed"},
+    ),
     # privdpo eager (train.compile=false), against the TRL runs of the configuration in base
     "qwen-full-eager": ("qwen2.5-0.5b", {"compile": False, "base": "qwen-full"}),
     "llama-full-eager": ("llama-3.2-1b", {"compile": False, "base": "llama-full"}),
     "qwen-lora-eager": ("qwen2.5-0.5b", {"lora": True, "compile": False, "base": "qwen-lora"}),
 }
 DP_CONFIGS = {"qwen-dp-full": "qwen-full", "qwen-dp-lora": "qwen-lora"}
+DP_MICRO_BATCH = 16  # P(a Poisson batch of mean 8 from 256 pairs > 16) = 0.3%
 LORA = {"r": 16, "alpha": 32, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]}
 
 
@@ -447,6 +454,9 @@ def dp_compare(name, base, model_dir, data, work, args, eager_runs=None) -> dict
                     "privacy.enabled=true",
                     "privacy.noise_multiplier=1.0",
                     "privacy.max_grad_norm=1.0",
+                    # the Poisson batch (mean 8) in one pass, as the plain step's 8 pairs: a
+                    # cap of 8 would split 41% of the steps (privdpo prints that note)
+                    f"train.micro_batch_size={DP_MICRO_BATCH}",
                 ],
             )
         )
@@ -469,6 +479,10 @@ def dp_compare(name, base, model_dir, data, work, args, eager_runs=None) -> dict
         "step_time_ratio_to_eager": statistics.median(dp_steps) / statistics.median(eager)
         if eager
         else None,
+        "dp_micro_batch_size": DP_MICRO_BATCH,
+        "dp_passes_per_step": statistics.fmean(
+            max(1, math.ceil(b / DP_MICRO_BATCH)) for r in runs for b in r["batch_pairs"]
+        ),
         "dp_peak_gib": max(r["peak_gib"] or 0 for r in runs) or None,
         "mean_sampled_pairs": statistics.fmean(b for r in runs for b in r["batch_pairs"]),
         "profile": runs[1].get("profile"),

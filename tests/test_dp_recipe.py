@@ -185,3 +185,51 @@ def test_gradient_checkpointing_leaves_a_private_lora_run_unchanged(tmp_path):
     assert a.keys() == b.keys() and a
     for key in a:
         torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-6)
+
+
+def test_the_share_of_split_poisson_batches_is_the_binomial_tail():
+    """P(Binomial(N, q) > cap), checked against the exact sum of fractions."""
+    from fractions import Fraction
+    from math import comb
+
+    from privdpo.privacy.planning import batch_over_share
+
+    n, q = 40, Fraction(1, 5)
+    for cap in (0, 3, 8, 12, 39):
+        exact = sum(comb(n, k) * q**k * (1 - q) ** (n - k) for k in range(cap + 1, n + 1))
+        assert batch_over_share(n, float(q), cap) == pytest.approx(float(exact), abs=1e-12)
+    assert batch_over_share(n, 0.2, 40) == 0.0
+
+
+def test_a_micro_batch_cap_at_the_mean_batch_gets_a_note(capsys):
+    from privdpo.privacy.planning import micro_batch_note
+
+    note = micro_batch_note(256, 8 / 256, 8, "pairs")
+    # P(X > 8) = 40.7% for X ~ Binomial(256, 1/32); 15 is the smallest cap over which at
+    # most 1% of batches go (P(X > 14) = 1.6%, P(X > 15) = 0.7%).
+    assert "in 41% of steps" in note and "15 keeps 99.3% of steps in one pass" in note
+    assert micro_batch_note(256, 8 / 256, 16, "pairs") is None
+
+
+def test_a_private_micro_batch_over_the_batch_size_gives_the_same_model(tmp_path, capsys):
+    """With privacy, micro_batch_size may exceed batch_size (the Poisson batch varies): a
+    step's sampled pairs then run in one pass, and the model is the one that micro-batches
+    of 2 give (clipping is per unit, the noise seeded by the step)."""
+    data = write_jsonl(tmp_path / "pairs.jsonl", marker_pairs(24))
+    args = [
+        "privacy.enabled=true",
+        "privacy.noise_multiplier=1.0",
+        "train.max_steps=3",
+        "train.batch_size=8",
+        "data.eval_fraction=0",
+    ]
+    assert run(tmp_path, "dpo", "small", data, *args, "train.micro_batch_size=2") == 0
+    assert "over train.micro_batch_size 2 in" in capsys.readouterr().out
+    assert run(tmp_path, "dpo", "large", data, *args, "train.micro_batch_size=24") == 0
+    assert "note: the sampled batch" not in capsys.readouterr().out
+    a, b = weights(tmp_path / "small"), weights(tmp_path / "large")
+    assert a.keys() == b.keys() and a
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-6)
+    # Without privacy the batch is fixed, and a micro-batch must divide it.
+    assert run(tmp_path, "dpo", "plain", data, "train.micro_batch_size=24") == 2

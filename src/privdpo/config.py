@@ -137,7 +137,9 @@ class TrainConfig:
     )
     batch_size: int = opt(8, "rows per optimizer step (the logical batch)")
     micro_batch_size: int = opt(
-        8, "examples/pairs per forward/backward pass at most; must divide batch_size"
+        8,
+        "examples/pairs per forward/backward pass at most; must divide batch_size (with"
+        " privacy it may exceed it: the sampled batch varies around batch_size)",
     )
     micro_batch_tokens: int | None = opt(
         None,
@@ -1063,7 +1065,9 @@ def check_common(cfg: Any) -> list[str]:
             "train.share_prompt: needs train.packing=true (a padded row holds one sequence);"
             " set train.share_prompt=false"
         )
-    if t.micro_batch_size >= 1 and t.batch_size % t.micro_batch_size:
+    # With privacy the logical batch is a Poisson sample that varies around batch_size, so
+    # a micro-batch cap above batch_size is allowed (most steps then run in one pass).
+    if t.micro_batch_size >= 1 and t.batch_size % t.micro_batch_size and not cfg.privacy.enabled:
         problems.append(
             f"train.micro_batch_size: {t.micro_batch_size} does not divide train.batch_size"
             f" {t.batch_size}; pick a divisor"

@@ -31,7 +31,7 @@ from privdpo.privacy.accounting import max_steps_within
 from privdpo.privacy.clipping import PerUnitGradients
 from privdpo.privacy.els_accounting import els_max_steps_within
 from privdpo.privacy.ledger import PrivacyLedger
-from privdpo.privacy.planning import PrivacyPlan, UserBound, plan_from_config
+from privdpo.privacy.planning import PrivacyPlan, UserBound, micro_batch_note, plan_from_config
 from privdpo.privacy.statement import statement
 
 
@@ -81,6 +81,15 @@ class DPSGD:
             return None
         plan = plan_from_config(cfg, groups, steps, users)
         print("differential privacy plan:\n" + plan.table())
+        if cfg.train.micro_batch_tokens is None and all(len(g) == 1 for g in groups):
+            note = micro_batch_note(
+                plan.num_units // world.size,
+                plan.sampling_rate,
+                cfg.train.micro_batch_size,
+                "pairs" if hasattr(cfg, "dpo") else "examples",
+            )
+            if note:
+                print(note)
         return cls(model, plan, cfg.privacy, cfg.train.seed, groups, world)
 
     # ---- sample -----------------------------------------------------------------------

@@ -554,3 +554,46 @@ def plan_from_config(cfg, groups: list[list[int]], steps: int, users: UserBound 
     unit = "user" if users is not None else ("pair" if hasattr(cfg, "dpo") else "example")
     num_items = sum(len(g) for g in groups)
     return make_plan(cfg.privacy, unit, len(groups), cfg.train.batch_size, steps, users, num_items)
+
+
+def batch_over_share(num_units: int, rate: float, cap: int) -> float:
+    """P(a Poisson sample of `num_units` units at `rate` holds more than `cap`): the share
+    of steps whose sampled batch needs more than one micro-batch of `cap` units."""
+    if cap >= num_units or rate <= 0:
+        return 0.0
+    if rate >= 1:
+        return 1.0
+    log_q, log_p = math.log(rate), math.log1p(-rate)
+    head = sum(
+        math.exp(
+            math.lgamma(num_units + 1)
+            - math.lgamma(k + 1)
+            - math.lgamma(num_units - k + 1)
+            + k * log_q
+            + (num_units - k) * log_p
+        )
+        for k in range(cap + 1)
+    )
+    return max(0.0, 1.0 - head)
+
+
+def micro_batch_note(num_units: int, rate: float, cap: int, name: str = "units") -> str | None:
+    """A hint when `train.micro_batch_size` (`cap`) splits many Poisson batches of one-item
+    units into two passes (a second pass of a few units costs about as much as the first
+    on a GPU bound by kernel launches), or None when under 5% of steps are split."""
+    share = batch_over_share(num_units, rate, cap)
+    if share < 0.05:
+        return None
+    low, one_pass = cap, num_units  # the smallest cap with at most 1% of steps split
+    while low + 1 < one_pass:
+        mid = (low + one_pass) // 2
+        low, one_pass = (
+            (mid, one_pass) if batch_over_share(num_units, rate, mid) > 0.01 else (low, mid)
+        )
+    return (
+        f"note: the sampled batch (mean {num_units * rate:.1f} {name}) is over"
+        f" train.micro_batch_size {cap} in {share:.0%} of steps, each then run in more than"
+        f" one pass; with privacy micro_batch_size may exceed batch_size: {one_pass} keeps"
+        f" {1 - batch_over_share(num_units, rate, one_pass):.1%} of steps in one pass, if"
+        " memory allows"
+    )
