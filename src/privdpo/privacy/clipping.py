@@ -16,6 +16,10 @@ language-model head runs inside `logprobs.LabelLogps`, which hands each chunk's 
 gradient to this module's head sink. After the backward pass every unit's gradient norm
 over all parameters is known (in float32); each unit is scaled by min(1, C / norm) and
 the scaled gradients are summed. One forward and one backward pass, as without privacy.
+The per-unit gradients of all parameters of one dtype live side by side in one [units,
+parameters] buffer, written in place by the hooks, so the norms and the clipped sum are
+one kernel each per dtype instead of a few per parameter (on a GPU the private step is
+bound by the host, which launches the kernels).
 
 Ghost clipping (`ghost=True`), for the layers whose per-unit gradients are big: the token
 embedding and the head ([U, vocab, hidden] each, the same tensor when tied). Their
@@ -50,6 +54,9 @@ from privdpo.errors import UserError
 # A ghost norm in half precision is computed from rounded values; inflating it by 1/64
 # before clipping keeps every clipped unit gradient at or under C despite that rounding.
 HALF_GHOST_MARGIN = 1 + 2.0**-6
+# A flat buffer's row norm is reduced in chunks of this many columns, then over chunks: one
+# float32 reduction over a whole row of a million values drifts by 1e-5 on the CPU.
+NORM_CHUNK = 4096
 
 
 def _is_rmsnorm(module: nn.Module) -> bool:
@@ -311,9 +318,18 @@ class PerUnitGradients:
                 self.ghost_params.add(id(self.embedding.weight))
             if self.head is not None:
                 self.ghost_params.add(id(self.head.weight))
+        # Parameters whose per-unit gradients are materialized, by dtype: one flat buffer
+        # [U, sum of their sizes] each per micro-batch, a view of it for each parameter.
+        self.flat_params: dict[torch.dtype, list[nn.Parameter]] = {}
+        for p in self.params:
+            if id(p) not in self.ghost_params:
+                self.flat_params.setdefault(p.dtype, []).append(p)
         self.units_now: _Units | None = None
-        self.samples: dict[int, torch.Tensor] = {}  # id(param) -> [U, *param.shape]
-        self.clipped_sum: dict[int, torch.Tensor] = {}  # id(param) -> param.shape, fp32
+        self.samples: dict[int, torch.Tensor] = {}  # id(param) -> [U, *param.shape] view
+        self._flat: dict[torch.dtype, torch.Tensor] = {}  # dtype -> [U, width] buffer
+        self._flat_sum: dict[torch.dtype, torch.Tensor] = {}  # dtype -> [width] fp32 sum
+        self._recorded = False  # whether a hook ran inside `units`
+        self.clipped_sum: dict[int, torch.Tensor] = {}  # ghost id(param) -> shape, fp32
         self._ghost_embeddings: dict[int, _GhostEmbedding] = {}
         self._ghost_heads: dict[int, _GhostHead] = {}
 
@@ -337,7 +353,7 @@ class PerUnitGradients:
             raise ValueError("a private micro-batch needs unit offsets (item_unit)")
         device = self.params[0].device
         self.units_now = _Units(batch, device)
-        self.samples = {}
+        self._start_samples(self.units_now.count, device)
         self._ghost_embeddings, self._ghost_heads = {}, {}
         if self.ghost:
             emb = None
@@ -362,6 +378,20 @@ class PerUnitGradients:
         for h in self.handles:
             h.remove()
 
+    def _start_samples(self, count: int, device) -> None:
+        """Zeroed flat buffers of this micro-batch's `count` units, and each parameter's
+        [U, *shape] view into its dtype's buffer (the hooks add into the views)."""
+        self.samples, self._flat, self._recorded = {}, {}, False
+        for dtype, group in self.flat_params.items():
+            width = -(-sum(p.numel() for p in group) // NORM_CHUNK) * NORM_CHUNK  # zero tail
+            flat = torch.zeros((count, width), dtype=dtype, device=device)
+            self._flat[dtype] = flat
+            offset = 0
+            for p in group:
+                n = p.numel()
+                self.samples[id(p)] = flat[:, offset : offset + n].view(count, *p.shape)
+                offset += n
+
     # ---- hooks ------------------------------------------------------------------------
     def _forward_hook(self, module, inputs, output):
         if not torch.is_grad_enabled() or self.units_now is None:
@@ -371,14 +401,17 @@ class PerUnitGradients:
         return _Tap.apply(output, inputs[0].detach(), partial(self._per_unit, module))
 
     def _per_unit(self, module, x: torch.Tensor, g: torch.Tensor) -> None:
+        """Add this module's per-unit parameter gradients into their sample views (a
+        parameter shared by two modules gets both)."""
         units = self.units_now
+        self._recorded = True
         g2 = g.reshape(-1, g.shape[-1])  # the flat token axis
         if isinstance(module, nn.Linear):
             x2 = x.reshape(-1, x.shape[-1])
             if id(module.weight) in self.owned:
-                self._store(module.weight, self._unit_outer(g2, x2, units))
+                self._unit_outer(g2, x2, units, self.samples[id(module.weight)])
             if module.bias is not None and id(module.bias) in self.owned:
-                self._store(module.bias, self._unit_sums(g2, units.token_unit()))
+                self.samples[id(module.bias)].index_add_(0, units.token_unit(), g2)
         elif isinstance(module, nn.Embedding):
             ghost = self._ghost_embeddings.get(id(module.weight))
             if ghost is not None and module is self.embedding:
@@ -387,63 +420,43 @@ class PerUnitGradients:
                 self._embedding(module.weight, x.reshape(-1), g2)
         else:  # RMSNorm
             xn = _rms_normalize(module, x).reshape(-1, x.shape[-1])
-            self._store(module.weight, self._unit_sums(g2 * xn, units.token_unit()))
+            self.samples[id(module.weight)].index_add_(0, units.token_unit(), g2 * xn)
 
     def _head_tile(self, head: nn.Linear, v0: int, v1: int, d: torch.Tensor, h: torch.Tensor):
         """Vocabulary columns v0..v1 of the head: d [N, v1 - v0] logits gradient of every
         label token, h [N, H] their hidden states."""
+        self._recorded = True
         ghost = self._ghost_heads.get(id(head.weight))
         ranges = self.units_now.label_ranges()
         if ghost is not None:
             ghost.add(v0, v1, d, h)
         elif id(head.weight) in self.owned:
-            out = self._zeros_samples(head.weight, d.dtype)
+            out = self.samples[id(head.weight)]
             for u, (a, b) in enumerate(ranges):
                 if a < b:
                     out[u, v0:v1].addmm_(d[a:b].t(), h[a:b])
         if head.bias is not None and id(head.bias) in self.owned:
-            out = self._zeros_samples(head.bias, d.dtype)
+            out = self.samples[id(head.bias)]
             for u, (a, b) in enumerate(ranges):
                 out[u, v0:v1] += d[a:b].sum(0)
 
-    def _unit_outer(self, g2, x2, units: _Units) -> torch.Tensor:
-        """[U, out, in]: sum over each unit's tokens of g x^T (a Linear weight's gradient).
-        One unit alone is one matrix product; several are one batched product over their
-        padded token rows (padding has zero gradient, so it adds nothing)."""
+    @staticmethod
+    def _unit_outer(g2, x2, units: _Units, out: torch.Tensor) -> None:
+        """Add into `out` [U, out, in], for each unit, the sum over its tokens of g x^T (a
+        Linear weight's gradient). One unit alone is one matrix product; several are one
+        batched product over their padded token rows (padding has zero gradient, so it
+        adds nothing)."""
         if units.count == 1:
-            return torch.mm(g2.t(), x2).unsqueeze(0)
+            out[0].addmm_(g2.t(), x2)
+            return
         index, mask = units.padded_tokens()
         g3 = g2[index] * mask  # [U, Tmax, out]
-        return torch.bmm(g3.transpose(1, 2), x2[index])
-
-    def _unit_sums(self, values: torch.Tensor, unit_of: torch.Tensor) -> torch.Tensor:
-        out = torch.zeros(
-            (self.units_now.count, values.shape[-1]), dtype=values.dtype, device=values.device
-        )
-        return out.index_add_(0, unit_of, values)
-
-    def _zeros_samples(self, param: nn.Parameter, dtype) -> torch.Tensor:
-        key = id(param)
-        if key not in self.samples:
-            self.samples[key] = torch.zeros(
-                (self.units_now.count, *param.shape), dtype=dtype, device=param.device
-            )
-        return self.samples[key]
+        out.baddbmm_(g3.transpose(1, 2), x2[index])
 
     def _embedding(self, weight: nn.Parameter, ids: torch.Tensor, g2: torch.Tensor) -> None:
-        """Scatter each token's output gradient into row `id` of its unit's gradient, in
-        place into the tied output layer's per-unit gradient when there is one."""
-        vocab, dim = weight.shape
-        buffer = self._zeros_samples(weight, g2.dtype)
-        flat = self.units_now.token_unit() * vocab + ids
-        buffer.view(-1, dim).index_add_(0, flat, g2)
-
-    def _store(self, param: nn.Parameter, per_unit: torch.Tensor) -> None:
-        key = id(param)
-        if key in self.samples:
-            self.samples[key].add_(per_unit)  # a tied parameter's second module
-        else:
-            self.samples[key] = per_unit
+        """Add each token's output gradient into row `id` of its unit's gradient (the
+        tied output layer's per-unit gradient shares the view)."""
+        self.samples[id(weight)].index_put_((self.units_now.token_unit(), ids), g2, accumulate=True)
 
     # ---- clipping ---------------------------------------------------------------------
     def _ghost_squared_norms(self, key: int) -> torch.Tensor:
@@ -465,21 +478,19 @@ class PerUnitGradients:
     def unit_norms(self) -> torch.Tensor:
         """[U] L2 norm of each unit's gradient over all trainable parameters, in float32
         whatever the parameters' dtype."""
+        if not self._recorded:
+            raise RuntimeError("no per-unit gradient was recorded; was backward called?")
         total = None
+        for flat in self._flat.values():
+            chunks = flat.view(flat.shape[0], -1, NORM_CHUNK)
+            sq = torch.linalg.vector_norm(chunks, dim=2, dtype=torch.float32).square().sum(1)
+            total = sq if total is None else total + sq
         for p in self.params:
-            key = id(p)
-            if key in self.ghost_params:
-                sq = self._ghost_squared_norms(key)
+            if id(p) in self.ghost_params:
+                sq = self._ghost_squared_norms(id(p))
                 if p.dtype in (torch.float16, torch.bfloat16):
                     sq = sq * HALF_GHOST_MARGIN**2
-            else:
-                s = self.samples.get(key)
-                if s is None:
-                    continue
-                sq = torch.linalg.vector_norm(s.flatten(1), dim=1, dtype=torch.float32).square()
-            total = sq if total is None else total + sq
-        if total is None:
-            raise RuntimeError("no per-unit gradient was recorded; was backward called?")
+                total = sq if total is None else total + sq
         return total.sqrt()
 
     @torch.no_grad()
@@ -488,20 +499,19 @@ class PerUnitGradients:
         (float32); return the unit norms [U]."""
         norms = self.unit_norms()
         scale = (max_norm / (norms + 1e-6)).clamp(max=1.0)
+        for dtype, flat in self._flat.items():
+            weights = _round_down(scale, dtype).unsqueeze(0)
+            clipped = torch.mm(weights, flat).squeeze(0).float()
+            total = self._flat_sum.get(dtype)
+            self._flat_sum[dtype] = clipped if total is None else total.add_(clipped)
         for p in self.params:
             key = id(p)
             if key in self.ghost_params:
                 clipped = self._ghost_clipped_sum(p, scale)
-            else:
-                s = self.samples.get(key)
-                if s is None:
-                    continue
-                weights = _round_down(scale, s.dtype).unsqueeze(0)
-                clipped = torch.mm(weights, s.view(len(scale), -1)).view(p.shape).float()
-            self.clipped_sum[key] = (
-                self.clipped_sum[key] + clipped if key in self.clipped_sum else clipped
-            )
-        self.samples = {}
+                self.clipped_sum[key] = (
+                    self.clipped_sum[key] + clipped if key in self.clipped_sum else clipped
+                )
+        self.samples, self._flat = {}, {}
         self._ghost_embeddings, self._ghost_heads = {}, {}
         self.units_now = None
         return norms
@@ -528,12 +538,22 @@ class PerUnitGradients:
 
     def take_clipped_sum(self) -> dict[int, torch.Tensor]:
         """The clipped sum over every micro-batch since the last call (float32, by id of
-        parameter; a parameter no unit touched gets zeros), and reset it."""
-        out = {
-            id(p): self.clipped_sum.get(id(p), torch.zeros_like(p, dtype=torch.float32))
-            for p in self.params
-        }
-        self.clipped_sum = {}
+        parameter; a parameter no unit touched gets zeros), and reset it. A parameter's
+        sum is a contiguous view of its dtype's flat sum."""
+        out = {}
+        for dtype, group in self.flat_params.items():
+            flat = self._flat_sum.get(dtype)
+            if flat is None:
+                width = sum(p.numel() for p in group)
+                flat = torch.zeros(width, dtype=torch.float32, device=group[0].device)
+            offset = 0
+            for p in group:
+                out[id(p)] = flat[offset : offset + p.numel()].view(p.shape)
+                offset += p.numel()
+        for p in self.params:
+            if id(p) in self.ghost_params:
+                out[id(p)] = self.clipped_sum.get(id(p), torch.zeros_like(p, dtype=torch.float32))
+        self.clipped_sum, self._flat_sum = {}, {}
         return out
 
 

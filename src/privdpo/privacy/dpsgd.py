@@ -167,19 +167,30 @@ class DPSGD:
         expected_batch = self.plan.sampling_rate * self.plan.num_units
         seed = secrets.randbits(63) if self.secure else hash_seed(self.seed, step, "noise")
         seed = broadcast_int(self.world, seed)  # one seed for the world: rank 0's
-        gen = None
-        for p in self.clipper.params:
-            total = sums[id(p)]
-            if std > 0:
-                if gen is None:  # one generator per step, drawn from in parameter order
-                    gen = torch.Generator(device=total.device).manual_seed(seed)
-                noise = torch.randn(
-                    total.shape, generator=gen, device=total.device, dtype=torch.float32
-                )
-                total = total.add_(noise, alpha=std)
-            if self.canaries is not None:
+        params = self.clipper.params
+        totals = [sums[id(p)] for p in params]  # float32, on the parameters' device
+        if std > 0:  # one draw per step for every coordinate, in parameter order
+            device = totals[0].device
+            gen = torch.Generator(device=device).manual_seed(seed)
+            numels = [t.numel() for t in totals]
+            noise = torch.randn(sum(numels), generator=gen, device=device, dtype=torch.float32)
+            parts = [n.view_as(t) for n, t in zip(noise.split(numels), totals, strict=True)]
+            torch._foreach_add_(totals, parts, alpha=std)
+        if self.canaries is not None:
+            for p, total in zip(params, totals, strict=True):
                 self.canaries.observe(p, total)
-            p.grad = total.div_(expected_batch).to(p.dtype)
+        torch._foreach_div_(totals, expected_batch)
+        cast = []
+        for p, total in zip(params, totals, strict=True):
+            if p.dtype == total.dtype:
+                p.grad = total
+            else:
+                cast.append((p, total))
+        if cast:  # into gradients of the parameters' dtype, one multi-tensor copy
+            grads = [torch.empty_like(p) for p, _ in cast]
+            torch._foreach_copy_(grads, [t for _, t in cast])
+            for (p, _), grad in zip(cast, grads, strict=True):
+                p.grad = grad
         self.ledger.record_step(self.plan.sampling_rate, self.plan.noise_multiplier)
 
     # ---- epsilon, off the training thread ----------------------------------------------
