@@ -20,6 +20,7 @@ from privdpo.errors import UserError
 from privdpo.logprobs import sequence_logps
 from privdpo.losses import LossParams, PairLogps, sigmoid_loss
 from privdpo.models import add_lora, build_preset
+from privdpo.privacy import clipping
 from privdpo.privacy.clipping import PerUnitGradients
 
 
@@ -178,6 +179,34 @@ def test_per_unit_clipping_equals_the_naive_loop(kind, lora, micro, layout, ghos
         assert (got[id(p)] - e).norm() <= 1e-5 * e.norm() + 1e-9
     if not lora:  # the tied embedding is one parameter used by two modules
         assert model.get_input_embeddings().weight is model.get_output_embeddings().weight
+
+
+@pytest.mark.parametrize(("kind", "lora"), [("dpo", False), ("sft", True)])
+def test_small_flat_buffer_groups_give_the_same_clipped_sum(monkeypatch, kind, lora):
+    """Per-unit gradients in many flat buffers (a few parameters each, as a decoder layer
+    each at full fine-tuning) clip and sum as in one."""
+    monkeypatch.setattr(clipping, "GROUP_VALUES", 3000)
+    test_per_unit_clipping_equals_the_naive_loop(kind, lora, 3, "packed", False)
+
+
+def test_a_flat_buffer_is_allocated_when_the_backward_pass_reaches_it(monkeypatch):
+    """No per-unit buffer exists during the forward pass (when the activations are all
+    alive); each group gets its buffer in the backward pass."""
+    monkeypatch.setattr(clipping, "GROUP_VALUES", 3000)
+    model, tokenizer = tiny(lora=False)
+    examples = sft_examples(tokenizer, 3)
+    sampler = PerUnitGradients(model)
+    assert len(sampler.groups) > 4
+    tied = model.get_input_embeddings().weight  # over the group size: a group alone
+    assert any(len(group) == 1 and group[0] is tied for group in sampler.groups)
+    batch = unit_batch("sft", examples, "packed")
+    with sampler.units(batch):
+        losses = sft_unit_losses(model, examples, batch, sampler.head_sink)
+        assert all(flat is None for flat in sampler._flat)
+        losses.sum().backward()
+        assert all(flat is not None for flat in sampler._flat)
+    sampler.clip_and_accumulate(1.0)
+    sampler.detach()
 
 
 def test_an_unsupported_trainable_layer_is_refused():

@@ -16,10 +16,13 @@ language-model head runs inside `logprobs.LabelLogps`, which hands each chunk's 
 gradient to this module's head sink. After the backward pass every unit's gradient norm
 over all parameters is known (in float32); each unit is scaled by min(1, C / norm) and
 the scaled gradients are summed. One forward and one backward pass, as without privacy.
-The per-unit gradients of all parameters of one dtype live side by side in one [units,
+The per-unit gradients of a group of parameters (one dtype, up to 2^24 values: all of a
+LoRA adapter, one decoder layer at full fine-tuning) live side by side in one [units,
 parameters] buffer, written in place by the hooks, so the norms and the clipped sum are
-one kernel each per dtype instead of a few per parameter (on a GPU the private step is
-bound by the host, which launches the kernels).
+one kernel each per group instead of a few per parameter (on a GPU the private step is
+bound by the host, which launches the kernels). A group's buffer is allocated when the
+backward pass first reaches it, so no more than one group is held beyond what per-
+parameter tensors would hold.
 
 Ghost clipping (`ghost=True`), for the layers whose per-unit gradients are big: the token
 embedding and the head ([U, vocab, hidden] each, the same tensor when tied). Their
@@ -57,6 +60,8 @@ HALF_GHOST_MARGIN = 1 + 2.0**-6
 # A flat buffer's row norm is reduced in chunks of this many columns, then over chunks: one
 # float32 reduction over a whole row of a million values drifts by 1e-5 on the CPU.
 NORM_CHUNK = 4096
+# Parameter values per flat buffer group (times the units, in the parameters' dtype).
+GROUP_VALUES = 2**24
 
 
 def _is_rmsnorm(module: nn.Module) -> bool:
@@ -318,16 +323,12 @@ class PerUnitGradients:
                 self.ghost_params.add(id(self.embedding.weight))
             if self.head is not None:
                 self.ghost_params.add(id(self.head.weight))
-        # Parameters whose per-unit gradients are materialized, by dtype: one flat buffer
-        # [U, sum of their sizes] each per micro-batch, a view of it for each parameter.
-        self.flat_params: dict[torch.dtype, list[nn.Parameter]] = {}
-        for p in self.params:
-            if id(p) not in self.ghost_params:
-                self.flat_params.setdefault(p.dtype, []).append(p)
+        self.groups = _flat_groups([p for p in self.params if id(p) not in self.ghost_params])
+        self.group_of = {id(p): i for i, group in enumerate(self.groups) for p in group}
         self.units_now: _Units | None = None
         self.samples: dict[int, torch.Tensor] = {}  # id(param) -> [U, *param.shape] view
-        self._flat: dict[torch.dtype, torch.Tensor] = {}  # dtype -> [U, width] buffer
-        self._flat_sum: dict[torch.dtype, torch.Tensor] = {}  # dtype -> [width] fp32 sum
+        self._flat: list[torch.Tensor | None] = []  # group -> [U, width] buffer, once used
+        self._flat_sum: list[torch.Tensor | None] = [None] * len(self.groups)  # fp32 [width]
         self._recorded = False  # whether a hook ran inside `units`
         self.clipped_sum: dict[int, torch.Tensor] = {}  # ghost id(param) -> shape, fp32
         self._ghost_embeddings: dict[int, _GhostEmbedding] = {}
@@ -353,7 +354,7 @@ class PerUnitGradients:
             raise ValueError("a private micro-batch needs unit offsets (item_unit)")
         device = self.params[0].device
         self.units_now = _Units(batch, device)
-        self._start_samples(self.units_now.count, device)
+        self._start_samples()
         self._ghost_embeddings, self._ghost_heads = {}, {}
         if self.ghost:
             emb = None
@@ -378,19 +379,24 @@ class PerUnitGradients:
         for h in self.handles:
             h.remove()
 
-    def _start_samples(self, count: int, device) -> None:
-        """Zeroed flat buffers of this micro-batch's `count` units, and each parameter's
-        [U, *shape] view into its dtype's buffer (the hooks add into the views)."""
-        self.samples, self._flat, self._recorded = {}, {}, False
-        for dtype, group in self.flat_params.items():
+    def _start_samples(self) -> None:
+        self.samples, self._recorded = {}, False
+        self._flat = [None] * len(self.groups)
+
+    def _sample(self, param: nn.Parameter) -> torch.Tensor:
+        """`param`'s [U, *shape] per-unit gradient, a view into its group's buffer (zeroed
+        and viewed for every parameter of the group on first use); hooks add into it."""
+        view = self.samples.get(id(param))
+        if view is None:
+            i = self.group_of[id(param)]
+            group, count = self.groups[i], self.units_now.count
             width = -(-sum(p.numel() for p in group) // NORM_CHUNK) * NORM_CHUNK  # zero tail
-            flat = torch.zeros((count, width), dtype=dtype, device=device)
-            self._flat[dtype] = flat
-            offset = 0
-            for p in group:
-                n = p.numel()
-                self.samples[id(p)] = flat[:, offset : offset + n].view(count, *p.shape)
-                offset += n
+            flat = torch.zeros((count, width), dtype=param.dtype, device=param.device)
+            self._flat[i] = flat
+            for p, (a, b) in zip(group, _offsets(group), strict=True):
+                self.samples[id(p)] = flat[:, a:b].view(count, *p.shape)
+            view = self.samples[id(param)]
+        return view
 
     # ---- hooks ------------------------------------------------------------------------
     def _forward_hook(self, module, inputs, output):
@@ -409,9 +415,9 @@ class PerUnitGradients:
         if isinstance(module, nn.Linear):
             x2 = x.reshape(-1, x.shape[-1])
             if id(module.weight) in self.owned:
-                self._unit_outer(g2, x2, units, self.samples[id(module.weight)])
+                self._unit_outer(g2, x2, units, self._sample(module.weight))
             if module.bias is not None and id(module.bias) in self.owned:
-                self.samples[id(module.bias)].index_add_(0, units.token_unit(), g2)
+                self._sample(module.bias).index_add_(0, units.token_unit(), g2)
         elif isinstance(module, nn.Embedding):
             ghost = self._ghost_embeddings.get(id(module.weight))
             if ghost is not None and module is self.embedding:
@@ -420,7 +426,7 @@ class PerUnitGradients:
                 self._embedding(module.weight, x.reshape(-1), g2)
         else:  # RMSNorm
             xn = _rms_normalize(module, x).reshape(-1, x.shape[-1])
-            self.samples[id(module.weight)].index_add_(0, units.token_unit(), g2 * xn)
+            self._sample(module.weight).index_add_(0, units.token_unit(), g2 * xn)
 
     def _head_tile(self, head: nn.Linear, v0: int, v1: int, d: torch.Tensor, h: torch.Tensor):
         """Vocabulary columns v0..v1 of the head: d [N, v1 - v0] logits gradient of every
@@ -431,12 +437,12 @@ class PerUnitGradients:
         if ghost is not None:
             ghost.add(v0, v1, d, h)
         elif id(head.weight) in self.owned:
-            out = self.samples[id(head.weight)]
+            out = self._sample(head.weight)
             for u, (a, b) in enumerate(ranges):
                 if a < b:
                     out[u, v0:v1].addmm_(d[a:b].t(), h[a:b])
         if head.bias is not None and id(head.bias) in self.owned:
-            out = self.samples[id(head.bias)]
+            out = self._sample(head.bias)
             for u, (a, b) in enumerate(ranges):
                 out[u, v0:v1] += d[a:b].sum(0)
 
@@ -456,7 +462,7 @@ class PerUnitGradients:
     def _embedding(self, weight: nn.Parameter, ids: torch.Tensor, g2: torch.Tensor) -> None:
         """Add each token's output gradient into row `id` of its unit's gradient (the
         tied output layer's per-unit gradient shares the view)."""
-        self.samples[id(weight)].index_put_((self.units_now.token_unit(), ids), g2, accumulate=True)
+        self._sample(weight).index_put_((self.units_now.token_unit(), ids), g2, accumulate=True)
 
     # ---- clipping ---------------------------------------------------------------------
     def _ghost_squared_norms(self, key: int) -> torch.Tensor:
@@ -481,7 +487,7 @@ class PerUnitGradients:
         if not self._recorded:
             raise RuntimeError("no per-unit gradient was recorded; was backward called?")
         total = None
-        for flat in self._flat.values():
+        for flat in (f for f in self._flat if f is not None):  # untouched groups add 0
             chunks = flat.view(flat.shape[0], -1, NORM_CHUNK)
             sq = torch.linalg.vector_norm(chunks, dim=2, dtype=torch.float32).square().sum(1)
             total = sq if total is None else total + sq
@@ -499,11 +505,12 @@ class PerUnitGradients:
         (float32); return the unit norms [U]."""
         norms = self.unit_norms()
         scale = (max_norm / (norms + 1e-6)).clamp(max=1.0)
-        for dtype, flat in self._flat.items():
-            weights = _round_down(scale, dtype).unsqueeze(0)
-            clipped = torch.mm(weights, flat).squeeze(0).float()
-            total = self._flat_sum.get(dtype)
-            self._flat_sum[dtype] = clipped if total is None else total.add_(clipped)
+        for i, flat in enumerate(self._flat):
+            if flat is not None:
+                weights = _round_down(scale, flat.dtype).unsqueeze(0)
+                clipped = torch.mm(weights, flat).squeeze(0).float()
+                total = self._flat_sum[i]
+                self._flat_sum[i] = clipped if total is None else total.add_(clipped)
         for p in self.params:
             key = id(p)
             if key in self.ghost_params:
@@ -511,7 +518,7 @@ class PerUnitGradients:
                 self.clipped_sum[key] = (
                     self.clipped_sum[key] + clipped if key in self.clipped_sum else clipped
                 )
-        self.samples, self._flat = {}, {}
+        self.samples, self._flat = {}, []
         self._ghost_embeddings, self._ghost_heads = {}, {}
         self.units_now = None
         return norms
@@ -541,20 +548,40 @@ class PerUnitGradients:
         parameter; a parameter no unit touched gets zeros), and reset it. A parameter's
         sum is a contiguous view of its dtype's flat sum."""
         out = {}
-        for dtype, group in self.flat_params.items():
-            flat = self._flat_sum.get(dtype)
+        for group, flat in zip(self.groups, self._flat_sum, strict=True):
             if flat is None:
                 width = sum(p.numel() for p in group)
                 flat = torch.zeros(width, dtype=torch.float32, device=group[0].device)
-            offset = 0
-            for p in group:
-                out[id(p)] = flat[offset : offset + p.numel()].view(p.shape)
-                offset += p.numel()
+            for p, (a, b) in zip(group, _offsets(group), strict=True):
+                out[id(p)] = flat[a:b].view(p.shape)
         for p in self.params:
             if id(p) in self.ghost_params:
                 out[id(p)] = self.clipped_sum.get(id(p), torch.zeros_like(p, dtype=torch.float32))
-        self.clipped_sum, self._flat_sum = {}, {}
+        self.clipped_sum, self._flat_sum = {}, [None] * len(self.groups)
         return out
+
+
+def _flat_groups(params: list[nn.Parameter]) -> list[list[nn.Parameter]]:
+    """`params` in groups of one dtype and at most `GROUP_VALUES` values (a bigger
+    parameter alone), in reverse order: the order the backward pass reaches them."""
+    groups: list[list[nn.Parameter]] = []
+    open_group: dict[torch.dtype, list[nn.Parameter]] = {}
+    for p in reversed(params):
+        group = open_group.get(p.dtype)
+        if group is None or sum(q.numel() for q in group) + p.numel() > GROUP_VALUES:
+            group = open_group[p.dtype] = []
+            groups.append(group)
+        group.append(p)
+    return groups
+
+
+def _offsets(group: list[nn.Parameter]) -> list[tuple[int, int]]:
+    """Each parameter's column range in its group's flat buffer."""
+    out, offset = [], 0
+    for p in group:
+        out.append((offset, offset + p.numel()))
+        offset += p.numel()
+    return out
 
 
 def _round_down(scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
