@@ -233,3 +233,34 @@ def test_a_private_micro_batch_over_the_batch_size_gives_the_same_model(tmp_path
         torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-6)
     # Without privacy the batch is fixed, and a micro-batch must divide it.
     assert run(tmp_path, "dpo", "plain", data, "train.micro_batch_size=24") == 2
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_noise_is_gaussian_with_the_accounted_std(monkeypatch, dtype):
+    """With nothing clipped, each gradient coordinate is N(0, (sigma C / (q N))^2), drawn
+    in chunks of at most NOISE_CHUNK values from one seeded generator per step (fresh
+    values for every chunk), and cast to the parameters' dtype."""
+    from privdpo.config import PrivacyConfig
+    from privdpo.privacy import dpsgd
+    from privdpo.privacy.planning import PrivacyPlan
+
+    monkeypatch.setattr(dpsgd, "NOISE_CHUNK", 5000)
+    torch.manual_seed(0)
+    model = build_preset("tiny")[0].to(dtype)
+    plan = PrivacyPlan("pair", 100, 0.08, 2, 2.0, 0.5, 1e-5, "pld", 1.0, None)
+    dp = dpsgd.DPSGD(model, plan, PrivacyConfig(enabled=True), seed=3, groups=[[0]] * 100)
+    params = dp.clipper.params
+
+    def noise(step: int) -> torch.Tensor:
+        dp.noise_and_scale(step)
+        assert all(p.grad.dtype == dtype and p.grad.shape == p.shape for p in params)
+        return torch.cat([p.grad.float().flatten() for p in params])
+
+    first = noise(0)
+    std = 2.0 * 0.5 / (0.08 * 100)
+    assert first.numel() > 100_000
+    assert abs(first.mean().item()) < 4 * std / first.numel() ** 0.5
+    assert first.std().item() == pytest.approx(std, rel=0.02)
+    assert len({round(float(p.grad.flatten()[0]), 6) for p in params}) == len(params)
+    assert torch.equal(noise(0), first)  # seeded by the step
+    assert not torch.equal(noise(1), first)

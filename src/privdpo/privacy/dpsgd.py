@@ -34,6 +34,9 @@ from privdpo.privacy.ledger import PrivacyLedger
 from privdpo.privacy.planning import PrivacyPlan, UserBound, micro_batch_note, plan_from_config
 from privdpo.privacy.statement import statement
 
+# Noise values drawn at once (float32): 256 MiB, however big the model.
+NOISE_CHUNK = 2**26
+
 
 class DPSGD:
     """The private part of a training step; the recipe keeps its loop."""
@@ -169,13 +172,15 @@ class DPSGD:
         seed = broadcast_int(self.world, seed)  # one seed for the world: rank 0's
         params = self.clipper.params
         totals = [sums[id(p)] for p in params]  # float32, on the parameters' device
-        if std > 0:  # one draw per step for every coordinate, in parameter order
-            device = totals[0].device
-            gen = torch.Generator(device=device).manual_seed(seed)
-            numels = [t.numel() for t in totals]
-            noise = torch.randn(sum(numels), generator=gen, device=device, dtype=torch.float32)
-            parts = [n.view_as(t) for n, t in zip(noise.split(numels), totals, strict=True)]
-            torch._foreach_add_(totals, parts, alpha=std)
+        if std > 0:  # one generator per step, drawn from in parameter order
+            gen = torch.Generator(device=totals[0].device).manual_seed(seed)
+            for chunk in _chunks(totals, NOISE_CHUNK):  # one draw, one add per chunk
+                numels = [t.numel() for t in chunk]
+                noise = torch.randn(
+                    sum(numels), generator=gen, device=chunk[0].device, dtype=torch.float32
+                )
+                parts = [n.view_as(t) for n, t in zip(noise.split(numels), chunk, strict=True)]
+                torch._foreach_add_(chunk, parts, alpha=std)
         if self.canaries is not None:
             for p, total in zip(params, totals, strict=True):
                 self.canaries.observe(p, total)
@@ -284,6 +289,19 @@ class EpsilonAhead:
     def stop(self) -> None:
         with self.changed:
             self.stopped = True
+
+
+def _chunks(tensors: list[torch.Tensor], values: int) -> Iterator[list[torch.Tensor]]:
+    """`tensors` in consecutive runs of at most `values` elements (a bigger one alone)."""
+    run, size = [], 0
+    for t in tensors:
+        if run and size + t.numel() > values:
+            yield run
+            run, size = [], 0
+        run.append(t)
+        size += t.numel()
+    if run:
+        yield run
 
 
 def hash_seed(seed: int, step: int, purpose: str) -> int:
