@@ -457,7 +457,10 @@ class PerUnitGradients:
             return
         index, mask = units.padded_tokens()
         g3 = g2[index] * mask  # [U, Tmax, out]
-        out.baddbmm_(g3.transpose(1, 2), x2[index])
+        if out.is_cuda:  # cuBLAS writes the strided view in place (one batched GEMM)
+            out.baddbmm_(g3.transpose(1, 2), x2[index])
+        else:  # the CPU would loop over units for a strided result: one bmm, one add
+            out.add_(torch.bmm(g3.transpose(1, 2), x2[index]))
 
     def _embedding(self, weight: nn.Parameter, ids: torch.Tensor, g2: torch.Tensor) -> None:
         """Add each token's output gradient into row `id` of its unit's gradient (the
