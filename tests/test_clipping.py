@@ -350,3 +350,26 @@ def test_ghost_clipping_keeps_no_per_unit_copy_of_the_vocabulary_layers():
         tied = model.get_input_embeddings().weight
         assert id(tied) not in sampler.samples
         assert len(sampler.samples) == len(sampler.params) - 1
+
+
+def test_both_ways_of_adding_per_unit_weight_gradients_into_a_buffer_view_agree():
+    """The CUDA way (a batched product accumulated in place into the strided view of a
+    flat buffer) and the CPU way (the product, then an add) give the same per-unit sums;
+    the CPU tests run the second, so the first is checked here on the CPU."""
+    from types import SimpleNamespace
+
+    from privdpo.privacy.clipping import _Units
+
+    torch.manual_seed(0)
+    g2, x2 = torch.randn(11, 3), torch.randn(11, 5)
+    units = _Units(SimpleNamespace(unit_tokens=[0, 4, 5, 11], unit_labels=[0, 1, 2, 3]), "cpu")
+    got = []
+    for in_place in (True, False):
+        flat = torch.ones(3, 40)  # a neighbour's columns before and after the view
+        view = flat[:, 7:22].view(3, 3, 5)
+        PerUnitGradients._unit_outer(g2, x2, units, view, in_place=in_place)
+        assert (flat[:, :7] == 1).all() and (flat[:, 22:] == 1).all()
+        got.append(view.clone())
+    expected = torch.stack([1 + g2[a:b].t() @ x2[a:b] for a, b in [(0, 4), (4, 5), (5, 11)]])
+    for g in got:
+        torch.testing.assert_close(g, expected)

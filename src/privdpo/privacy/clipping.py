@@ -447,19 +447,21 @@ class PerUnitGradients:
                 out[u, v0:v1] += d[a:b].sum(0)
 
     @staticmethod
-    def _unit_outer(g2, x2, units: _Units, out: torch.Tensor) -> None:
+    def _unit_outer(g2, x2, units: _Units, out: torch.Tensor, in_place=None) -> None:
         """Add into `out` [U, out, in], for each unit, the sum over its tokens of g x^T (a
         Linear weight's gradient). One unit alone is one matrix product; several are one
         batched product over their padded token rows (padding has zero gradient, so it
-        adds nothing)."""
+        adds nothing). `in_place` (default: on CUDA, where cuBLAS takes the strided view
+        as it is) accumulates in the product; otherwise (the CPU would loop over units
+        for a strided result) the product is added after."""
         if units.count == 1:
             out[0].addmm_(g2.t(), x2)
             return
         index, mask = units.padded_tokens()
         g3 = g2[index] * mask  # [U, Tmax, out]
-        if out.is_cuda:  # cuBLAS writes the strided view in place (one batched GEMM)
+        if out.is_cuda if in_place is None else in_place:
             out.baddbmm_(g3.transpose(1, 2), x2[index])
-        else:  # the CPU would loop over units for a strided result: one bmm, one add
+        else:
             out.add_(torch.bmm(g3.transpose(1, 2), x2[index]))
 
     def _embedding(self, weight: nn.Parameter, ids: torch.Tensor, g2: torch.Tensor) -> None:
