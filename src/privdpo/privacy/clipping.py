@@ -17,12 +17,12 @@ gradient to this module's head sink. After the backward pass every unit's gradie
 over all parameters is known (in float32); each unit is scaled by min(1, C / norm) and
 the scaled gradients are summed. One forward and one backward pass, as without privacy.
 The per-unit gradients of a group of parameters (one dtype, up to 2^24 values: all of a
-LoRA adapter, one decoder layer at full fine-tuning) live side by side in one [units,
-parameters] buffer, written in place by the hooks, so the norms and the clipped sum are
-one kernel each per group instead of a few per parameter (on a GPU the private step is
-bound by the host, which launches the kernels). A group's buffer is allocated when the
-backward pass first reaches it, so no more than one group is held beyond what per-
-parameter tensors would hold.
+LoRA adapter; at full fine-tuning a small decoder layer, or one large matrix) live side
+by side in one [units, parameters] buffer, written in place by the hooks, so the norms
+and the clipped sum are one kernel each per group instead of a few per parameter (on a
+GPU the private step is bound by the host, which launches the kernels). A group's buffer
+is allocated when the backward pass first reaches it, so at most one group is held
+beyond what per-parameter tensors would hold.
 
 Ghost clipping (`ghost=True`), for the layers whose per-unit gradients are big: the token
 embedding and the head ([U, vocab, hidden] each, the same tensor when tied). Their
@@ -551,7 +551,7 @@ class PerUnitGradients:
     def take_clipped_sum(self) -> dict[int, torch.Tensor]:
         """The clipped sum over every micro-batch since the last call (float32, by id of
         parameter; a parameter no unit touched gets zeros), and reset it. A parameter's
-        sum is a contiguous view of its dtype's flat sum."""
+        sum is a contiguous view of its group's flat sum."""
         out = {}
         for group, flat in zip(self.groups, self._flat_sum, strict=True):
             if flat is None:
