@@ -181,3 +181,19 @@ def test_every_example_config_trains(config, tmp_path, local_model_dir):
         os.chdir(cwd)
     exported = [p for p in ("model", "adapter") if (tmp_path / "run" / p).is_dir()]
     assert exported
+
+
+def test_the_config_shown_in_the_readme_loads(tmp_path):
+    """The README's annotated config is a valid SFT config, and where it shows a training
+    option that has an `auto` default (compilation, attention, device) it shows `auto`."""
+    from privdpo.config import SFTRunConfig, load_config
+
+    text = README.read_text(encoding="utf-8").split("### The config", 1)[1]
+    block = text.split("```yaml\n", 1)[1].split("```", 1)[0]
+    (tmp_path / "config.yaml").write_text(block)
+    cfg = load_config(SFTRunConfig, str(tmp_path / "config.yaml"), [])
+    shown = yaml.safe_load(block)["train"]
+    defaults = SFTRunConfig().train
+    for key in ("compile", "attention", "device"):
+        if key in shown:
+            assert getattr(cfg.train, key) == getattr(defaults, key) == "auto", key
