@@ -325,6 +325,7 @@ class PerUnitGradients:
                 self.ghost_params.add(id(self.head.weight))
         self.groups = _flat_groups([p for p in self.params if id(p) not in self.ghost_params])
         self.group_of = {id(p): i for i, group in enumerate(self.groups) for p in group}
+        self.group_columns = [_offsets(group) for group in self.groups]  # per parameter
         self.units_now: _Units | None = None
         self.samples: dict[int, torch.Tensor] = {}  # id(param) -> [U, *param.shape] view
         self._flat: list[torch.Tensor | None] = []  # group -> [U, width] buffer, once used
@@ -389,11 +390,11 @@ class PerUnitGradients:
         view = self.samples.get(id(param))
         if view is None:
             i = self.group_of[id(param)]
-            group, count = self.groups[i], self.units_now.count
-            width = -(-sum(p.numel() for p in group) // NORM_CHUNK) * NORM_CHUNK  # zero tail
+            group, columns, count = self.groups[i], self.group_columns[i], self.units_now.count
+            width = -(-columns[-1][1] // NORM_CHUNK) * NORM_CHUNK  # a zero tail
             flat = torch.zeros((count, width), dtype=param.dtype, device=param.device)
             self._flat[i] = flat
-            for p, (a, b) in zip(group, _offsets(group), strict=True):
+            for p, (a, b) in zip(group, columns, strict=True):
                 self.samples[id(p)] = flat[:, a:b].view(count, *p.shape)
             view = self.samples[id(param)]
         return view
@@ -553,11 +554,12 @@ class PerUnitGradients:
         parameter; a parameter no unit touched gets zeros), and reset it. A parameter's
         sum is a contiguous view of its group's flat sum."""
         out = {}
-        for group, flat in zip(self.groups, self._flat_sum, strict=True):
+        for group, columns, flat in zip(
+            self.groups, self.group_columns, self._flat_sum, strict=True
+        ):
             if flat is None:
-                width = sum(p.numel() for p in group)
-                flat = torch.zeros(width, dtype=torch.float32, device=group[0].device)
-            for p, (a, b) in zip(group, _offsets(group), strict=True):
+                flat = torch.zeros(columns[-1][1], dtype=torch.float32, device=group[0].device)
+            for p, (a, b) in zip(group, columns, strict=True):
                 out[id(p)] = flat[a:b].view(p.shape)
         for p in self.params:
             if id(p) in self.ghost_params:
