@@ -53,6 +53,13 @@ def weights(run_dir: Path) -> dict:
     return load_file(run_dir / "model" / "model.safetensors")
 
 
+def assert_same_tensors(a: dict, b: dict) -> None:
+    """Two non-empty safetensors dicts with the same keys and tensors equal to 1e-5."""
+    assert a.keys() == b.keys() and a
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("command", ["sft", "dpo"])
 def test_no_noise_and_huge_clip_equals_the_non_private_step(tmp_path, command, tiny_tokenizer):
     if command == "sft":
@@ -180,11 +187,10 @@ def test_gradient_checkpointing_leaves_a_private_lora_run_unchanged(tmp_path):
     assert (
         run(tmp_path, "dpo", "checkpointed", data, *args, "train.gradient_checkpointing=true") == 0
     )
-    a = load_file(tmp_path / "plain" / "adapter" / "adapter_model.safetensors")
-    b = load_file(tmp_path / "checkpointed" / "adapter" / "adapter_model.safetensors")
-    assert a.keys() == b.keys() and a
-    for key in a:
-        torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-6)
+    assert_same_tensors(
+        load_file(tmp_path / "plain" / "adapter" / "adapter_model.safetensors"),
+        load_file(tmp_path / "checkpointed" / "adapter" / "adapter_model.safetensors"),
+    )
 
 
 def test_the_share_of_split_poisson_batches_is_the_binomial_tail():
@@ -227,10 +233,7 @@ def test_a_private_micro_batch_over_the_batch_size_gives_the_same_model(tmp_path
     assert "over train.micro_batch_size 2 in" in capsys.readouterr().out
     assert run(tmp_path, "dpo", "large", data, *args, "train.micro_batch_size=24") == 0
     assert "note: the sampled batch" not in capsys.readouterr().out
-    a, b = weights(tmp_path / "small"), weights(tmp_path / "large")
-    assert a.keys() == b.keys() and a
-    for key in a:
-        torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-6)
+    assert_same_tensors(weights(tmp_path / "small"), weights(tmp_path / "large"))
     # Without privacy the batch is fixed, and a micro-batch must divide it.
     assert run(tmp_path, "dpo", "plain", data, "train.micro_batch_size=24") == 2
 
