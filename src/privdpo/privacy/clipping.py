@@ -110,6 +110,7 @@ class _Units:
         self._token_unit = None
         self._label_unit = None
         self._padded = None
+        self._membership: dict[torch.dtype, torch.Tensor] = {}  # dtype -> [U, tokens]
 
     def token_ranges(self) -> list[tuple[int, int]]:
         return list(zip(self.tokens[:-1], self.tokens[1:], strict=True))
@@ -145,6 +146,20 @@ class _Units:
         if self._label_unit is None:
             self._label_unit = _unit_index(self.labels, self.device)
         return self._label_unit
+
+    def add_token_sums(self, out: torch.Tensor, values: torch.Tensor) -> None:
+        """Add into `out` [U, H] each unit's sum of `values` [tokens, H]: one product with
+        the [U, tokens] 0/1 membership matrix (the product sums in float32 inside). A
+        scatter-add (index_add_) into the buffer's strided view, in bf16 on a GPU, adds
+        atomically into the few rows that all the tokens target: in job 6 those adds (norm
+        weights and q/k/v biases of Qwen at full fine-tuning) took 335 ms of a 540 ms
+        private step."""
+        member = self._membership.get(values.dtype)
+        if member is None:
+            unit = self.token_unit()
+            rows = torch.arange(self.count, device=unit.device)
+            member = self._membership[values.dtype] = (rows[:, None] == unit).to(values.dtype)
+        out.addmm_(member, values)
 
 
 def _unit_index(offsets: list[int], device) -> torch.Tensor:
@@ -418,7 +433,7 @@ class PerUnitGradients:
             if id(module.weight) in self.owned:
                 self._unit_outer(g2, x2, units, self._sample(module.weight))
             if module.bias is not None and id(module.bias) in self.owned:
-                self._sample(module.bias).index_add_(0, units.token_unit(), g2)
+                units.add_token_sums(self._sample(module.bias), g2)
         elif isinstance(module, nn.Embedding):
             ghost = self._ghost_embeddings.get(id(module.weight))
             if ghost is not None and module is self.embedding:
@@ -427,7 +442,7 @@ class PerUnitGradients:
                 self._embedding(module.weight, x.reshape(-1), g2)
         else:  # RMSNorm
             xn = _rms_normalize(module, x).reshape(-1, x.shape[-1])
-            self._sample(module.weight).index_add_(0, units.token_unit(), g2 * xn)
+            units.add_token_sums(self._sample(module.weight), g2 * xn)
 
     def _head_tile(self, head: nn.Linear, v0: int, v1: int, d: torch.Tensor, h: torch.Tensor):
         """Vocabulary columns v0..v1 of the head: d [N, v1 - v0] logits gradient of every
