@@ -118,7 +118,13 @@ CONFIGS = {
     "llama-full-eager": ("llama-3.2-1b", {"compile": False, "base": "llama-full"}),
     "qwen-lora-eager": ("qwen2.5-0.5b", {"lora": True, "compile": False, "base": "qwen-lora"}),
 }
-DP_CONFIGS = {"qwen-dp-full": "qwen-full", "qwen-dp-lora": "qwen-lora"}
+# (name: base configuration, compiled layers): DP-DPO against the base's non-private step.
+DP_CONFIGS = {
+    "qwen-dp-full": ("qwen-full", False),
+    "qwen-dp-lora": ("qwen-lora", False),
+    "qwen-dp-full-compiled": ("qwen-full", True),
+    "qwen-dp-lora-compiled": ("qwen-lora", True),
+}
 DP_MICRO_BATCH = 16  # P(a Poisson batch of mean 8 from 256 pairs > 16) = 0.3%
 LORA = {"r": 16, "alpha": 32, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]}
 
@@ -438,8 +444,9 @@ def compare(
     return result
 
 
-def dp_compare(name, base, model_dir, data, work, args, eager_runs=None) -> dict:
-    opts = {"lora": base["options"].get("lora", False)}
+def dp_compare(name, base, model_dir, data, work, args, eager_runs=None, compiled=False) -> dict:
+    # train.compile: false is what auto does for a private run; true compiles its layers too
+    opts = {"lora": base["options"].get("lora", False), "compile": compiled}
     runs = []
     for i in range(2):
         print(f"[{name}] privdpo DP ({i + 1}/2)", flush=True)
@@ -654,14 +661,16 @@ def main(argv=None) -> dict:
     for name in wanted:
         if name in CONFIGS and not CONFIGS[name][1].get("liger"):
             run_config(name)
-    for name, base_name in DP_CONFIGS.items():
+    for name, (base_name, compiled) in DP_CONFIGS.items():
         base = results["configs"].get(base_name)
         if name not in wanted or not base or "error" in base:
             continue
         model_dir, rows, data, _ = shapes["tiny" if args.tiny else base["shape"]]
         try:
             eager = results["configs"].get(f"{base_name}-eager", {}).get("_privdpo_runs")
-            results["dp"][name] = dp_compare(name, base, model_dir, data, work, args, eager)
+            results["dp"][name] = dp_compare(
+                name, base, model_dir, data, work, args, eager, compiled
+            )
         except Exception as e:
             results["dp"][name] = {"error": f"{type(e).__name__}: {e}"[:500]}
         print(json.dumps(results["dp"][name]), flush=True)

@@ -19,7 +19,7 @@ from privdpo.data.tokenize import IGNORE
 from privdpo.errors import UserError
 from privdpo.logprobs import sequence_logps
 from privdpo.losses import LossParams, PairLogps, sigmoid_loss
-from privdpo.models import add_lora, build_preset
+from privdpo.models import add_lora, build_preset, compile_layers
 from privdpo.privacy import clipping
 from privdpo.privacy.clipping import PerUnitGradients
 
@@ -138,7 +138,7 @@ CASES = [
 
 
 @pytest.mark.parametrize(("kind", "lora", "micro", "layout", "ghost"), CASES)
-def test_per_unit_clipping_equals_the_naive_loop(kind, lora, micro, layout, ghost):
+def test_per_unit_clipping_equals_the_naive_loop(kind, lora, micro, layout, ghost, compiled=False):
     model, tokenizer = tiny(lora)
     if kind == "sft":
         units = sft_examples(tokenizer, 6)
@@ -158,6 +158,8 @@ def test_per_unit_clipping_equals_the_naive_loop(kind, lora, micro, layout, ghos
     expected, _ = naive_clipped_sum(model, unit_loss, units, max_norm)
 
     sampler = PerUnitGradients(model, ghost=ghost)
+    if compiled:
+        compile_layers(model)
     norms = []
     for start in range(0, len(units), micro):
         chunk = units[start : start + micro]
@@ -187,6 +189,16 @@ def test_small_flat_buffer_groups_give_the_same_clipped_sum(monkeypatch, kind, l
     each at full fine-tuning) clip and sum as in one."""
     monkeypatch.setattr(clipping, "GROUP_VALUES", 3000)
     test_per_unit_clipping_equals_the_naive_loop(kind, lora, 3, "packed", False)
+
+
+def test_compiled_layers_give_every_per_unit_gradient():
+    """train.compile with DP: the hooks split each compiled layer's graph, and the clipped
+    sum is the naive loop's. A full fine-tuning model compiled after a LoRA model in the
+    same process (a sweep, a benchmark) gets its own graphs: dynamo does not check hooks
+    before reusing a graph of the same layer class, and the LoRA model's graphs had none
+    on o_proj and the MLP, whose weights then got no gradient at all."""
+    test_per_unit_clipping_equals_the_naive_loop("dpo", True, 3, "packed-shared", False, True)
+    test_per_unit_clipping_equals_the_naive_loop("dpo", False, 3, "packed-shared", True, True)
 
 
 def test_a_flat_buffer_is_allocated_when_the_backward_pass_reaches_it(monkeypatch):

@@ -457,6 +457,7 @@ def test_describe_config_shows_defaults_and_types():
         ("auto", "cuda", True, False),  # DP's per-unit hooks run eager
         (False, "cuda", False, False),
         (True, "cpu", False, True),
+        (True, "cuda", True, True),  # asked for: private runs compile too
     ],
 )
 def test_train_compile_auto_is_decided_by_the_device_and_privacy(
@@ -472,10 +473,3 @@ def test_train_compile_auto_is_decided_by_the_device_and_privacy(
     cfg = load(tmp_path, extra)
     assert use_compile(cfg, torch.device(device)) is expected
     assert cfg.train.compile == setting  # the config keeps what the user wrote
-
-
-def test_train_compile_true_with_privacy_is_refused(tmp_path):
-    problems = problems_of(
-        tmp_path, {"train": {"compile": True}, "privacy": {"enabled": True, "noise_multiplier": 1}}
-    )
-    assert any(p.startswith("train.compile: the per-unit gradient hooks") for p in problems)

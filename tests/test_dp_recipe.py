@@ -193,6 +193,28 @@ def test_gradient_checkpointing_leaves_a_private_lora_run_unchanged(tmp_path):
     )
 
 
+@pytest.mark.slow  # compiles on the CPU; tests/test_clipping.py has the fast twin
+@pytest.mark.parametrize("lora", [True, False])
+def test_a_private_run_with_compiled_layers_gives_the_eager_model(tmp_path, lora):
+    """train.compile: true on a private run (the hooks split each layer's graph): the same
+    model as the eager run, after an eager run in the same process."""
+    data = write_jsonl(tmp_path / "pairs.jsonl", marker_pairs(24))
+    args = [
+        "privacy.enabled=true",
+        "privacy.noise_multiplier=1.0",
+        "train.max_steps=3",
+        "train.batch_size=8",
+        f"model.lora.enabled={str(lora).lower()}",
+        "data.eval_fraction=0",
+    ]
+    assert run(tmp_path, "dpo", "eager", data, *args, "train.compile=false") == 0
+    assert run(tmp_path, "dpo", "compiled", data, *args, "train.compile=true") == 0
+    name = "adapter/adapter_model.safetensors" if lora else "model/model.safetensors"
+    assert_same_tensors(
+        load_file(tmp_path / "eager" / name), load_file(tmp_path / "compiled" / name)
+    )
+
+
 def test_the_share_of_split_poisson_batches_is_the_binomial_tail():
     """P(Binomial(N, q) > cap), checked against the exact sum of fractions."""
     from fractions import Fraction

@@ -127,7 +127,7 @@ def pick_device(name: str, world=SINGLE) -> torch.device:
 def use_compile(cfg, device: torch.device) -> bool:
     """Whether this run compiles its decoder layers (`train.compile`; auto: on CUDA, where a
     step is otherwise bound by kernel launches and Python, and not for DP runs, whose
-    per-unit gradient hooks run eager; never on the CPU)."""
+    per-unit gradient hooks break each layer's graph; never on the CPU)."""
     if cfg.train.compile == "auto":
         return device.type == "cuda" and not cfg.privacy.enabled
     return cfg.train.compile

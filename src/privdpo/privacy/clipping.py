@@ -295,6 +295,10 @@ class PerUnitGradients:
 
     def __init__(self, model: nn.Module, ghost: bool = False):
         self.params = [p for p in model.parameters() if p.requires_grad]
+        # With compiled layers (train.compile: true), make dynamo check each module's hooks
+        # before reusing a graph, so no graph traced without these hooks runs with them
+        # attached (by default it does not check: `models.compile_layers`).
+        torch._dynamo.config.skip_nnmodule_hook_guards = False
         owned: set[int] = set()
         self.handles = []
         unsupported = []
