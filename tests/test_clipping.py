@@ -159,7 +159,7 @@ def test_per_unit_clipping_equals_the_naive_loop(kind, lora, micro, layout, ghos
 
     sampler = PerUnitGradients(model, ghost=ghost)
     if compiled:
-        compile_layers(model)
+        compile_layers(model, fresh=True)
     norms = []
     for start in range(0, len(units), micro):
         chunk = units[start : start + micro]

@@ -197,7 +197,8 @@ def test_gradient_checkpointing_leaves_a_private_lora_run_unchanged(tmp_path):
 @pytest.mark.parametrize("lora", [True, False])
 def test_a_private_run_with_compiled_layers_gives_the_eager_model(tmp_path, lora):
     """train.compile: true on a private run (the hooks split each layer's graph): the same
-    model as the eager run, after an eager run in the same process."""
+    model as the eager run, after a compiled non-private run in the same process (whose
+    layer graphs, without the hooks, must not be reused)."""
     data = write_jsonl(tmp_path / "pairs.jsonl", marker_pairs(24))
     args = [
         "privacy.enabled=true",
@@ -207,6 +208,8 @@ def test_a_private_run_with_compiled_layers_gives_the_eager_model(tmp_path, lora
         f"model.lora.enabled={str(lora).lower()}",
         "data.eval_fraction=0",
     ]
+    plain = [a for a in args if not a.startswith("privacy.")]
+    assert run(tmp_path, "dpo", "plain", data, *plain, "train.compile=true") == 0
     assert run(tmp_path, "dpo", "eager", data, *args, "train.compile=false") == 0
     assert run(tmp_path, "dpo", "compiled", data, *args, "train.compile=true") == 0
     name = "adapter/adapter_model.safetensors" if lora else "model/model.safetensors"

@@ -283,18 +283,19 @@ def load_model_and_tokenizer(cfg: ModelConfig, seed: int = 0, audit_model_ok: bo
     return model, tokenizer
 
 
-def compile_layers(model) -> None:
+def compile_layers(model, fresh: bool = False) -> None:
     """torch.compile each decoder layer (regional compilation): identical layers share one
     compiled graph, so compiling costs one layer's time; packed lengths vary from batch to
     batch, hence dynamic shapes. The packed attention itself stays eager between them.
 
-    The graphs traced so far in this process are dropped first. Dynamo does not guard a
-    module's hooks (`skip_nnmodule_hook_guards`), so a layer graph traced for an earlier
-    model of the same class (a non-private run before a private one, as in a sweep or a
-    benchmark) would be reused without the per-unit gradient hooks that DP registers: the
-    layers' weights would get no gradient. Compiling is lazy, so this drops nothing of the
-    model being built (its reference is compiled just before, also untraced)."""
-    torch._dynamo.reset()
+    `fresh` (a private run's policy, which gets DP's per-unit gradient hooks): drop the
+    graphs traced so far in this process first. Dynamo does not guard a module's hooks
+    (`skip_nnmodule_hook_guards`), so a layer graph traced for an earlier model of the same
+    class (a non-private run before a private one, in a sweep or a benchmark) would be
+    reused without the hooks, and the layers' weights would get no gradient. Compiling is
+    lazy, so this drops nothing of the run's own models (untraced until the first step)."""
+    if fresh:
+        torch._dynamo.reset()
     for layer in model.get_decoder().layers:
         layer.compile(dynamic=True)
 

@@ -147,10 +147,11 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Adam
     )
 
 
-def configure_model(model, cfg: TrainConfig, compiled: bool) -> None:
+def configure_model(model, cfg: TrainConfig, compiled: bool, private: bool) -> None:
     """The training-step options that act on the model: packing's precondition, gradient
-    checkpointing, torch.compile of each decoder layer. Call on the policy only (after LoRA,
-    after a reference copy was taken)."""
+    checkpointing, torch.compile of each decoder layer (`private`: in graphs of its own, for
+    the per-unit gradient hooks). Call on the policy only (after LoRA, after a reference
+    copy was taken)."""
     if cfg.packing and not packable(model):
         raise UserError(
             "train.packing: this model has sliding-window attention layers, which packed"
@@ -160,7 +161,7 @@ def configure_model(model, cfg: TrainConfig, compiled: bool) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     if compiled:
-        compile_layers(model)
+        compile_layers(model, fresh=private)
 
 
 def batch_layout(cfg: TrainConfig) -> str:

@@ -170,7 +170,7 @@ def run_dpo(cfg: DPORunConfig, resume: bool = False, audit=None) -> dict[str, Pa
         reference.policy = model
     if cfg.dpo.disable_dropout:
         _disable_dropout(model)
-    configure_model(model, cfg.train, compiled)
+    configure_model(model, cfg.train, compiled, cfg.privacy.enabled)
     model.to(device)
     shard_model(model, cfg.train, world)
     model.train()

@@ -120,7 +120,7 @@ def run_sft(cfg: SFTRunConfig, resume: bool = False, audit=None) -> dict[str, Pa
     print(summary.table())
     if cfg.model.lora.enabled:
         model = add_lora(model, cfg.model.lora)
-    configure_model(model, cfg.train, compiled)
+    configure_model(model, cfg.train, compiled, cfg.privacy.enabled)
     model.to(device)
     shard_model(model, cfg.train, world)
     model.train()
