@@ -17,7 +17,8 @@ pairs, the same for both tools), MFU (8N FLOPs per non-padding token with a live
 reference, 6N with a cached one, full fine-tuning only, against the bf16 matmul peak
 measured here), peak GiB, and privdpo's ratios to TRL. Also `hardware_mfu`: privdpo's
 FLOPs per token it actually ran (a shared prompt counts once). And privdpo's DP-DPO step
-(pair level, sigma 1) against its non-private step, the GPU-busy share of a privdpo step
+(pair level, sigma 1) against its non-private step (alternating: DP, plain, plain, DP),
+eager (privdpo's default for DP) and with compiled layers, the GPU-busy share of a step
 from the profiler (`train.profile`), and a Llama-3-8B-shapes user-level DP-DPO LoRA run
 on pairs of 4,096 tokens.
 
@@ -447,38 +448,43 @@ def compare(
 def dp_compare(name, base, model_dir, data, work, args, eager_runs=None, compiled=False) -> dict:
     # train.compile: false is what auto does for a private run; true compiles its layers too
     opts = {"lora": base["options"].get("lora", False), "compile": compiled}
-    runs = []
-    for i in range(2):
-        print(f"[{name}] privdpo DP ({i + 1}/2)", flush=True)
-        runs.append(
-            run_privdpo(
-                model_dir,
-                data,
-                work,
-                dict(opts, profile=i == 1),  # the second run's profile: where a DP step goes
-                args,
-                [
-                    "privacy.enabled=true",
-                    "privacy.noise_multiplier=1.0",
-                    "privacy.max_grad_norm=1.0",
-                    # the Poisson batch (mean 8) in one pass, as the plain step's 8 pairs: a
-                    # cap of 8 would split 41% of the steps (privdpo prints that note)
-                    f"train.micro_batch_size={DP_MICRO_BATCH}",
-                ],
+    private = [
+        "privacy.enabled=true",
+        "privacy.noise_multiplier=1.0",
+        "privacy.max_grad_norm=1.0",
+        # the Poisson batch (mean 8) in one pass, as the plain step's 8 pairs: a cap of 8
+        # would split 41% of the steps (privdpo prints that note)
+        f"train.micro_batch_size={DP_MICRO_BATCH}",
+    ]
+    # Alternating with non-private runs of their own (DP, plain, plain, DP), as TRL and
+    # privdpo alternate: the host's speed drifts within a job (a Qwen step is bound by it),
+    # and DP runs compared with plain runs minutes earlier measured that drift (jobs 7, 8).
+    runs, plain_runs = [], []
+    for i, kind in enumerate(("dp", "plain", "plain", "dp")):
+        print(f"[{name}] privdpo {kind} ({i + 1}/4)", flush=True)
+        if kind == "plain":
+            plain_runs.append(run_privdpo(model_dir, data, work, {"lora": opts["lora"]}, args))
+        else:  # the second DP run's profile: where a DP step goes
+            runs.append(
+                run_privdpo(model_dir, data, work, dict(opts, profile=i == 3), args, private)
             )
-        )
     dp_steps = [s for r in runs for s in r["step_seconds"]]
     dp_per_pair = [
         s / max(1, b)
         for r in runs
         for s, b in zip(r["step_seconds"], r["batch_pairs"], strict=True)
     ]
-    plain = [s for r in base["_privdpo_runs"] for s in r["step_seconds"]]
+    plain = [s for r in plain_runs for s in r["step_seconds"]]
+    earlier = [s for r in base["_privdpo_runs"] for s in r["step_seconds"]]
     eager = [s for r in (eager_runs or []) for s in r["step_seconds"]]
     return {
         "options": opts,
         "dp_median_step_seconds": statistics.median(dp_steps),
         "plain_median_step_seconds": statistics.median(plain),
+        "plain_repetition_medians": [statistics.median(r["step_seconds"]) for r in plain_runs],
+        "dp_repetition_medians": [statistics.median(r["step_seconds"]) for r in runs],
+        # the base configuration's privdpo runs, earlier in the job (the ratio before job 9)
+        "base_plain_median_step_seconds": statistics.median(earlier),
         "step_time_ratio": statistics.median(dp_steps) / statistics.median(plain),
         "per_pair_time_ratio": statistics.median(dp_per_pair) / (statistics.median(plain) / 8),
         # DP runs eager: against the eager non-private step too, where the job has it

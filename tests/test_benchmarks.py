@@ -35,6 +35,8 @@ def test_vs_trl_smoke_on_cpu(tmp_path):
     dp = results["dp"]["qwen-dp-full"]
     assert "error" not in dp, dp
     assert dp["step_time_ratio"] > 0 and dp["mean_sampled_pairs"] > 0
+    # against non-private runs of its own, alternating with the DP runs
+    assert len(dp["plain_repetition_medians"]) == len(dp["dp_repetition_medians"]) == 2
 
 
 def _scrub_speed():
