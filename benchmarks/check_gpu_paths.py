@@ -3,7 +3,8 @@
 - varlen FlashAttention (and FlexAttention) on packed, prompt-sharing batches against the
   dense-mask SDPA path: per-sequence log-probs and gradients, bf16 and fp32-accumulated;
 - the chunked head's float32 accumulation of the weight gradient (`addmm(out_dtype=)`);
-- DP clipped sums on the GPU, ghost clipping on and off, against the per-unit path.
+- DP clipped sums on the GPU, ghost clipping on and off, against each other and against
+  plain autograd one pair at a time.
 
     PYTHONPATH=src python benchmarks/check_gpu_paths.py
 Prints one line per check and exits non-zero if one fails.
@@ -133,6 +134,26 @@ def main() -> int:
         clipper.detach()
     check("ghost vs per-unit norms (GPU)", rel(sums[True][0], sums[False][0]), 1e-4)
     check("ghost vs per-unit clipped sum (GPU)", rel(sums[True][1], sums[False][1]), 1e-4)
+
+    # ... and the per-unit path against plain autograd, one pair at a time (the norm weights'
+    # and biases' per-unit sums, the batched weight products and the flat buffers on CUDA)
+    params = [p for p in m.parameters() if p.requires_grad]
+    naive_norms, naive_sum = [], torch.zeros_like(sums[False][1])
+    for pair in ps:
+        one = pair_batch([pair], 0, item_unit=[0]).to("cuda")
+        m.zero_grad(set_to_none=True)
+        logps, _ = sequence_logps(m, one)
+        with torch.no_grad():
+            ref, _ = sequence_logps(ref_model, one)
+        margin = (logps - ref).chunk(2)
+        (-torch.nn.functional.logsigmoid(0.1 * (margin[0] - margin[1]))).sum().backward()
+        grad = torch.cat([p.grad.flatten() for p in params])
+        naive_norms.append(grad.double().norm().float())  # fp32 over 2M values drifts
+        naive_sum += grad * (0.5 / (naive_norms[-1] + 1e-6)).clamp(max=1.0)
+    check(
+        "per-unit vs autograd loop norms (GPU)", rel(sums[False][0], torch.stack(naive_norms)), 1e-4
+    )
+    check("per-unit vs autograd loop clipped sum (GPU)", rel(sums[False][1], naive_sum), 1e-4)
     print("failures:", failures)
     return 1 if failures else 0
 
