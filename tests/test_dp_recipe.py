@@ -18,6 +18,16 @@ from privdpo.models import build_preset
 from privdpo.privacy.accounting import epsilon
 from test_dpo import marker_pairs
 
+# Three DP-DPO steps at sigma 1 on pairs of mean batch 8, no held-out split: the runs that
+# compare two ways of computing the same private model.
+SHORT_PRIVATE_RUN = [
+    "privacy.enabled=true",
+    "privacy.noise_multiplier=1.0",
+    "train.max_steps=3",
+    "train.batch_size=8",
+    "data.eval_fraction=0",
+]
+
 
 def run(tmp_path: Path, command: str, name: str, data: Path, *overrides: str) -> int:
     config = tmp_path / "empty.yaml"
@@ -175,14 +185,7 @@ def test_gradient_checkpointing_leaves_a_private_lora_run_unchanged(tmp_path):
     adapters back to trainable) ends with the same adapter with or without recomputed
     activations."""
     data = write_jsonl(tmp_path / "pairs.jsonl", marker_pairs(24))
-    args = [
-        "privacy.enabled=true",
-        "privacy.noise_multiplier=1.0",
-        "train.max_steps=3",
-        "train.batch_size=8",
-        "model.lora.enabled=true",
-        "data.eval_fraction=0",
-    ]
+    args = [*SHORT_PRIVATE_RUN, "model.lora.enabled=true"]
     assert run(tmp_path, "dpo", "plain", data, *args) == 0
     assert (
         run(tmp_path, "dpo", "checkpointed", data, *args, "train.gradient_checkpointing=true") == 0
@@ -200,14 +203,7 @@ def test_a_private_run_with_compiled_layers_gives_the_eager_model(tmp_path, lora
     model as the eager run, after a compiled non-private run in the same process (whose
     layer graphs, without the hooks, must not be reused)."""
     data = write_jsonl(tmp_path / "pairs.jsonl", marker_pairs(24))
-    args = [
-        "privacy.enabled=true",
-        "privacy.noise_multiplier=1.0",
-        "train.max_steps=3",
-        "train.batch_size=8",
-        f"model.lora.enabled={str(lora).lower()}",
-        "data.eval_fraction=0",
-    ]
+    args = [*SHORT_PRIVATE_RUN, f"model.lora.enabled={str(lora).lower()}"]
     plain = [a for a in args if not a.startswith("privacy.")]
     assert run(tmp_path, "dpo", "plain", data, *plain, "train.compile=true") == 0
     assert run(tmp_path, "dpo", "eager", data, *args, "train.compile=false") == 0
@@ -247,13 +243,7 @@ def test_a_private_micro_batch_over_the_batch_size_gives_the_same_model(tmp_path
     step's sampled pairs then run in one pass, and the model is the one that micro-batches
     of 2 give (clipping is per unit, the noise seeded by the step)."""
     data = write_jsonl(tmp_path / "pairs.jsonl", marker_pairs(24))
-    args = [
-        "privacy.enabled=true",
-        "privacy.noise_multiplier=1.0",
-        "train.max_steps=3",
-        "train.batch_size=8",
-        "data.eval_fraction=0",
-    ]
+    args = SHORT_PRIVATE_RUN
     assert run(tmp_path, "dpo", "small", data, *args, "train.micro_batch_size=2") == 0
     assert "over train.micro_batch_size 2 in" in capsys.readouterr().out
     assert run(tmp_path, "dpo", "large", data, *args, "train.micro_batch_size=24") == 0
