@@ -119,15 +119,20 @@ def main() -> int:
     ref_model = model(torch.float32).eval()
     batch_host = pair_batch(ps, 0, item_unit=list(range(len(ps))))
     batch = batch_host.to("cuda")
+
+    def dpo_loss_backward(pairs_batch, sink=None):
+        """The summed sigmoid DPO loss (beta 0.1) of `pairs_batch`, backpropagated."""
+        logps, _ = sequence_logps(m, pairs_batch, sink)
+        with torch.no_grad():
+            ref, _ = sequence_logps(ref_model, pairs_batch)
+        margin = (logps - ref).chunk(2)
+        (-torch.nn.functional.logsigmoid(0.1 * (margin[0] - margin[1]))).sum().backward()
+
     sums = {}
     for ghost in (False, True):
         clipper = PerUnitGradients(m, ghost=ghost)
         with clipper.units(batch_host):
-            logps, _ = sequence_logps(m, batch, clipper.head_sink)
-            with torch.no_grad():
-                ref, _ = sequence_logps(ref_model, batch)
-            margin = (logps - ref).chunk(2)
-            (-torch.nn.functional.logsigmoid(0.1 * (margin[0] - margin[1]))).sum().backward()
+            dpo_loss_backward(batch, clipper.head_sink)
         norms = clipper.clip_and_accumulate(0.5)
         total = clipper.take_clipped_sum()
         sums[ghost] = (norms, torch.cat([total[id(p)].flatten() for p in clipper.params]))
@@ -140,13 +145,8 @@ def main() -> int:
     params = [p for p in m.parameters() if p.requires_grad]
     naive_norms, naive_sum = [], torch.zeros_like(sums[False][1])
     for pair in ps:
-        one = pair_batch([pair], 0, item_unit=[0]).to("cuda")
         m.zero_grad(set_to_none=True)
-        logps, _ = sequence_logps(m, one)
-        with torch.no_grad():
-            ref, _ = sequence_logps(ref_model, one)
-        margin = (logps - ref).chunk(2)
-        (-torch.nn.functional.logsigmoid(0.1 * (margin[0] - margin[1]))).sum().backward()
+        dpo_loss_backward(pair_batch([pair], 0, item_unit=[0]).to("cuda"))
         grad = torch.cat([p.grad.flatten() for p in params])
         naive_norms.append(grad.double().norm().float())  # fp32 over 2M values drifts
         naive_sum += grad * (0.5 / (naive_norms[-1] + 1e-6)).clamp(max=1.0)
