@@ -385,3 +385,29 @@ def test_both_ways_of_adding_per_unit_weight_gradients_into_a_buffer_view_agree(
     expected = torch.stack([1 + g2[a:b].t() @ x2[a:b] for a, b in [(0, 4), (4, 5), (5, 11)]])
     for g in got:
         torch.testing.assert_close(g, expected)
+
+
+def test_layers_reading_one_input_share_its_padded_rows():
+    """q/k/v (and gate/up) read one input: its per-unit rows are gathered once and found
+    again by storage, offset, shape and version; a different view, or the same tensor
+    changed in place, is gathered anew. Padding rows are zero."""
+    from types import SimpleNamespace
+
+    from privdpo.privacy.clipping import _Units
+
+    units = _Units(SimpleNamespace(unit_tokens=[0, 4, 5, 11], unit_labels=[0, 1, 2, 3]), "cpu")
+    x = torch.randn(12, 5)
+    x2 = x[:11]
+    rows = units.padded_inputs(x2)
+    assert rows.shape == (3, 6, 5)
+    for u, (a, b) in enumerate([(0, 4), (4, 5), (5, 11)]):
+        torch.testing.assert_close(rows[u, : b - a], x2[a:b], rtol=0, atol=0)
+        assert (rows[u, b - a :] == 0).all()
+    assert units.padded_inputs(x.detach()[:11]) is rows  # the same input seen again
+    shifted = units.padded_inputs(x[1:12])  # same storage and shape, another offset
+    assert shifted is not rows
+    torch.testing.assert_close(shifted[0, :4], x[1:5], rtol=0, atol=0)
+    x.mul_(2)  # changed in place: its version moved on
+    again = units.padded_inputs(x[:11])
+    assert again is not rows
+    torch.testing.assert_close(again, rows * 2, rtol=0, atol=0)

@@ -109,7 +109,9 @@ class _Units:
         self.device = device
         self._token_unit = None
         self._label_unit = None
-        self._padded = None
+        self._padded_index = None
+        self._padding_mask: dict[torch.dtype, torch.Tensor] = {}  # dtype -> [U, Tmax, 1]
+        self._padded_inputs: list[tuple[tuple, torch.Tensor, torch.Tensor]] = []  # (key, x, rows)
         self._membership: dict[torch.dtype, torch.Tensor] = {}  # dtype -> [U, tokens]
 
     def token_ranges(self) -> list[tuple[int, int]]:
@@ -118,11 +120,12 @@ class _Units:
     def label_ranges(self) -> list[tuple[int, int]]:
         return list(zip(self.labels[:-1], self.labels[1:], strict=True))
 
-    def padded_tokens(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(index [U, Tmax] into the flat token axis, mask [U, Tmax, 1]): each unit's
-        tokens in one row, padded to the longest unit (padding points at the unit's first
-        token and is masked to zero), so per-unit products are one batched matmul."""
-        if self._padded is None:
+    def padded_index(self) -> torch.Tensor:
+        """[U, Tmax] index into the flat token axis: each unit's tokens in one row, padded
+        to the longest unit (padding points at the unit's first token), so per-unit
+        products are one batched matmul. Its mask of real tokens is kept on the device
+        too, as [U, Tmax, 1] bool."""
+        if self._padded_index is None:
             ranges = self.token_ranges()
             width = max(b - a for a, b in ranges)
             index = torch.zeros((len(ranges), width), dtype=torch.long)
@@ -131,11 +134,35 @@ class _Units:
                 index[u, : b - a] = torch.arange(a, b)
                 index[u, b - a :] = a
                 mask[u, : b - a] = True
-            self._padded = (
-                index.to(self.device, non_blocking=True),
-                mask.to(self.device, non_blocking=True),
-            )
-        return self._padded
+            self._padded_index = index.to(self.device, non_blocking=True)
+            self._padding_mask[torch.bool] = mask.to(self.device, non_blocking=True)
+        return self._padded_index
+
+    def padded_inputs(self, x2: torch.Tensor) -> torch.Tensor:
+        """[U, Tmax, H] rows of the layer input `x2` [tokens, H] per unit, padding rows
+        zero (so the output gradient's padding rows need no mask). Layers that read one
+        input (q/k/v, gate/up, their LoRA A matrices) share it: the last two inputs are
+        kept, each with a reference that keeps its storage from being reused, and found
+        again by storage, offset, shape, strides and version."""
+        key = (
+            x2.untyped_storage().data_ptr(),
+            x2.storage_offset(),
+            tuple(x2.shape),
+            x2.stride(),
+            x2.dtype,
+            x2._version,
+        )
+        for i, (k, _, rows) in enumerate(self._padded_inputs):
+            if k == key:
+                self._padded_inputs.append(self._padded_inputs.pop(i))  # most recent last
+                return rows
+        index = self.padded_index()
+        mask = self._padding_mask.get(x2.dtype)
+        if mask is None:
+            mask = self._padding_mask[x2.dtype] = self._padding_mask[torch.bool].to(x2.dtype)
+        rows = x2[index] * mask
+        self._padded_inputs = [*self._padded_inputs[-1:], (key, x2, rows)]
+        return rows
 
     def token_unit(self) -> torch.Tensor:
         if self._token_unit is None:
@@ -470,19 +497,19 @@ class PerUnitGradients:
     def _unit_outer(g2, x2, units: _Units, out: torch.Tensor, in_place=None) -> None:
         """Add into `out` [U, out, in], for each unit, the sum over its tokens of g x^T (a
         Linear weight's gradient). One unit alone is one matrix product; several are one
-        batched product over their padded token rows (padding has zero gradient, so it
-        adds nothing). `in_place` (default: on CUDA, where cuBLAS takes the strided view
+        batched product over their padded token rows (the input's padding rows are zero, so
+        they add nothing). `in_place` (default: on CUDA, where cuBLAS takes the strided view
         as it is) accumulates in the product; otherwise (the CPU would loop over units
         for a strided result) the product is added after."""
         if units.count == 1:
             out[0].addmm_(g2.t(), x2)
             return
-        index, mask = units.padded_tokens()
-        g3 = g2[index] * mask  # [U, Tmax, out]
+        x3 = units.padded_inputs(x2)  # [U, Tmax, in], padding rows zero
+        g3 = g2[units.padded_index()]  # [U, Tmax, out]
         if out.is_cuda if in_place is None else in_place:
-            out.baddbmm_(g3.transpose(1, 2), x2[index])
+            out.baddbmm_(g3.transpose(1, 2), x3)
         else:
-            out.add_(torch.bmm(g3.transpose(1, 2), x2[index]))
+            out.add_(torch.bmm(g3.transpose(1, 2), x3))
 
     def _embedding(self, weight: nn.Parameter, ids: torch.Tensor, g2: torch.Tensor) -> None:
         """Add each token's output gradient into row `id` of its unit's gradient (the
