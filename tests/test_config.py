@@ -473,3 +473,27 @@ def test_train_compile_auto_is_decided_by_the_device_and_privacy(
     cfg = load(tmp_path, extra)
     assert use_compile(cfg, torch.device(device)) is expected
     assert cfg.train.compile == setting  # the config keeps what the user wrote
+
+
+@pytest.mark.parametrize(
+    "setting, device, private, expected",
+    [
+        ("auto", "cuda", True, True),  # a private run's frozen reference has no hooks
+        ("auto", "cuda", False, True),
+        ("auto", "cpu", True, False),
+        (False, "cuda", True, False),
+        (True, "cpu", True, True),
+    ],
+)
+def test_a_frozen_reference_compiles_under_auto_in_private_runs_too(
+    tmp_path, setting, device, private, expected
+):
+    import torch
+
+    from privdpo.training import use_compile
+
+    extra = {"train": {"compile": setting}}
+    if private:
+        extra["privacy"] = {"enabled": True, "noise_multiplier": 1.0}
+    cfg = load(tmp_path, extra)
+    assert use_compile(cfg, torch.device(device), reference=True) is expected

@@ -214,6 +214,31 @@ def test_a_private_run_with_compiled_layers_gives_the_eager_model(tmp_path, lora
     )
 
 
+@pytest.mark.slow  # compiles on the CPU
+def test_a_private_run_with_a_compiled_reference_gives_the_eager_model(tmp_path, monkeypatch):
+    """What `train.compile: auto` does on a GPU for a private full fine-tuning run: the
+    policy eager (its per-unit hooks), the frozen reference copy compiled. Forced here on
+    the CPU: the same model as the run with nothing compiled."""
+    from privdpo.recipes import dpo
+
+    data = write_jsonl(tmp_path / "pairs.jsonl", marker_pairs(24))
+    args = [*SHORT_PRIVATE_RUN, "model.lora.enabled=false", "train.compile=auto"]
+    assert run(tmp_path, "dpo", "eager", data, *args) == 0
+    compiled = []
+
+    def reference_only(cfg, device, reference=False):
+        compiled.append(reference)
+        return reference
+
+    monkeypatch.setattr(dpo, "use_compile", reference_only)
+    assert run(tmp_path, "dpo", "reference", data, *args) == 0
+    assert sorted(compiled) == [False, True]
+    name = "model/model.safetensors"
+    assert_same_tensors(
+        load_file(tmp_path / "eager" / name), load_file(tmp_path / "reference" / name)
+    )
+
+
 def test_the_share_of_split_poisson_batches_is_the_binomial_tail():
     """P(Binomial(N, q) > cap), checked against the exact sum of fractions."""
     from fractions import Fraction

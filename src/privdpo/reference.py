@@ -42,9 +42,10 @@ def reference_kind(cfg: DPORunConfig) -> str:
 class Reference:
     """Gives reference log-probs for a batch of pairs, however the reference is held."""
 
-    def __init__(self, kind: str, model=None, policy=None):
+    def __init__(self, kind: str, model=None, policy=None, compiled: bool = False):
         self.kind = kind
         self.model = model  # copy / path: a frozen model; adapter_disabled: None
+        self.compiled = compiled  # copy / path: the frozen model's layers are compiled
         self.policy = policy  # adapter_disabled: the LoRA policy itself
         self.cache: dict[str, torch.Tensor] | None = None  # precomputed: where -> [2]
         self._adapter_layers: list | None = None  # adapter_disabled: found on first use
@@ -54,7 +55,9 @@ class Reference:
         self, pairs, batch, attention: str = "auto", compiled: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(ref_chosen [B], ref_rejected [B]) for `pairs`, whose `TokenBatch` (on the
-        device) is given. Computed under inference mode: no autograd bookkeeping at all."""
+        device) is given. Computed under inference mode: no autograd bookkeeping at all.
+        `compiled`: the policy's layers are compiled, which the adapter-disabled reference
+        (the policy itself) follows; a frozen model follows its own `compiled`."""
         device = batch.input_ids.device
         if self.cache is not None:
             both = torch.stack([self.cache[p.where] for p in pairs]).to(device, non_blocking=True)
@@ -64,7 +67,7 @@ class Reference:
                 with self._adapters_off():
                     logps, _ = sequence_logps(self.policy, batch, None, attention, compiled)
             else:
-                logps, _ = sequence_logps(self.model, batch, None, attention, compiled)
+                logps, _ = sequence_logps(self.model, batch, None, attention, self.compiled)
         return logps.clone().chunk(2)  # a normal tensor again, usable in the loss's graph
 
     @contextmanager
@@ -112,13 +115,14 @@ def _frozen(model):
 
 def build_reference(cfg: DPORunConfig, base_model, device, compiled: bool = False) -> Reference:
     """The reference for `cfg`, built from the initial (pre-LoRA) `base_model` when it is a
-    copy. Call before LoRA wraps the model."""
+    copy. Call before LoRA wraps the model. `compiled`: compile a frozen model's layers
+    (`training.use_compile(..., reference=True)`)."""
     kind = reference_kind(cfg)
     if kind == "copy":
         reference = _frozen(copy.deepcopy(base_model)).to(device)
         if compiled:
             compile_layers(reference)
-        return Reference(kind, reference)
+        return Reference(kind, reference, compiled=compiled)
     if kind == "path":
         ref_cfg = ModelConfig(
             path=cfg.dpo.reference_path,
@@ -128,7 +132,7 @@ def build_reference(cfg: DPORunConfig, base_model, device, compiled: bool = Fals
         model, _ = load_model_and_tokenizer(ref_cfg, cfg.train.seed)
         if compiled:
             compile_layers(model)
-        return Reference(kind, _frozen(model).to(device))
+        return Reference(kind, _frozen(model).to(device), compiled=compiled)
     return Reference(kind)
 
 

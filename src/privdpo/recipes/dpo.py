@@ -163,7 +163,7 @@ def run_dpo(cfg: DPORunConfig, resume: bool = False, audit=None) -> dict[str, Pa
     # Where this run stands in its lineage, said (or refused) before anything is written.
     unit = None if not cfg.privacy.enabled else ("user" if users is not None else "pair")
     lineage = RunLineage.begin(cfg, "dpo", train, evals, summary, unit)
-    reference = build_reference(cfg, model, device, compiled)
+    reference = build_reference(cfg, model, device, use_compile(cfg, device, reference=True))
     if cfg.model.lora.enabled:
         model = add_lora(model, cfg.model.lora)
     if reference.kind == "adapter_disabled":
