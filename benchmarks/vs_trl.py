@@ -18,7 +18,8 @@ reference, 6N with a cached one, full fine-tuning only, against the bf16 matmul 
 measured here), peak GiB, and privdpo's ratios to TRL. Also `hardware_mfu`: privdpo's
 FLOPs per token it actually ran (a shared prompt counts once). And privdpo's DP-DPO step
 (pair level, sigma 1) against its non-private step (alternating: DP, plain, plain, DP),
-eager (privdpo's default for DP) and with compiled layers, the GPU-busy share of a step
+at privdpo's default for DP (`train.compile: auto`: the policy eager, a frozen reference
+compiled) and with compiled layers (`true`), the GPU-busy share of a step
 from the profiler (`train.profile`), and a Llama-3-8B-shapes user-level DP-DPO LoRA run
 on pairs of 4,096 tokens.
 
@@ -120,6 +121,8 @@ CONFIGS = {
     "qwen-lora-eager": ("qwen2.5-0.5b", {"lora": True, "compile": False, "base": "qwen-lora"}),
 }
 # (name: base configuration, compiled layers): DP-DPO against the base's non-private step.
+# Not compiled: privdpo's default for a private run (train.compile: auto). Jobs 6 to 12 set
+# train.compile=false, which auto then equalled; since, auto compiles a frozen reference.
 DP_CONFIGS = {
     "qwen-dp-full": ("qwen-full", False),
     "qwen-dp-lora": ("qwen-lora", False),
@@ -446,8 +449,10 @@ def compare(
 
 
 def dp_compare(name, base, model_dir, data, work, args, eager_runs=None, compiled=False) -> dict:
-    # train.compile: false is what auto does for a private run; true compiles its layers too
-    opts = {"lora": base["options"].get("lora", False), "compile": compiled}
+    # auto: the private policy eager, a frozen reference compiled; true compiles the policy too
+    opts = {"lora": base["options"].get("lora", False)}
+    if compiled:
+        opts["compile"] = True
     private = [
         "privacy.enabled=true",
         "privacy.noise_multiplier=1.0",
@@ -484,10 +489,10 @@ def dp_compare(name, base, model_dir, data, work, args, eager_runs=None, compile
         "plain_repetition_medians": [statistics.median(r["step_seconds"]) for r in plain_runs],
         "dp_repetition_medians": [statistics.median(r["step_seconds"]) for r in runs],
         # the base configuration's privdpo runs, earlier in the job (the ratio before job 9)
-        "base_plain_median_step_seconds": statistics.median(earlier),
+        "base_plain_median_step_seconds": statistics.median(earlier) if earlier else None,
         "step_time_ratio": statistics.median(dp_steps) / statistics.median(plain),
         "per_pair_time_ratio": statistics.median(dp_per_pair) / (statistics.median(plain) / 8),
-        # DP runs eager: against the eager non-private step too, where the job has it
+        # the DP policy runs eager: against the eager non-private step too, where the job has it
         "plain_eager_median_step_seconds": statistics.median(eager) if eager else None,
         "step_time_ratio_to_eager": statistics.median(dp_steps) / statistics.median(eager)
         if eager
@@ -612,9 +617,7 @@ def main(argv=None) -> dict:
     lengths = [(64, 448), (32, 512), (32, 512)] if not args.tiny else [(3, 12), (2, 10), (2, 10)]
     shapes = {}
 
-    def run_config(name: str) -> None:
-        shape, opts = CONFIGS[name]
-        shape = "tiny" if args.tiny else shape
+    def prepare(shape: str) -> None:
         if shape not in shapes:
             model_dir = make_model_dir(shape, work, args.device)
             rows = make_pairs(
@@ -629,6 +632,11 @@ def main(argv=None) -> dict:
                 "non_padding_tokens_per_pair": workload_tokens(rows),
                 "privdpo_tokens_per_pair": packed_tokens(rows),
             }
+
+    def run_config(name: str) -> None:
+        shape, opts = CONFIGS[name]
+        shape = "tiny" if args.tiny else shape
+        prepare(shape)
         model_dir, rows, data, n_params = shapes[shape]
         if opts.get("liger") and results["versions"]["liger_kernel"] is None:
             results["configs"][name] = {"error": "liger-kernel is not installed here"}
@@ -668,9 +676,15 @@ def main(argv=None) -> dict:
         if name in CONFIGS and not CONFIGS[name][1].get("liger"):
             run_config(name)
     for name, (base_name, compiled) in DP_CONFIGS.items():
-        base = results["configs"].get(base_name)
-        if name not in wanted or not base or "error" in base:
+        if name not in wanted:
             continue
+        base = results["configs"].get(base_name)
+        if base is None:  # alone: its own non-private runs are its baseline
+            shape, opts = CONFIGS[base_name]
+            base = {"shape": shape, "options": opts, "_privdpo_runs": []}
+        if "error" in base:
+            continue
+        prepare("tiny" if args.tiny else base["shape"])
         model_dir, rows, data, _ = shapes["tiny" if args.tiny else base["shape"]]
         try:
             eager = results["configs"].get(f"{base_name}-eager", {}).get("_privdpo_runs")

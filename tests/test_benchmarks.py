@@ -37,6 +37,8 @@ def test_vs_trl_smoke_on_cpu(tmp_path):
     assert dp["step_time_ratio"] > 0 and dp["mean_sampled_pairs"] > 0
     # against non-private runs of its own, alternating with the DP runs
     assert len(dp["plain_repetition_medians"]) == len(dp["dp_repetition_medians"]) == 2
+    assert dp["base_plain_median_step_seconds"] > 0  # and the base configuration's
+    assert dp["options"] == {"lora": False}  # privdpo's default: train.compile stays auto
 
 
 def _scrub_speed():
