@@ -175,9 +175,9 @@ class TrainConfig:
     compile: bool | Literal["auto"] = opt(
         "auto",
         "torch.compile each decoder layer (dynamic shapes; compiles on the first steps);"
-        " auto = on CUDA, off on the CPU, and for a private run only its frozen"
-        " DPO reference (a copy or another model); true compiles a private run's policy too (its per-unit"
-        " gradient hooks split each layer's graph)",
+        " auto = on CUDA, off on the CPU, and for a private run only its frozen DPO"
+        " reference (a copy or another model); true compiles a private run's policy too"
+        " (its per-unit gradient hooks split each layer's graph)",
     )
     profile: bool = opt(
         False, "profile 3 steps after 2 warm-up steps: profile.json (GPU-busy share) and a trace"
