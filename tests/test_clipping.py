@@ -390,7 +390,8 @@ def test_both_ways_of_adding_per_unit_weight_gradients_into_a_buffer_view_agree(
 def test_layers_reading_one_input_share_its_padded_rows():
     """q/k/v (and gate/up) read one input: its per-unit rows are gathered once and found
     again by storage, offset, shape and version; a different view, or the same tensor
-    changed in place, is gathered anew. Padding rows are zero."""
+    changed in place, is gathered anew, and only the last input is kept. Padding rows
+    are zero."""
     from types import SimpleNamespace
 
     from privdpo.privacy.clipping import _Units
@@ -407,7 +408,38 @@ def test_layers_reading_one_input_share_its_padded_rows():
     shifted = units.padded_inputs(x[1:12])  # same storage and shape, another offset
     assert shifted is not rows
     torch.testing.assert_close(shifted[0, :4], x[1:5], rtol=0, atol=0)
+    assert units.padded_inputs(x[:11]) is not rows  # only the last input is kept
+    last = units.padded_inputs(x[:11])
     x.mul_(2)  # changed in place: its version moved on
     again = units.padded_inputs(x[:11])
-    assert again is not rows
+    assert again is not last
     torch.testing.assert_close(again, rows * 2, rtol=0, atol=0)
+
+
+def test_q_k_v_and_gate_up_gather_their_shared_input_once_at_full_fine_tuning(monkeypatch):
+    """In a real backward pass the hooks of the layers that read one input run one after
+    the other, so the one kept input serves them: 4 gathers a decoder layer (attention
+    input, o_proj's, MLP input, down_proj's) for its 7 Linear layers."""
+    from privdpo.privacy.clipping import _Units
+
+    calls, gathers = [], []
+    original = _Units.padded_inputs
+
+    def counting(self, x2):
+        kept = self._last_input
+        rows = original(self, x2)
+        calls.append(1)
+        if kept is None or rows is not kept[2]:
+            gathers.append(1)
+        return rows
+
+    monkeypatch.setattr(_Units, "padded_inputs", counting)
+    model, tokenizer = tiny(lora=False)
+    chunk = pairs(tokenizer, 3)
+    reference = copy.deepcopy(model).eval()
+    sampler = PerUnitGradients(model)
+    batch = unit_batch("dpo", chunk, "packed-shared")
+    with sampler.units(batch):
+        dpo_unit_losses(model, reference, chunk, batch, sampler.head_sink).sum().backward()
+    layers = model.config.num_hidden_layers
+    assert (len(calls), len(gathers)) == (7 * layers, 4 * layers)

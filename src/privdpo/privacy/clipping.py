@@ -111,7 +111,7 @@ class _Units:
         self._label_unit = None
         self._padded_index = None
         self._padding_mask: dict[torch.dtype, torch.Tensor] = {}  # dtype -> [U, Tmax, 1]
-        self._padded_inputs: list[tuple[tuple, torch.Tensor, torch.Tensor]] = []  # (key, x, rows)
+        self._last_input: tuple[tuple, torch.Tensor, torch.Tensor] | None = None  # key, x, rows
         self._membership: dict[torch.dtype, torch.Tensor] = {}  # dtype -> [U, tokens]
 
     def token_ranges(self) -> list[tuple[int, int]]:
@@ -141,9 +141,11 @@ class _Units:
     def padded_inputs(self, x2: torch.Tensor) -> torch.Tensor:
         """[U, Tmax, H] rows of the layer input `x2` [tokens, H] per unit, padding rows
         zero (so the output gradient's padding rows need no mask). Layers that read one
-        input (q/k/v, gate/up, their LoRA A matrices) share it: the last two inputs are
-        kept, each with a reference that keeps its storage from being reused, and found
-        again by storage, offset, shape, strides and version."""
+        input, whose hooks run one after the other in the backward pass (q/k/v, gate/up
+        at full fine-tuning), share it: the last input is kept, with a reference that
+        keeps its storage from being reused, and found again by storage, offset, shape,
+        strides and version. Only one is kept, and dropped before the next is gathered,
+        so at most one input's rows outlive their layer."""
         key = (
             x2.untyped_storage().data_ptr(),
             x2.storage_offset(),
@@ -152,16 +154,15 @@ class _Units:
             x2.dtype,
             x2._version,
         )
-        for i, (k, _, rows) in enumerate(self._padded_inputs):
-            if k == key:
-                self._padded_inputs.append(self._padded_inputs.pop(i))  # most recent last
-                return rows
+        if self._last_input is not None and self._last_input[0] == key:
+            return self._last_input[2]
+        self._last_input = None
         index = self.padded_index()
         mask = self._padding_mask.get(x2.dtype)
         if mask is None:
             mask = self._padding_mask[x2.dtype] = self._padding_mask[torch.bool].to(x2.dtype)
         rows = x2[index] * mask
-        self._padded_inputs = [*self._padded_inputs[-1:], (key, x2, rows)]
+        self._last_input = (key, x2, rows)
         return rows
 
     def token_unit(self) -> torch.Tensor:
