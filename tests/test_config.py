@@ -450,19 +450,26 @@ def test_describe_config_shows_defaults_and_types():
 
 
 @pytest.mark.parametrize(
-    "setting, device, private, expected",
+    "setting, device, private, reference, expected",
     [
-        ("auto", "cuda", False, True),
-        ("auto", "cpu", False, False),
-        ("auto", "cuda", True, False),  # DP's per-unit hooks run eager
-        (False, "cuda", False, False),
-        (True, "cpu", False, True),
-        (True, "cuda", True, True),  # asked for: private runs compile too
+        ("auto", "cuda", False, False, True),
+        ("auto", "cpu", False, False, False),
+        ("auto", "cuda", True, False, False),  # DP's per-unit hooks run eager
+        (False, "cuda", False, False, False),
+        (True, "cpu", False, False, True),
+        (True, "cuda", True, False, True),  # asked for: private runs compile too
+        ("auto", "cuda", True, True, True),  # a private run's frozen reference has no hooks
+        ("auto", "cuda", False, True, True),
+        ("auto", "cpu", True, True, False),
+        (False, "cuda", True, True, False),
+        (True, "cpu", True, True, True),
     ],
 )
 def test_train_compile_auto_is_decided_by_the_device_and_privacy(
-    tmp_path, setting, device, private, expected
+    tmp_path, setting, device, private, reference, expected
 ):
+    """`reference`: the decision for a DPO run's frozen reference model (a copy or another
+    model), which compiles under auto in private runs too."""
     import torch
 
     from privdpo.training import use_compile
@@ -471,29 +478,5 @@ def test_train_compile_auto_is_decided_by_the_device_and_privacy(
     if private:
         extra["privacy"] = {"enabled": True, "noise_multiplier": 1.0}
     cfg = load(tmp_path, extra)
-    assert use_compile(cfg, torch.device(device)) is expected
+    assert use_compile(cfg, torch.device(device), reference=reference) is expected
     assert cfg.train.compile == setting  # the config keeps what the user wrote
-
-
-@pytest.mark.parametrize(
-    "setting, device, private, expected",
-    [
-        ("auto", "cuda", True, True),  # a private run's frozen reference has no hooks
-        ("auto", "cuda", False, True),
-        ("auto", "cpu", True, False),
-        (False, "cuda", True, False),
-        (True, "cpu", True, True),
-    ],
-)
-def test_a_frozen_reference_compiles_under_auto_in_private_runs_too(
-    tmp_path, setting, device, private, expected
-):
-    import torch
-
-    from privdpo.training import use_compile
-
-    extra = {"train": {"compile": setting}}
-    if private:
-        extra["privacy"] = {"enabled": True, "noise_multiplier": 1.0}
-    cfg = load(tmp_path, extra)
-    assert use_compile(cfg, torch.device(device), reference=True) is expected
