@@ -617,7 +617,8 @@ def main(argv=None) -> dict:
     lengths = [(64, 448), (32, 512), (32, 512)] if not args.tiny else [(3, 12), (2, 10), (2, 10)]
     shapes = {}
 
-    def prepare(shape: str) -> None:
+    def prepare(shape: str) -> tuple:
+        """(model_dir, rows, data, parameters) of `shape`, made on first use."""
         if shape not in shapes:
             model_dir = make_model_dir(shape, work, args.device)
             rows = make_pairs(
@@ -632,12 +633,12 @@ def main(argv=None) -> dict:
                 "non_padding_tokens_per_pair": workload_tokens(rows),
                 "privdpo_tokens_per_pair": packed_tokens(rows),
             }
+        return shapes[shape]
 
     def run_config(name: str) -> None:
         shape, opts = CONFIGS[name]
         shape = "tiny" if args.tiny else shape
-        prepare(shape)
-        model_dir, rows, data, n_params = shapes[shape]
+        model_dir, rows, data, n_params = prepare(shape)
         if opts.get("liger") and results["versions"]["liger_kernel"] is None:
             results["configs"][name] = {"error": "liger-kernel is not installed here"}
             return
@@ -684,8 +685,7 @@ def main(argv=None) -> dict:
             base = {"shape": shape, "options": opts, "_privdpo_runs": []}
         if "error" in base:
             continue
-        prepare("tiny" if args.tiny else base["shape"])
-        model_dir, rows, data, _ = shapes["tiny" if args.tiny else base["shape"]]
+        model_dir, rows, data, _ = prepare("tiny" if args.tiny else base["shape"])
         try:
             eager = results["configs"].get(f"{base_name}-eager", {}).get("_privdpo_runs")
             results["dp"][name] = dp_compare(
