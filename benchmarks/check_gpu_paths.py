@@ -18,10 +18,11 @@ import sys
 import torch
 from transformers import AutoModelForCausalLM, Qwen2Config
 
-from privdpo.attention import _varlen, register
+from privdpo.attention import _VARLEN, _VARLEN_PARAMS, register
 from privdpo.data.batching import pair_batch
 from privdpo.data.preference import PairExample
 from privdpo.logprobs import add_product, sequence_logps
+from privdpo.models import compile_layers
 from privdpo.privacy.clipping import PerUnitGradients
 
 
@@ -79,8 +80,8 @@ def main() -> int:
         failures += not ok
         print(f"{'ok  ' if ok else 'FAIL'} {name}: {value:.3g} (limit {limit:g})", flush=True)
 
-    varlen = _varlen()
-    print("varlen_attn:", None if varlen is None else sorted(varlen[1]))
+    varlen = _VARLEN
+    print("varlen_attn:", None if varlen is None else sorted(_VARLEN_PARAMS))
     ps = pairs()
     weights = torch.linspace(-1, 1, 2 * len(ps), device="cuda")
     for dtype, limit in ((torch.float32, 2e-4), (torch.bfloat16, 2e-2)):
@@ -102,6 +103,24 @@ def main() -> int:
                 continue
             check(f"{dtype} {backend} vs sdpa logps", rel(lp, ref_logps), limit)
             check(f"{dtype} {backend} vs sdpa grads", rel(g, ref_grads), 5 * limit)
+
+    # train.compile: each layer one graph with the packed attention traced inside it, over
+    # batches of other lengths without recompiling
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    m = model(torch.bfloat16)
+    compile_layers(m)
+    for seed in range(3):
+        batch = pair_batch(pairs(seed=seed), 0).to("cuda")
+        ref_logps, ref_grads = grads_of(m, batch, "sdpa", weights)
+        lp, g = grads_of(m, batch, "auto", weights)
+        check(f"compiled layers, auto vs sdpa logps (batch {seed})", rel(lp, ref_logps), 2e-2)
+        check(f"compiled layers, auto vs sdpa grads (batch {seed})", rel(g, ref_grads), 1e-1)
+    breaks = sum(counters["graph_break"].values())
+    check("compiled layers: graph breaks", breaks, 0)
+    check("compiled layers: graphs for sdpa and varlen", counters["stats"]["unique_graphs"], 2)
 
     # float32 accumulation of bf16 products
     a = torch.randn(4096, 512, device="cuda", dtype=torch.bfloat16)

@@ -249,3 +249,45 @@ def test_flex_attention_equals_the_dense_mask():
         dense, _ = sequence_logps(model, batch, attention="sdpa")
         flex, _ = sequence_logps(model, batch, attention="flex")
     torch.testing.assert_close(flex, dense, rtol=1e-5, atol=1e-5)
+
+
+def test_a_compiled_layer_traces_the_packed_attention_in_its_graph():
+    """train.compile: the packed layout reaches each decoder layer as tensors and integers
+    (`privdpo_layout`), so every layer is one graph, attention included (no graph break),
+    with the eager model's log-probs and gradients; a new batch's lengths reuse it."""
+    from torch._dynamo.utils import counters
+
+    from privdpo.models import compile_layers
+
+    eager = tiny_model()
+    compiled = copy.deepcopy(eager)
+    torch._dynamo.reset()
+    counters.clear()
+    compile_layers(compiled)
+    for seed in (0, 1):
+        batch = pair_batch(random_pairs(4, eager.config.vocab_size, seed), 0)
+        for model in (eager, compiled):
+            model.zero_grad()
+            logps, _ = sequence_logps(model, batch)
+            logps.sum().backward()
+            model.logps = logps
+        torch.testing.assert_close(compiled.logps, eager.logps, rtol=1e-5, atol=1e-5)
+        assert (grads(compiled) - grads(eager)).norm() <= 1e-5 * grads(eager).norm()
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    assert counters["stats"]["unique_graphs"] == 1  # one layer's graph, shared by all
+
+
+def test_a_layer_that_drops_the_layout_argument_reads_it_from_the_mask():
+    """A model whose layers do not pass keyword arguments on to attention still attends
+    within segments: the layout also rides on the mask."""
+    from privdpo.attention import PackedAttention, mask_argument, privdpo_attention
+
+    model = tiny_model()
+    batch = pair_batch(random_pairs(3, model.config.vocab_size, seed=2), 0)
+    packed = PackedAttention(batch, "sdpa")
+    q, k, v = (torch.randn(1, h, batch.num_tokens, 8) for h in (4, 2, 2))
+    layout = packed.layout("cpu", torch.float32, 0.0)
+    want, _ = privdpo_attention(None, q, k, v, None, privdpo_layout=layout)
+    got, _ = privdpo_attention(None, q, k, v, mask_argument(packed, "cpu"))
+    torch.testing.assert_close(got, want)
+    assert want.shape == (1, batch.num_tokens, 4, 8)

@@ -39,9 +39,12 @@ BACKENDS = ("auto", "varlen", "flex", "sdpa")
 
 
 class PackedAttention:
-    """The mask argument of a packed forward pass: the batch's segment layout on the
-    device, and the backend that runs it. Derived tensors are built on first use and
-    shared by every layer."""
+    """The packed layout of one batch and the backend that runs it. Derived tensors are
+    built on first use and shared by every layer.
+
+    The layout reaches the layers as the decoder's keyword argument `privdpo_layout` (see
+    `layout`): plain tensors and integers, so a compiled decoder layer traces the whole
+    attention into its graph instead of breaking around it."""
 
     def __init__(self, batch, backend: str = "auto"):
         if backend not in BACKENDS:
@@ -50,26 +53,34 @@ class PackedAttention:
         self.backend = backend
         self._cache: dict = {}
 
-    def resolve(self, query: torch.Tensor, dropout: float) -> str:
+    def resolve(self, device: torch.device, dtype: torch.dtype, dropout: float) -> str:
+        """The backend for queries of `dtype` on `device`."""
         if self.backend != "auto":
             return self.backend
-        if query.is_cuda and dropout == 0 and query.dtype in (torch.bfloat16, torch.float16):
-            if _varlen() is not None:
+        if device.type == "cuda" and dropout == 0 and dtype in (torch.bfloat16, torch.float16):
+            if _VARLEN is not None:
                 return "varlen"
         return "sdpa"
 
+    def layout(self, device, dtype: torch.dtype, dropout: float) -> dict:
+        """`privdpo_layout` for queries of `dtype` on `device`: {backend name: its inputs}.
+        varlen: (query starts, key starts, longest query block, longest key block, key
+        gather index or None); sdpa: the dense mask; flex: the block mask."""
+        device = torch.device(device)
+        backend = self.resolve(device, dtype, dropout)
+        if dropout and backend != "sdpa":
+            raise ValueError(f"train.attention={backend} has no attention dropout; use sdpa")
+        if backend == "varlen":
+            return {"varlen": self._blocks(device)}
+        if backend == "flex":
+            return {"flex": self._block_mask(device)}
+        return {"sdpa": self.dense_mask(device)}
+
     def __call__(self, query, key, value, scaling: float | None, dropout: float):
         """query [1, Hq, L, D], key/value [1, Hkv, L, D] -> output [1, L, Hq, D]."""
-        backend = self.resolve(query, dropout)
-        if backend == "varlen":
-            if dropout:
-                raise ValueError("train.attention=varlen has no attention dropout; use sdpa")
-            return self._varlen(query, key, value, scaling)
-        if backend == "flex":
-            if dropout:
-                raise ValueError("train.attention=flex has no attention dropout; use sdpa")
-            return self._flex(query, key, value, scaling)
-        return self._sdpa(query, key, value, scaling, dropout)
+        return attend(
+            self.layout(query.device, query.dtype, dropout), query, key, value, scaling, dropout
+        )
 
     # ---- sdpa: a dense mask -----------------------------------------------------------
     def dense_mask(self, device) -> torch.Tensor:
@@ -82,18 +93,6 @@ class PackedAttention:
             visible = (branch[None, :] == 0) | (branch[None, :] == branch[:, None])
             self._cache["dense"] = (same & causal & visible)[None, None]
         return self._cache["dense"]
-
-    def _sdpa(self, query, key, value, scaling, dropout):
-        out = F.scaled_dot_product_attention(
-            query,
-            key,
-            value,
-            attn_mask=self.dense_mask(query.device),
-            dropout_p=dropout,
-            scale=scaling,
-            enable_gqa=query.shape[1] != key.shape[1],
-        )
-        return out.transpose(1, 2).contiguous()
 
     # ---- varlen: FlashAttention over query blocks --------------------------------------
     def _blocks(self, device):
@@ -111,37 +110,13 @@ class PackedAttention:
             )
         return self._cache["blocks"]
 
-    def _varlen(self, query, key, value, scaling):
-        attn, params = _varlen()
-        cu_q, cu_k, max_q, max_k, index = self._blocks(query.device)
-        q = query[0].transpose(0, 1)  # [L, Hq, D]
-        k = key[0].transpose(0, 1)
-        v = value[0].transpose(0, 1)
-        if index is not None:  # later continuations see the prefix again: gather its keys
-            k, v = k.index_select(0, index), v.index_select(0, index)
-        kwargs = {"scale": scaling}
-        if "window_size" in params:
-            kwargs["window_size"] = (-1, 0)
-        else:
-            kwargs["is_causal"] = True
-        if q.shape[1] != k.shape[1]:
-            if "enable_gqa" in params:
-                kwargs["enable_gqa"] = True
-            else:
-                repeat = q.shape[1] // k.shape[1]
-                k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
-        out = attn(
-            q.contiguous(), k.contiguous(), v.contiguous(), cu_q, cu_k, max_q, max_k, **kwargs
-        )
-        return out.unsqueeze(0)
-
     # ---- flex: a block mask ------------------------------------------------------------
-    def _flex(self, query, key, value, scaling):
+    def _block_mask(self, device):
         from torch.nn.attention.flex_attention import create_block_mask
 
         if "block" not in self._cache:
-            seg = self.batch.segment.to(query.device)
-            branch = self.batch.branch.to(query.device)
+            seg = self.batch.segment.to(device)
+            branch = self.batch.branch.to(device)
 
             def mask_mod(b, h, q, k):
                 visible = (branch[k] == 0) | (branch[k] == branch[q])
@@ -149,17 +124,66 @@ class PackedAttention:
 
             length = len(seg)
             self._cache["block"] = create_block_mask(
-                mask_mod, None, None, length, length, device=query.device
+                mask_mod, None, None, length, length, device=device
             )
-        out = _flex_attention()(
-            query,
-            key,
-            value,
-            block_mask=self._cache["block"],
-            scale=scaling,
-            enable_gqa=query.shape[1] != key.shape[1],
-        )
-        return out.transpose(1, 2).contiguous()
+        return self._cache["block"]
+
+
+def attend(layout: dict, query, key, value, scaling, dropout) -> torch.Tensor:
+    """Attention over a packed batch from its `layout` (`PackedAttention.layout`):
+    query [1, Hq, L, D], key/value [1, Hkv, L, D] -> output [1, L, Hq, D]. Tensor work
+    only (flex aside), so torch.compile traces it within a decoder layer."""
+    if "varlen" in layout:
+        return _varlen_attention(query, key, value, scaling, *layout["varlen"])
+    if "flex" in layout:
+        return _flex_attention(query, key, value, layout["flex"], scaling)
+    out = F.scaled_dot_product_attention(
+        query,
+        key,
+        value,
+        attn_mask=layout["sdpa"],
+        dropout_p=dropout,
+        scale=scaling,
+        enable_gqa=query.shape[1] != key.shape[1],
+    )
+    return out.transpose(1, 2).contiguous()
+
+
+def _varlen_attention(query, key, value, scaling, cu_q, cu_k, max_q, max_k, index):
+    """Each query block against its key block, causal from the block's last key."""
+    q = query[0].transpose(0, 1)  # [L, Hq, D]
+    k = key[0].transpose(0, 1)
+    v = value[0].transpose(0, 1)
+    if index is not None:  # later continuations see the prefix again: gather its keys
+        k, v = k.index_select(0, index), v.index_select(0, index)
+    kwargs = {"scale": scaling}
+    if "window_size" in _VARLEN_PARAMS:
+        kwargs["window_size"] = (-1, 0)
+    else:
+        kwargs["is_causal"] = True
+    if q.shape[1] != k.shape[1]:
+        if "enable_gqa" in _VARLEN_PARAMS:
+            kwargs["enable_gqa"] = True
+        else:
+            repeat = q.shape[1] // k.shape[1]
+            k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
+    out = _VARLEN(
+        q.contiguous(), k.contiguous(), v.contiguous(), cu_q, cu_k, max_q, max_k, **kwargs
+    )
+    return out.unsqueeze(0)
+
+
+@torch.compiler.disable  # flex attention compiles itself
+def _flex_attention(query, key, value, block_mask, scaling):
+    out = _compiled_flex()(
+        query,
+        key,
+        value,
+        block_mask=block_mask,
+        scale=scaling,
+        enable_gqa=query.shape[1] != key.shape[1],
+    )
+    return out.transpose(1, 2).contiguous()
 
 
 def _cumsum(values: list[int]) -> list[int]:
@@ -170,28 +194,40 @@ def _cumsum(values: list[int]) -> list[int]:
     return out
 
 
-@functools.cache
-def _varlen():
-    """(varlen_attn, its parameter names), or None when this torch has none."""
+def _find_varlen():
+    """(varlen_attn, its parameter names), or (None, set()) when this torch has none."""
     try:
         from torch.nn.attention.varlen import varlen_attn
     except ImportError:
-        return None
+        return None, set()
     return varlen_attn, set(inspect.signature(varlen_attn).parameters)
 
 
+_VARLEN, _VARLEN_PARAMS = _find_varlen()
+
+
 @functools.cache
-def _flex_attention():
+def _compiled_flex():
     from torch.nn.attention.flex_attention import flex_attention
 
     return torch.compile(flex_attention, dynamic=True)
 
 
-@torch.compiler.disable  # eager between the compiled halves of a layer (train.compile)
 def privdpo_attention(
     module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs
 ):
-    """The attention function transformers calls for every layer of a privdpo model."""
+    """The attention function transformers calls for every layer of a privdpo model: a
+    packed batch's layout comes as `privdpo_layout` (traced by a compiled layer) or, for a
+    model whose layers do not pass keyword arguments on, on the mask; anything else is
+    transformers' SDPA attention."""
+    layout = kwargs.pop("privdpo_layout", None)
+    if layout is not None:
+        return attend(layout, query, key, value, scaling, dropout), None
+    return _eager_attention(module, query, key, value, attention_mask, scaling, dropout, **kwargs)
+
+
+@torch.compiler.disable  # eager between the compiled halves of a layer (train.compile)
+def _eager_attention(module, query, key, value, attention_mask, scaling, dropout, **kwargs):
     packed = getattr(attention_mask, "privdpo_packed", None)
     if packed is not None:
         return packed(query, key, value, scaling, dropout), None

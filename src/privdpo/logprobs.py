@@ -168,14 +168,20 @@ def decoder_hidden(model, batch, attention: str = "auto") -> torch.Tensor:
             if not packable(model):
                 raise ValueError("packed batches need full-attention layers; use the padded layout")
             model.set_attn_implementation(register())  # SDPA for every other call
-        mask = mask_argument(PackedAttention(batch, attention), batch.input_ids.device)
+        packed = PackedAttention(batch, attention)
+        dropout = getattr(model.config, "attention_dropout", 0.0) if model.training else 0.0
+        dtype = model.get_input_embeddings().weight.dtype
+        device = batch.input_ids.device
+        extra = {"privdpo_layout": packed.layout(device, dtype, dropout or 0.0)}
+        mask = mask_argument(packed, device)
     else:
-        mask = batch.attention_mask
+        mask, extra = batch.attention_mask, {}
     out = decoder(
         input_ids=batch.input_ids,
         position_ids=batch.position_ids,
         attention_mask=mask,
         use_cache=False,
+        **extra,
     )
     return out.last_hidden_state.flatten(0, 1)
 
