@@ -4,9 +4,12 @@ A packed batch (`data/batching.py`) is one row of several segments. Within a seg
 query attends causally to earlier tokens of its own branch and to the segment's shared
 prefix; never to another segment, and a rejected response never to the chosen one.
 
-privdpo loads every model with attention implementation `privdpo`: a call whose mask is
-a `PackedAttention` runs one of the backends below; any other call (generation, a padded
-batch) is transformers' own SDPA attention with its own mask, unchanged.
+privdpo loads every model with attention implementation `privdpo`. A packed forward pass
+passes the decoder the batch's layout as the keyword argument `privdpo_layout`, which
+transformers hands on to every layer's attention: plain tensors and integers, so under
+`train.compile` a decoder layer is one graph with its attention in it. The layout also
+rides on the mask, for a model whose layers drop keyword arguments. Any other call
+(generation, a padded batch) is transformers' own SDPA attention with its own mask.
 
 Backends (`train.attention`):
 - `varlen`: FlashAttention-2 for variable-length sequences through PyTorch's
@@ -226,7 +229,7 @@ def privdpo_attention(
     return _eager_attention(module, query, key, value, attention_mask, scaling, dropout, **kwargs)
 
 
-@torch.compiler.disable  # eager between the compiled halves of a layer (train.compile)
+@torch.compiler.disable  # transformers' own SDPA, or a layout from the mask: eager
 def _eager_attention(module, query, key, value, attention_mask, scaling, dropout, **kwargs):
     packed = getattr(attention_mask, "privdpo_packed", None)
     if packed is not None:

@@ -286,7 +286,8 @@ def load_model_and_tokenizer(cfg: ModelConfig, seed: int = 0, audit_model_ok: bo
 def compile_layers(model, fresh: bool = False) -> None:
     """torch.compile each decoder layer (regional compilation): identical layers share one
     compiled graph, so compiling costs one layer's time; packed lengths vary from batch to
-    batch, hence dynamic shapes. The packed attention itself stays eager between them.
+    batch, hence dynamic shapes. The packed attention is traced into the layer's graph too
+    (`attention.PackedAttention.layout`).
 
     `fresh` (a private run's policy, which gets DP's per-unit gradient hooks): drop the
     graphs traced so far in this process first. Dynamo does not guard a module's hooks
