@@ -76,17 +76,17 @@ def pairs(tokenizer, n: int) -> list[PairExample]:
     return out
 
 
-def sft_unit_losses(model, examples, batch=None, sink=None) -> torch.Tensor:
+def sft_unit_losses(model, examples, batch=None, sink=None, compiled=False) -> torch.Tensor:
     """[U] each example's mean token NLL: the unit loss DP-SGD clips (`sink`: the clipper's
-    head sink inside `units`)."""
+    head sink inside `units`; `compiled`: the head's tile work compiled)."""
     batch = batch or example_batch(examples, pad_id=1)
-    logps, tokens = sequence_logps(model, batch, sink)
+    logps, tokens = sequence_logps(model, batch, sink, compiled=compiled)
     return -logps / tokens
 
 
-def dpo_unit_losses(model, reference, chunk, batch=None, sink=None) -> torch.Tensor:
+def dpo_unit_losses(model, reference, chunk, batch=None, sink=None, compiled=False):
     batch = batch or pair_batch(chunk, pad_id=1)
-    logps, tokens = sequence_logps(model, batch, sink)
+    logps, tokens = sequence_logps(model, batch, sink, compiled=compiled)
     with torch.no_grad():
         ref, _ = sequence_logps(reference, batch)
     c, r = logps.chunk(2)
@@ -165,10 +165,11 @@ def test_per_unit_clipping_equals_the_naive_loop(kind, lora, micro, layout, ghos
         chunk = units[start : start + micro]
         batch = unit_batch(kind, chunk, layout)
         with sampler.units(batch):
+            sink = sampler.head_sink
             if kind == "sft":
-                sft_unit_losses(model, chunk, batch, sampler.head_sink).sum().backward()
+                sft_unit_losses(model, chunk, batch, sink, compiled).sum().backward()
             else:
-                dpo_unit_losses(model, reference, chunk, batch, sampler.head_sink).sum().backward()
+                dpo_unit_losses(model, reference, chunk, batch, sink, compiled).sum().backward()
         norms.append(sampler.clip_and_accumulate(max_norm))
     got = sampler.take_clipped_sum()
     sampler.detach()
@@ -193,7 +194,7 @@ def test_small_flat_buffer_groups_give_the_same_clipped_sum(monkeypatch, kind, l
 
 def test_compiled_layers_give_every_per_unit_gradient():
     """train.compile with DP: the hooks split each compiled layer's graph, and the clipped
-    sum is the naive loop's. A full fine-tuning model compiled after a LoRA model in the
+    sum is the naive loop's (the head's tile work compiled too, as under auto on a GPU). A full fine-tuning model compiled after a LoRA model in the
     same process (a sweep, a benchmark) gets its own graphs: dynamo does not check hooks
     before reusing a graph of the same layer class, and the LoRA model's graphs had none
     on o_proj and the MLP, whose weights then got no gradient at all."""

@@ -450,7 +450,7 @@ def test_describe_config_shows_defaults_and_types():
 
 
 @pytest.mark.parametrize(
-    "setting, device, private, reference, expected",
+    "setting, device, private, hookless, expected",
     [
         ("auto", "cuda", False, False, True),
         ("auto", "cpu", False, False, False),
@@ -458,7 +458,7 @@ def test_describe_config_shows_defaults_and_types():
         (False, "cuda", False, False, False),
         (True, "cpu", False, False, True),
         (True, "cuda", True, False, True),  # asked for: private runs compile too
-        ("auto", "cuda", True, True, True),  # a private run's frozen reference has no hooks
+        ("auto", "cuda", True, True, True),  # a private run's reference and head tiles: no hooks
         ("auto", "cuda", False, True, True),
         ("auto", "cpu", True, True, False),
         (False, "cuda", True, True, False),
@@ -466,10 +466,10 @@ def test_describe_config_shows_defaults_and_types():
     ],
 )
 def test_train_compile_auto_is_decided_by_the_device_and_privacy(
-    tmp_path, setting, device, private, reference, expected
+    tmp_path, setting, device, private, hookless, expected
 ):
-    """`reference`: the decision for a DPO run's frozen reference model (a copy or another
-    model), which compiles under auto in private runs too."""
+    """`hookless`: the decision for the parts DP's hooks never run in (a DPO run's frozen
+    reference model, the head's tile work), which compile under auto in private runs too."""
     import torch
 
     from privdpo.training import use_compile
@@ -478,5 +478,5 @@ def test_train_compile_auto_is_decided_by_the_device_and_privacy(
     if private:
         extra["privacy"] = {"enabled": True, "noise_multiplier": 1.0}
     cfg = load(tmp_path, extra)
-    assert use_compile(cfg, torch.device(device), reference=reference) is expected
+    assert use_compile(cfg, torch.device(device), hookless=hookless) is expected
     assert cfg.train.compile == setting  # the config keeps what the user wrote

@@ -215,10 +215,13 @@ def test_a_private_run_with_compiled_layers_gives_the_eager_model(tmp_path, lora
 
 
 @pytest.mark.slow  # compiles on the CPU
-def test_a_private_run_with_a_compiled_reference_gives_the_eager_model(tmp_path, monkeypatch):
+def test_a_private_run_with_a_compiled_reference_and_head_gives_the_eager_model(
+    tmp_path, monkeypatch
+):
     """What `train.compile: auto` does on a GPU for a private full fine-tuning run: the
-    policy eager (its per-unit hooks), the frozen reference copy compiled. Forced here on
-    the CPU: the same model as the run with nothing compiled."""
+    policy's layers eager (its per-unit hooks), the frozen reference copy and the head's
+    tile work compiled. Forced here on the CPU: the same model as the run with nothing
+    compiled."""
     from privdpo.recipes import dpo
 
     data = write_jsonl(tmp_path / "pairs.jsonl", marker_pairs(24))
@@ -226,11 +229,11 @@ def test_a_private_run_with_a_compiled_reference_gives_the_eager_model(tmp_path,
     assert run(tmp_path, "dpo", "eager", data, *args) == 0
     compiled = []
 
-    def reference_only(cfg, device, reference=False):
-        compiled.append(reference)
-        return reference
+    def hookless_only(cfg, device, hookless=False):
+        compiled.append(hookless)
+        return hookless
 
-    monkeypatch.setattr(dpo, "use_compile", reference_only)
+    monkeypatch.setattr(dpo, "use_compile", hookless_only)
     assert run(tmp_path, "dpo", "reference", data, *args) == 0
     assert sorted(compiled) == [False, True]
     name = "model/model.safetensors"

@@ -56,8 +56,8 @@ class Reference:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(ref_chosen [B], ref_rejected [B]) for `pairs`, whose `TokenBatch` (on the
         device) is given. Computed under inference mode: no autograd bookkeeping at all.
-        `compiled`: the policy's layers are compiled, which the adapter-disabled reference
-        (the policy itself) follows; a frozen model follows its own `compiled`."""
+        `compiled`: the adapter-disabled reference (the policy itself) compiles its head's
+        tile work; a frozen model follows its own `compiled` (its layers and head)."""
         device = batch.input_ids.device
         if self.cache is not None:
             both = torch.stack([self.cache[p.where] for p in pairs]).to(device, non_blocking=True)
@@ -116,7 +116,7 @@ def _frozen(model):
 def build_reference(cfg: DPORunConfig, base_model, device, compiled: bool = False) -> Reference:
     """The reference for `cfg`, built from the initial (pre-LoRA) `base_model` when it is a
     copy. Call before LoRA wraps the model. `compiled`: compile a frozen model's layers
-    (`training.use_compile(..., reference=True)`)."""
+    (`training.use_compile(..., hookless=True)`)."""
     kind = reference_kind(cfg)
     if kind == "copy":
         reference = _frozen(copy.deepcopy(base_model)).to(device)
