@@ -176,7 +176,8 @@ class TrainConfig:
         "auto",
         "torch.compile each decoder layer (dynamic shapes; compiles on the first steps);"
         " auto = on CUDA, off on the CPU, and for a private run only its frozen DPO"
-        " reference (a copy or another model); true compiles a private run's policy too"
+        " reference (a copy or another model) and the head's per-tile work; true"
+        " compiles a private run's policy layers too"
         " (its per-unit gradient hooks split each layer's graph)",
     )
     profile: bool = opt(
