@@ -194,10 +194,11 @@ def test_small_flat_buffer_groups_give_the_same_clipped_sum(monkeypatch, kind, l
 
 def test_compiled_layers_give_every_per_unit_gradient():
     """train.compile with DP: the hooks split each compiled layer's graph, and the clipped
-    sum is the naive loop's (the head's tile work compiled too, as under auto on a GPU). A full fine-tuning model compiled after a LoRA model in the
-    same process (a sweep, a benchmark) gets its own graphs: dynamo does not check hooks
-    before reusing a graph of the same layer class, and the LoRA model's graphs had none
-    on o_proj and the MLP, whose weights then got no gradient at all."""
+    sum is the naive loop's (the head's tile work compiled too, as under auto on a GPU).
+    A full fine-tuning model compiled after a LoRA model in the same process (a sweep, a
+    benchmark) gets its own graphs: dynamo does not check hooks before reusing a graph of
+    the same layer class, and the LoRA model's graphs had none on o_proj and the MLP,
+    whose weights then got no gradient at all."""
     test_per_unit_clipping_equals_the_naive_loop("dpo", True, 3, "packed-shared", False, True)
     test_per_unit_clipping_equals_the_naive_loop("dpo", False, 3, "packed-shared", True, True)
 
