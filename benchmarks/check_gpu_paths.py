@@ -4,7 +4,7 @@
   dense-mask SDPA path: per-sequence log-probs and gradients, bf16 and fp32-accumulated;
 - the chunked head's float32 accumulation of the weight gradient (`addmm(out_dtype=)`);
 - DP clipped sums on the GPU, ghost clipping on and off, against each other and against
-  plain autograd one pair at a time.
+  plain autograd one pair at a time, and with compiled layers against eager ones.
 
     PYTHONPATH=src python benchmarks/check_gpu_paths.py
 Prints one line per check and exits non-zero if one fails.
@@ -173,6 +173,31 @@ def main() -> int:
         "per-unit vs autograd loop norms (GPU)", rel(sums[False][0], torch.stack(naive_norms)), 1e-4
     )
     check("per-unit vs autograd loop clipped sum (GPU)", rel(sums[False][1], naive_sum), 1e-4)
+
+    # ... and with compiled layers (train.compile, auto on a GPU): each layer computes its
+    # per-unit gradients in its own graph; a second batch of other lengths and unit count
+    def clipped(pairs_list, ghost=False):
+        host = pair_batch(pairs_list, 0, item_unit=list(range(len(pairs_list))))
+        clipper = PerUnitGradients(m, ghost=ghost)
+        with clipper.units(host):
+            dpo_loss_backward(host.to("cuda"), clipper.head_sink)
+        norms = clipper.clip_and_accumulate(0.5)
+        total = clipper.take_clipped_sum()
+        clipper.detach()
+        return norms, torch.cat([total[id(p)].flatten() for p in params])
+
+    other = pairs(4, seed=7)
+    eager_other = clipped(other)
+    compile_layers(m, fresh=True)
+    counters.clear()
+    for name, pairs_list, expected in (
+        ("batch 0", ps, sums[False]),
+        ("batch 1", other, eager_other),
+    ):
+        norms, total = clipped(pairs_list)
+        check(f"compiled DP vs eager norms ({name})", rel(norms, expected[0]), 1e-4)
+        check(f"compiled DP vs eager clipped sum ({name})", rel(total, expected[1]), 1e-4)
+    check("compiled DP: graph breaks", sum(counters["graph_break"].values()), 0)
     print("failures:", failures)
     return 1 if failures else 0
 

@@ -18,8 +18,8 @@ reference, 6N with a cached one, full fine-tuning only, against the bf16 matmul 
 measured here), peak GiB, and privdpo's ratios to TRL. Also `hardware_mfu`: privdpo's
 FLOPs per token it actually ran (a shared prompt counts once). And privdpo's DP-DPO step
 (pair level, sigma 1) against its non-private step (alternating: DP, plain, plain, DP),
-at privdpo's default for DP (`train.compile: auto`: the policy eager, a frozen reference
-compiled) and with compiled layers (`true`), the GPU-busy share of a step
+at privdpo's default (`train.compile: auto`: compiled layers computing the per-unit
+gradients in their graphs) and eager (`false`), the GPU-busy share of a step
 from the profiler (`train.profile`), and a Llama-3-8B-shapes user-level DP-DPO LoRA run
 on pairs of 4,096 tokens.
 
@@ -120,14 +120,15 @@ CONFIGS = {
     "llama-full-eager": ("llama-3.2-1b", {"compile": False, "base": "llama-full"}),
     "qwen-lora-eager": ("qwen2.5-0.5b", {"lora": True, "compile": False, "base": "qwen-lora"}),
 }
-# (name: base configuration, compiled layers): DP-DPO against the base's non-private step.
-# Not compiled: privdpo's default for a private run (train.compile: auto). Jobs 6 to 12 set
-# train.compile=false, which auto then equalled; since, auto compiles a frozen reference.
+# (name: base configuration, train.compile of the private runs, None for privdpo's default
+# auto): DP-DPO against the base's non-private step. Until job 16 auto left a private run's
+# policy layers eager (their per-unit gradient hooks broke the graphs); since job 17 the
+# layers compute the per-unit gradients in their compiled graphs, and auto compiles them.
 DP_CONFIGS = {
-    "qwen-dp-full": ("qwen-full", False),
-    "qwen-dp-lora": ("qwen-lora", False),
-    "qwen-dp-full-compiled": ("qwen-full", True),
-    "qwen-dp-lora-compiled": ("qwen-lora", True),
+    "qwen-dp-full": ("qwen-full", None),
+    "qwen-dp-lora": ("qwen-lora", None),
+    "qwen-dp-full-eager": ("qwen-full", False),
+    "qwen-dp-lora-eager": ("qwen-lora", False),
 }
 DP_MICRO_BATCH = 16  # P(a Poisson batch of mean 8 from 256 pairs > 16) = 0.3%
 LORA = {"r": 16, "alpha": 32, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]}
@@ -448,11 +449,10 @@ def compare(
     return result
 
 
-def dp_compare(name, base, model_dir, data, work, args, eager_runs=None, compiled=False) -> dict:
-    # auto: the private policy eager, a frozen reference compiled; true compiles the policy too
+def dp_compare(name, base, model_dir, data, work, args, eager_runs=None, compile=None) -> dict:
     opts = {"lora": base["options"].get("lora", False)}
-    if compiled:
-        opts["compile"] = True
+    if compile is not None:  # else privdpo's default, auto
+        opts["compile"] = compile
     private = [
         "privacy.enabled=true",
         "privacy.noise_multiplier=1.0",
@@ -492,7 +492,7 @@ def dp_compare(name, base, model_dir, data, work, args, eager_runs=None, compile
         "base_plain_median_step_seconds": statistics.median(earlier) if earlier else None,
         "step_time_ratio": statistics.median(dp_steps) / statistics.median(plain),
         "per_pair_time_ratio": statistics.median(dp_per_pair) / (statistics.median(plain) / 8),
-        # the DP policy runs eager: against the eager non-private step too, where the job has it
+        # against the eager non-private step too, where the job has it
         "plain_eager_median_step_seconds": statistics.median(eager) if eager else None,
         "step_time_ratio_to_eager": statistics.median(dp_steps) / statistics.median(eager)
         if eager
@@ -676,7 +676,7 @@ def main(argv=None) -> dict:
     for name in wanted:
         if name in CONFIGS and not CONFIGS[name][1].get("liger"):
             run_config(name)
-    for name, (base_name, compiled) in DP_CONFIGS.items():
+    for name, (base_name, compile) in DP_CONFIGS.items():
         if name not in wanted:
             continue
         base = results["configs"].get(base_name)
@@ -689,7 +689,7 @@ def main(argv=None) -> dict:
         try:
             eager = results["configs"].get(f"{base_name}-eager", {}).get("_privdpo_runs")
             results["dp"][name] = dp_compare(
-                name, base, model_dir, data, work, args, eager, compiled
+                name, base, model_dir, data, work, args, eager, compile
             )
         except Exception as e:
             results["dp"][name] = {"error": f"{type(e).__name__}: {e}"[:500]}

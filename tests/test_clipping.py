@@ -20,7 +20,6 @@ from privdpo.errors import UserError
 from privdpo.logprobs import sequence_logps
 from privdpo.losses import LossParams, PairLogps, sigmoid_loss
 from privdpo.models import add_lora, build_preset, compile_layers
-from privdpo.privacy import clipping
 from privdpo.privacy.clipping import PerUnitGradients
 
 
@@ -184,41 +183,68 @@ def test_per_unit_clipping_equals_the_naive_loop(kind, lora, micro, layout, ghos
         assert model.get_input_embeddings().weight is model.get_output_embeddings().weight
 
 
-@pytest.mark.parametrize(("kind", "lora"), [("dpo", False), ("sft", True)])
-def test_small_flat_buffer_groups_give_the_same_clipped_sum(monkeypatch, kind, lora):
-    """Per-unit gradients in many flat buffers (a few parameters each, as a decoder layer
-    each at full fine-tuning) clip and sum as in one."""
-    monkeypatch.setattr(clipping, "GROUP_VALUES", 3000)
-    test_per_unit_clipping_equals_the_naive_loop(kind, lora, 3, "packed", False)
-
-
-def test_compiled_layers_give_every_per_unit_gradient():
-    """train.compile with DP: the hooks split each compiled layer's graph, and the clipped
-    sum is the naive loop's (the head's tile work compiled too, as under auto on a GPU).
-    A full fine-tuning model compiled after a LoRA model in the same process (a sweep, a
+def test_compiled_layers_compute_every_per_unit_gradient_in_their_graphs():
+    """train.compile with DP: each compiled decoder layer computes its per-unit gradients
+    and their squared norms in its own backward graph (no graph break around the hooks),
+    and the clipped sum is the naive loop's (the head's tile work compiled too). A full
+    fine-tuning model compiled after a LoRA model in the same process (a sweep, a
     benchmark) gets its own graphs: dynamo does not check hooks before reusing a graph of
     the same layer class, and the LoRA model's graphs had none on o_proj and the MLP,
     whose weights then got no gradient at all."""
-    test_per_unit_clipping_equals_the_naive_loop("dpo", True, 3, "packed-shared", False, True)
-    test_per_unit_clipping_equals_the_naive_loop("dpo", False, 3, "packed-shared", True, True)
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    # micro-batches of 4 and 2 units: the unit count is a dynamic dimension of each graph
+    test_per_unit_clipping_equals_the_naive_loop("dpo", True, 4, "packed-shared", False, True)
+    test_per_unit_clipping_equals_the_naive_loop("dpo", False, 4, "packed-shared", True, True)
+    assert dict(counters["graph_break"]) == {}
 
 
-def test_a_flat_buffer_is_allocated_when_the_backward_pass_reaches_it(monkeypatch):
-    """No per-unit buffer exists during the forward pass (when the activations are all
-    alive); each group gets its buffer in the backward pass."""
-    monkeypatch.setattr(clipping, "GROUP_VALUES", 3000)
+def test_compiled_layers_compile_once_for_every_unit_count():
+    """The unit count of a micro-batch (Poisson-sampled) is a dynamic dimension of the
+    compiled layers' graphs, and identical layers share one: after the second micro-batch
+    no unit count compiles a graph (each did while the probes' shapes were static, and
+    after 8 recompilations dynamo would run every further layer eager)."""
+    from torch._dynamo.utils import counters
+
+    model, tokenizer = tiny(lora=False)
+    reference = copy.deepcopy(model).eval()
+    units = pairs(tokenizer, 20)
+    sampler = PerUnitGradients(model)
+    compile_layers(model, fresh=True)
+    counters.clear()
+    graphs = []
+    for start, count in [(0, 4), (4, 2), (6, 3), (9, 5), (14, 6)]:
+        chunk = units[start : start + count]
+        batch = unit_batch("dpo", chunk, "packed-shared")
+        with sampler.units(batch):
+            dpo_unit_losses(model, reference, chunk, batch, sampler.head_sink).sum().backward()
+        assert sampler.clip_and_accumulate(1.0).shape == (count,)
+        graphs.append(counters["stats"]["unique_graphs"])
+    sampler.detach()
+    assert graphs[1] == graphs[-1], graphs
+    assert graphs[-1] <= 3  # the first layer's, the others', and one recompilation
+
+
+def test_per_unit_gradients_take_memory_only_from_the_backward_pass():
+    """During the forward pass (when the activations are all alive) each layer's per-unit
+    gradient is a zero probe of one element; the backward pass gives every parameter its
+    [U, *shape] gradient."""
     model, tokenizer = tiny(lora=False)
     examples = sft_examples(tokenizer, 3)
     sampler = PerUnitGradients(model)
-    assert len(sampler.groups) > 4
-    tied = model.get_input_embeddings().weight  # over the group size: a group alone
-    assert any(len(group) == 1 and group[0] is tied for group in sampler.groups)
     batch = unit_batch("sft", examples, "packed")
     with sampler.units(batch):
         losses = sft_unit_losses(model, examples, batch, sampler.head_sink)
-        assert all(flat is None for flat in sampler._flat)
+        probes = [q for m, _ in sampler.layers for q in m.privdpo_probes if q is not None]
+        assert len(probes) == len(sampler.params) - 1  # all but the tied embedding/head
+        assert all(q.untyped_storage().nbytes() == q.element_size() for q in probes)
+        assert sampler.per_unit() == {}
         losses.sum().backward()
-        assert all(flat is not None for flat in sampler._flat)
+        got = sampler.per_unit()
+    assert {k: tuple(g.shape) for k, g in got.items()} == {
+        id(p): (3, *p.shape) for p in sampler.params
+    }
     sampler.clip_and_accumulate(1.0)
     sampler.detach()
 
@@ -331,7 +357,7 @@ def test_autograd_weight_gradients_are_skipped_and_restored():
         sft_unit_losses(model, examples, batch, sampler.head_sink).sum().backward()
     assert all(p.grad is None for p in model.parameters())
     assert all(p.requires_grad for p in sampler.params)
-    assert len(sampler.samples) == len(sampler.params)
+    assert len(sampler.per_unit()) == len(sampler.params)
 
 
 @pytest.mark.parametrize("ghost", [False, True], ids=["per-unit", "ghost"])
@@ -362,86 +388,5 @@ def test_ghost_clipping_keeps_no_per_unit_copy_of_the_vocabulary_layers():
     with sampler.units(batch):
         sft_unit_losses(model, examples, batch, sampler.head_sink).sum().backward()
         tied = model.get_input_embeddings().weight
-        assert id(tied) not in sampler.samples
-        assert len(sampler.samples) == len(sampler.params) - 1
-
-
-def test_both_ways_of_adding_per_unit_weight_gradients_into_a_buffer_view_agree():
-    """The CUDA way (a batched product accumulated in place into the strided view of a
-    flat buffer) and the CPU way (the product, then an add) give the same per-unit sums;
-    the CPU tests run the second, so the first is checked here on the CPU."""
-    from types import SimpleNamespace
-
-    from privdpo.privacy.clipping import _Units
-
-    torch.manual_seed(0)
-    g2, x2 = torch.randn(11, 3), torch.randn(11, 5)
-    units = _Units(SimpleNamespace(unit_tokens=[0, 4, 5, 11], unit_labels=[0, 1, 2, 3]), "cpu")
-    got = []
-    for in_place in (True, False):
-        flat = torch.ones(3, 40)  # a neighbour's columns before and after the view
-        view = flat[:, 7:22].view(3, 3, 5)
-        PerUnitGradients._unit_outer(g2, x2, units, view, in_place=in_place)
-        assert (flat[:, :7] == 1).all() and (flat[:, 22:] == 1).all()
-        got.append(view.clone())
-    expected = torch.stack([1 + g2[a:b].t() @ x2[a:b] for a, b in [(0, 4), (4, 5), (5, 11)]])
-    for g in got:
-        torch.testing.assert_close(g, expected)
-
-
-def test_layers_reading_one_input_share_its_padded_rows():
-    """q/k/v (and gate/up) read one input: its per-unit rows are gathered once and found
-    again by storage, offset, shape and version; a different view, or the same tensor
-    changed in place, is gathered anew, and only the last input is kept. Padding rows
-    are zero."""
-    from types import SimpleNamespace
-
-    from privdpo.privacy.clipping import _Units
-
-    units = _Units(SimpleNamespace(unit_tokens=[0, 4, 5, 11], unit_labels=[0, 1, 2, 3]), "cpu")
-    x = torch.randn(12, 5)
-    x2 = x[:11]
-    rows = units.padded_inputs(x2)
-    assert rows.shape == (3, 6, 5)
-    for u, (a, b) in enumerate([(0, 4), (4, 5), (5, 11)]):
-        torch.testing.assert_close(rows[u, : b - a], x2[a:b], rtol=0, atol=0)
-        assert (rows[u, b - a :] == 0).all()
-    assert units.padded_inputs(x.detach()[:11]) is rows  # the same input seen again
-    shifted = units.padded_inputs(x[1:12])  # same storage and shape, another offset
-    assert shifted is not rows
-    torch.testing.assert_close(shifted[0, :4], x[1:5], rtol=0, atol=0)
-    assert units.padded_inputs(x[:11]) is not rows  # only the last input is kept
-    last = units.padded_inputs(x[:11])
-    x.mul_(2)  # changed in place: its version moved on
-    again = units.padded_inputs(x[:11])
-    assert again is not last
-    torch.testing.assert_close(again, rows * 2, rtol=0, atol=0)
-
-
-def test_q_k_v_and_gate_up_gather_their_shared_input_once_at_full_fine_tuning(monkeypatch):
-    """In a real backward pass the hooks of the layers that read one input run one after
-    the other, so the one kept input serves them: 4 gathers a decoder layer (attention
-    input, o_proj's, MLP input, down_proj's) for its 7 Linear layers."""
-    from privdpo.privacy.clipping import _Units
-
-    calls, gathers = [], []
-    original = _Units.padded_inputs
-
-    def counting(self, x2):
-        kept = self._last_input
-        rows = original(self, x2)
-        calls.append(1)
-        if kept is None or rows is not kept[2]:
-            gathers.append(1)
-        return rows
-
-    monkeypatch.setattr(_Units, "padded_inputs", counting)
-    model, tokenizer = tiny(lora=False)
-    chunk = pairs(tokenizer, 3)
-    reference = copy.deepcopy(model).eval()
-    sampler = PerUnitGradients(model)
-    batch = unit_batch("dpo", chunk, "packed-shared")
-    with sampler.units(batch):
-        dpo_unit_losses(model, reference, chunk, batch, sampler.head_sink).sum().backward()
-    layers = model.config.num_hidden_layers
-    assert (len(calls), len(gathers)) == (7 * layers, 4 * layers)
+        assert id(tied) not in sampler.per_unit()
+        assert len(sampler.per_unit()) == len(sampler.params) - 1

@@ -450,26 +450,19 @@ def test_describe_config_shows_defaults_and_types():
 
 
 @pytest.mark.parametrize(
-    "setting, device, private, hookless, expected",
+    "setting, device, private, expected",
     [
-        ("auto", "cuda", False, False, True),
-        ("auto", "cpu", False, False, False),
-        ("auto", "cuda", True, False, False),  # DP's per-unit hooks run eager
-        (False, "cuda", False, False, False),
-        (True, "cpu", False, False, True),
-        (True, "cuda", True, False, True),  # asked for: private runs compile too
-        ("auto", "cuda", True, True, True),  # a private run's reference and head tiles: no hooks
-        ("auto", "cuda", False, True, True),
-        ("auto", "cpu", True, True, False),
-        (False, "cuda", True, True, False),
-        (True, "cpu", True, True, True),
+        ("auto", "cuda", False, True),
+        ("auto", "cpu", False, False),
+        ("auto", "cuda", True, True),  # per-unit gradients inside the compiled layers
+        ("auto", "cpu", True, False),
+        (False, "cuda", False, False),
+        (False, "cuda", True, False),
+        (True, "cpu", False, True),
+        (True, "cpu", True, True),
     ],
 )
-def test_train_compile_auto_is_decided_by_the_device_and_privacy(
-    tmp_path, setting, device, private, hookless, expected
-):
-    """`hookless`: the decision for the parts DP's hooks never run in (a DPO run's frozen
-    reference model, the head's tile work), which compile under auto in private runs too."""
+def test_train_compile_auto_is_decided_by_the_device(tmp_path, setting, device, private, expected):
     import torch
 
     from privdpo.training import use_compile
@@ -478,5 +471,5 @@ def test_train_compile_auto_is_decided_by_the_device_and_privacy(
     if private:
         extra["privacy"] = {"enabled": True, "noise_multiplier": 1.0}
     cfg = load(tmp_path, extra)
-    assert use_compile(cfg, torch.device(device), hookless=hookless) is expected
+    assert use_compile(cfg, torch.device(device)) is expected
     assert cfg.train.compile == setting  # the config keeps what the user wrote

@@ -199,8 +199,9 @@ def test_gradient_checkpointing_leaves_a_private_lora_run_unchanged(tmp_path):
 @pytest.mark.slow  # compiles on the CPU; tests/test_clipping.py has the fast twin
 @pytest.mark.parametrize("lora", [True, False])
 def test_a_private_run_with_compiled_layers_gives_the_eager_model(tmp_path, lora):
-    """train.compile: true on a private run (the hooks split each layer's graph): the same
-    model as the eager run, after a compiled non-private run in the same process (whose
+    """train.compile: true on a private run (what auto does on a GPU: the per-unit gradients
+    computed inside each compiled layer's graph, the reference and head tiles compiled):
+    the same model as the eager run, after a compiled non-private run in the same process (whose
     layer graphs, without the hooks, must not be reused)."""
     data = write_jsonl(tmp_path / "pairs.jsonl", marker_pairs(24))
     args = [*SHORT_PRIVATE_RUN, f"model.lora.enabled={str(lora).lower()}"]
@@ -211,34 +212,6 @@ def test_a_private_run_with_compiled_layers_gives_the_eager_model(tmp_path, lora
     name = "adapter/adapter_model.safetensors" if lora else "model/model.safetensors"
     assert_same_tensors(
         load_file(tmp_path / "eager" / name), load_file(tmp_path / "compiled" / name)
-    )
-
-
-@pytest.mark.slow  # compiles on the CPU
-def test_a_private_run_with_a_compiled_reference_and_head_gives_the_eager_model(
-    tmp_path, monkeypatch
-):
-    """What `train.compile: auto` does on a GPU for a private full fine-tuning run: the
-    policy's layers eager (its per-unit hooks), the frozen reference copy and the head's
-    tile work compiled. Forced here on the CPU: the same model as the run with nothing
-    compiled."""
-    from privdpo.recipes import dpo
-
-    data = write_jsonl(tmp_path / "pairs.jsonl", marker_pairs(24))
-    args = [*SHORT_PRIVATE_RUN, "model.lora.enabled=false", "train.compile=auto"]
-    assert run(tmp_path, "dpo", "eager", data, *args) == 0
-    compiled = []
-
-    def hookless_only(cfg, device, hookless=False):
-        compiled.append(hookless)
-        return hookless
-
-    monkeypatch.setattr(dpo, "use_compile", hookless_only)
-    assert run(tmp_path, "dpo", "reference", data, *args) == 0
-    assert sorted(compiled) == [False, True]
-    name = "model/model.safetensors"
-    assert_same_tensors(
-        load_file(tmp_path / "eager" / name), load_file(tmp_path / "reference" / name)
     )
 
 

@@ -174,11 +174,10 @@ class TrainConfig:
     gradient_checkpointing: bool = opt(False, "recompute activations to save memory")
     compile: bool | Literal["auto"] = opt(
         "auto",
-        "torch.compile each decoder layer (dynamic shapes; compiles on the first steps);"
-        " auto = on CUDA, off on the CPU, and for a private run only its frozen DPO"
-        " reference (a copy or another model) and the head's per-tile work; true"
-        " compiles a private run's policy layers too"
-        " (its per-unit gradient hooks split each layer's graph)",
+        "torch.compile each decoder layer (dynamic shapes; compiles on the first steps),"
+        " the frozen DPO reference's and the head's per-tile work; a private run's layers"
+        " compute their per-unit gradients in their compiled graphs; auto = on CUDA, off"
+        " on the CPU",
     )
     profile: bool = opt(
         False, "profile 3 steps after 2 warm-up steps: profile.json (GPU-busy share) and a trace"

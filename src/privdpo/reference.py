@@ -116,7 +116,7 @@ def _frozen(model):
 def build_reference(cfg: DPORunConfig, base_model, device, compiled: bool = False) -> Reference:
     """The reference for `cfg`, built from the initial (pre-LoRA) `base_model` when it is a
     copy. Call before LoRA wraps the model. `compiled`: compile a frozen model's layers
-    (`training.use_compile(..., hookless=True)`)."""
+    (`training.use_compile`)."""
     kind = reference_kind(cfg)
     if kind == "copy":
         reference = _frozen(copy.deepcopy(base_model)).to(device)

@@ -124,14 +124,13 @@ def pick_device(name: str, world=SINGLE) -> torch.device:
     return torch.device(name)
 
 
-def use_compile(cfg, device: torch.device, hookless: bool = False) -> bool:
-    """Whether this run compiles its decoder layers (`train.compile`; auto: on CUDA, where a
-    step is otherwise bound by kernel launches and Python; never on the CPU). Under auto a
-    DP run's policy layers stay eager, its per-unit gradient hooks breaking each layer's
-    graph, while the parts the hooks never run in (`hookless`: a frozen reference model,
-    the head's per-tile log-softmax work) are compiled all the same."""
+def use_compile(cfg, device: torch.device) -> bool:
+    """Whether this run compiles its decoder layers, its frozen reference's and the head's
+    per-tile work (`train.compile`; auto: on CUDA, where a step is otherwise bound by kernel
+    launches and Python; never on the CPU). A private run's layers compute their per-unit
+    gradients inside their compiled graphs (`privacy.clipping`)."""
     if cfg.train.compile == "auto":
-        return device.type == "cuda" and (hookless or not cfg.privacy.enabled)
+        return device.type == "cuda"
     return cfg.train.compile
 
 

@@ -8,21 +8,26 @@ units in one row, prompts shared) or padded; so each unit's gradient is a sum ov
 token range ("segment sums"), never over batch rows. No library offers that grouping
 (Opacus clips per batch row).
 
-How: a forward hook on each module with trainable parameters saves its input for the
-backward pass (recomputed there under gradient checkpointing), and the backward of that
-module's output computes each unit's gradient for the module's parameters (autograd's own
-batch-summed weight gradients are switched off, as they would be thrown away). The
-language-model head runs inside `logprobs.LabelLogps`, which hands each chunk's logits
-gradient to this module's head sink. After the backward pass every unit's gradient norm
-over all parameters is known (in float32); each unit is scaled by min(1, C / norm) and
-the scaled gradients are summed. One forward and one backward pass, as without privacy.
-The per-unit gradients of a group of parameters (one dtype, up to 2^24 values: all of a
-LoRA adapter; at full fine-tuning a small decoder layer, or one large matrix) live side
-by side in one [units, parameters] buffer, written in place by the hooks, so the norms
-and the clipped sum are one kernel each per group instead of a few per parameter (on a
-GPU the private step is bound by the host, which launches the kernels). A group's buffer
-is allocated when the backward pass first reaches it, so at most one group is held
-beyond what per-parameter tensors would hold.
+How: a forward hook on each Linear and RMSNorm layer with trainable parameters routes
+the layer's output through an autograd function that is the identity forward and saves
+the layer's input (recomputed under gradient checkpointing). Its backward computes each
+unit's gradient of the layer's parameters from that input and the output's gradient, and
+returns it as the gradient of a zero "probe" input: a [U, *shape] tensor per parameter,
+made for the micro-batch (one element of memory, all its strides 0) and carried on the
+module as `privdpo_probes`. It also returns the squared per-unit norms as the gradient of
+one [U] input shared by every layer, which autograd sums over the layers. That is all
+tensor work on tensor inputs, so a compiled decoder layer (`train.compile`) traces it into
+its own graph: no Python runs between a layer's kernels in the backward pass, and layers
+that read one input (q/k/v, gate/up) share its gathered rows there. Autograd's own
+batch-summed weight gradients are switched off, as they would be thrown away.
+
+The token embedding (outside the compiled layers) and the head hand their per-unit
+gradients to Python sinks instead: the head runs inside `logprobs.LabelLogps`, which hands
+each chunk's logits gradient to the head sink. Their [U, width] buffers are shared when
+the two are tied, and normed after the backward pass. Each unit's gradient norm over all
+parameters is then known (in float32); each unit is scaled by min(1, C / norm) and the
+scaled gradients are summed, one [1, U] x [U, n] product per parameter. One forward and
+one backward pass, as without privacy.
 
 Ghost clipping (`ghost=True`), for the layers whose per-unit gradients are big: the token
 embedding and the head ([U, vocab, hidden] each, the same tensor when tied). Their
@@ -38,9 +43,9 @@ instead of O(units x vocab x hidden).
 Supported modules (the layers of Llama/Qwen-style models and of LoRA adapters):
 `nn.Linear` (weight and bias), `nn.Embedding` and RMSNorm layers (a `weight` scaling the
 root-mean-square-normalized input, checked numerically when attached). A parameter shared
-by two modules (tied input and output embeddings) gets the sum of both contributions. Any
-other module with a trainable parameter is refused before training starts, because its
-gradient would escape clipping and void the guarantee.
+by the input and output embeddings (tied) gets the sum of both contributions. A parameter
+shared by other layers, and any other module with a trainable parameter, is refused before
+training starts, because its gradient would escape clipping and void the guarantee.
 """
 
 from __future__ import annotations
@@ -57,11 +62,9 @@ from privdpo.errors import UserError
 # A ghost norm in half precision is computed from rounded values; inflating it by 1/64
 # before clipping keeps every clipped unit gradient at or under C despite that rounding.
 HALF_GHOST_MARGIN = 1 + 2.0**-6
-# A flat buffer's row norm is reduced in chunks of this many columns, then over chunks: one
-# float32 reduction over a whole row of a million values drifts by 1e-5 on the CPU.
+# A vocabulary layer's per-unit row norm is reduced in chunks of this many columns, then
+# over chunks: one float32 reduction over a row of a million values drifts by 1e-5 (CPU).
 NORM_CHUNK = 4096
-# Parameter values per flat buffer group (times the units, in the parameters' dtype).
-GROUP_VALUES = 2**24
 
 
 def _is_rmsnorm(module: nn.Module) -> bool:
@@ -77,10 +80,10 @@ def _rms_eps(module: nn.Module) -> float:
     raise UserError(f"{type(module).__name__}: RMSNorm without an epsilon attribute")
 
 
-def _rms_normalize(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def _rms_normalize(x: torch.Tensor, eps: float) -> torch.Tensor:
     """The input of RMSNorm's weight multiplication, computed as Llama/Qwen do (in fp32)."""
     h = x.float()
-    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + _rms_eps(module))
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
     return h.to(x.dtype)
 
 
@@ -89,7 +92,7 @@ def _check_rmsnorm(module: nn.Module) -> None:
     w = module.weight
     x = torch.randn(2, 3, w.shape[-1], dtype=w.dtype, device=w.device)
     with torch.no_grad():
-        expected = w * _rms_normalize(module, x)
+        expected = w * _rms_normalize(x, _rms_eps(module))
         got = module(x)
     if not torch.allclose(got.float(), expected.float(), rtol=1e-3, atol=1e-4):
         raise UserError(
@@ -99,71 +102,57 @@ def _check_rmsnorm(module: nn.Module) -> None:
 
 
 class _Units:
-    """A micro-batch's units: offsets on the token and label axes, and the device index
-    tensors derived from them (built once per micro-batch)."""
+    """A micro-batch's units: offsets on the token and label axes, and the device tensors
+    the per-unit gradients are computed from, built once per micro-batch before the
+    forward pass (a compiled layer reads them as graph inputs)."""
 
-    def __init__(self, batch, device):
+    def __init__(self, batch, device, dtypes=(torch.float32,)):
         self.tokens = batch.unit_tokens
         self.labels = batch.unit_labels
         self.count = len(self.tokens) - 1
         self.device = device
         self._token_unit = None
         self._label_unit = None
-        self._padded_index = None
-        self._padding_mask: dict[torch.dtype, torch.Tensor] = {}  # dtype -> [U, Tmax, 1]
-        self._last_input: tuple[tuple, torch.Tensor, torch.Tensor] | None = None  # key, x, rows
-        self._membership: dict[torch.dtype, torch.Tensor] = {}  # dtype -> [U, tokens]
+        # [U, Tmax] index into the flat token axis: each unit's tokens in one row, padded
+        # to the longest unit (padding points at the unit's first token), so per-unit
+        # products are one batched matmul; its mask of real tokens as [U, Tmax, 1].
+        ranges = self.token_ranges()
+        width = max(b - a for a, b in ranges)
+        index = torch.zeros((len(ranges), width), dtype=torch.long)
+        mask = torch.zeros((len(ranges), width, 1), dtype=torch.bool)
+        for u, (a, b) in enumerate(ranges):
+            index[u, : b - a] = torch.arange(a, b)
+            index[u, b - a :] = a
+            mask[u, : b - a] = True
+        self.padded_index = index.to(device, non_blocking=True)
+        mask = mask.to(device, non_blocking=True)
+        rows = torch.arange(self.count, device=device)
+        member = rows[:, None] == self.token_unit()  # [U, tokens]: the unit's tokens
+        self._padding_mask = {torch.bool: mask}  # dtype -> [U, Tmax, 1]
+        self._membership = {torch.bool: member}  # dtype -> [U, tokens]
+        for dtype in dtypes:  # the parameters' dtypes, before a compiled layer reads them
+            self.padding_mask(dtype), self.membership(dtype)
+
+    def padding_mask(self, dtype) -> torch.Tensor:
+        mask = self._padding_mask.get(dtype)
+        if mask is None:
+            mask = self._padding_mask[dtype] = self._padding_mask[torch.bool].to(dtype)
+        return mask
+
+    def membership(self, dtype) -> torch.Tensor:
+        """[U, tokens] 0/1 in `dtype`: a product with it sums each unit's tokens (a
+        scatter-add into a few rows that all the tokens target is atomic on a GPU and
+        took 335 ms of a 540 ms private step in job 6)."""
+        member = self._membership.get(dtype)
+        if member is None:
+            member = self._membership[dtype] = self._membership[torch.bool].to(dtype)
+        return member
 
     def token_ranges(self) -> list[tuple[int, int]]:
         return list(zip(self.tokens[:-1], self.tokens[1:], strict=True))
 
     def label_ranges(self) -> list[tuple[int, int]]:
         return list(zip(self.labels[:-1], self.labels[1:], strict=True))
-
-    def padded_index(self) -> torch.Tensor:
-        """[U, Tmax] index into the flat token axis: each unit's tokens in one row, padded
-        to the longest unit (padding points at the unit's first token), so per-unit
-        products are one batched matmul. Its mask of real tokens is kept on the device
-        too, as [U, Tmax, 1] bool."""
-        if self._padded_index is None:
-            ranges = self.token_ranges()
-            width = max(b - a for a, b in ranges)
-            index = torch.zeros((len(ranges), width), dtype=torch.long)
-            mask = torch.zeros((len(ranges), width, 1), dtype=torch.bool)
-            for u, (a, b) in enumerate(ranges):
-                index[u, : b - a] = torch.arange(a, b)
-                index[u, b - a :] = a
-                mask[u, : b - a] = True
-            self._padded_index = index.to(self.device, non_blocking=True)
-            self._padding_mask[torch.bool] = mask.to(self.device, non_blocking=True)
-        return self._padded_index
-
-    def padded_inputs(self, x2: torch.Tensor) -> torch.Tensor:
-        """[U, Tmax, H] rows of the layer input `x2` [tokens, H] per unit, padding rows
-        zero (so the output gradient's padding rows need no mask). Layers that read one
-        input, whose hooks run one after the other in the backward pass (q/k/v, gate/up
-        at full fine-tuning), share it: the last input is kept, with a reference that
-        keeps its storage from being reused, and found again by storage, offset, shape,
-        strides and version. Only one is kept, and dropped before the next is gathered,
-        so at most one input's rows outlive their layer."""
-        key = (
-            x2.untyped_storage().data_ptr(),
-            x2.storage_offset(),
-            tuple(x2.shape),
-            x2.stride(),
-            x2.dtype,
-            x2._version,
-        )
-        if self._last_input is not None and self._last_input[0] == key:
-            return self._last_input[2]
-        self._last_input = None
-        index = self.padded_index()
-        mask = self._padding_mask.get(x2.dtype)
-        if mask is None:
-            mask = self._padding_mask[x2.dtype] = self._padding_mask[torch.bool].to(x2.dtype)
-        rows = x2[index] * mask
-        self._last_input = (key, x2, rows)
-        return rows
 
     def token_unit(self) -> torch.Tensor:
         if self._token_unit is None:
@@ -174,20 +163,6 @@ class _Units:
         if self._label_unit is None:
             self._label_unit = _unit_index(self.labels, self.device)
         return self._label_unit
-
-    def add_token_sums(self, out: torch.Tensor, values: torch.Tensor) -> None:
-        """Add into `out` [U, H] each unit's sum of `values` [tokens, H]: one product with
-        the [U, tokens] 0/1 membership matrix (the product sums in float32 inside). A
-        scatter-add (index_add_) into the buffer's strided view, in bf16 on a GPU, adds
-        atomically into the few rows that all the tokens target: in job 6 those adds (norm
-        weights and q/k/v biases of Qwen at full fine-tuning) took 335 ms of a 540 ms
-        private step."""
-        member = self._membership.get(values.dtype)
-        if member is None:
-            unit = self.token_unit()
-            rows = torch.arange(self.count, device=unit.device)
-            member = self._membership[values.dtype] = (rows[:, None] == unit).to(values.dtype)
-        out.addmm_(member, values)
 
 
 def _unit_index(offsets: list[int], device) -> torch.Tensor:
@@ -290,11 +265,10 @@ class _HeadSink:
 
 
 class _Tap(torch.autograd.Function):
-    """The identity on a module's output whose backward hands (the module's input, the
-    output's gradient) to `sink`. The input is a tensor saved for backward, not a Python
-    reference: under gradient checkpointing it is dropped after the forward pass and
-    recomputed with its layer in the backward pass, like every other activation, instead
-    of being held for the whole micro-batch."""
+    """The identity on the token embedding's output whose backward hands (the ids, the
+    output's gradient) to `sink`, in Python: the embedding runs outside the compiled
+    decoder layers, and its per-unit rows go to a ghost sum or to a [U, vocab, hidden]
+    buffer that the head's tiles share when tied."""
 
     @staticmethod
     def forward(ctx, output, x, sink):
@@ -307,6 +281,67 @@ class _Tap(torch.autograd.Function):
         (x,) = ctx.saved_tensors
         ctx.sink(x, grad.detach())
         return grad, None, None
+
+
+def _squares(g: torch.Tensor) -> torch.Tensor:
+    """[U] squared norm of each unit's gradient `g` [U, ...], in float32."""
+    return torch.linalg.vector_norm(g.flatten(1), dim=1, dtype=torch.float32).square()
+
+
+def _unit_outer(g2, x2, index, mask) -> torch.Tensor:
+    """[U, out, in]: for each unit, the sum over its tokens of g x^T (a Linear weight's
+    gradient). One unit alone is one matrix product; several are one batched product over
+    their padded token rows (`index`, `mask`: `_Units.padded_index` and its mask), the
+    input's padding rows zeroed so that they add nothing."""
+    if index.shape[0] == 1:
+        return (g2.t() @ x2).unsqueeze(0)
+    return torch.bmm(g2[index].transpose(1, 2), x2[index] * mask)
+
+
+class _LinearGrads(torch.autograd.Function):
+    """The identity on a Linear's output. Its backward returns, as the gradients of two
+    zero inputs (`weight_probe` [U, out, in] and `bias_probe` [U, out], None for a frozen
+    one), each unit's gradient of the weight and the bias, and, as the gradient of
+    `squares` [U], their squared norms (float32). Plain tensor work on tensor inputs, so
+    torch.compile traces it into a compiled decoder layer's backward graph, where the
+    layers that read one input (q/k/v, gate/up) share its gathered rows."""
+
+    @staticmethod
+    def forward(ctx, output, x, weight_probe, bias_probe, squares, index, mask, member):
+        ctx.save_for_backward(x, index, mask, member)
+        ctx.weight, ctx.bias = weight_probe is not None, bias_probe is not None
+        return output.view_as(output)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, index, mask, member = ctx.saved_tensors
+        g2 = grad.reshape(-1, grad.shape[-1])  # the flat token axis
+        gw = gb = None
+        squares = torch.zeros(index.shape[0], dtype=torch.float32, device=grad.device)
+        if ctx.weight:
+            gw = _unit_outer(g2, x.reshape(-1, x.shape[-1]), index, mask)
+            squares = squares + _squares(gw)
+        if ctx.bias:
+            gb = member @ g2  # each unit's token sum (the product sums in float32 inside)
+            squares = squares + _squares(gb)
+        return grad, None, gw, gb, squares, None, None, None
+
+
+class _NormGrads(torch.autograd.Function):
+    """`_LinearGrads` for an RMSNorm's weight: each unit's sum of g * x / rms(x)."""
+
+    @staticmethod
+    def forward(ctx, output, x, weight_probe, squares, member, eps):
+        ctx.save_for_backward(x, member)
+        ctx.eps = eps
+        return output.view_as(output)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, member = ctx.saved_tensors
+        xn = _rms_normalize(x, ctx.eps).reshape(-1, x.shape[-1])
+        gw = member @ (grad.reshape(-1, grad.shape[-1]) * xn).to(member.dtype)
+        return grad, None, gw, _squares(gw), None, None
 
 
 class PerUnitGradients:
@@ -323,26 +358,52 @@ class PerUnitGradients:
 
     def __init__(self, model: nn.Module, ghost: bool = False):
         self.params = [p for p in model.parameters() if p.requires_grad]
-        # With compiled layers (train.compile: true), make dynamo check each module's hooks
+        # With compiled layers (train.compile), make dynamo check each module's hooks
         # before reusing a graph, so no graph traced without these hooks runs with them
         # attached (by default it does not check: `models.compile_layers`).
         torch._dynamo.config.skip_nnmodule_hook_guards = False
-        owned: set[int] = set()
+        # The probes ride on the modules (`privdpo_probes`), their first dimension the unit
+        # count of a micro-batch: dynamic, or each count would compile the layer anew.
+        torch._dynamo.config.force_nn_module_property_static_shapes = False
+        head = model.get_output_embeddings()
+        embedding = model.get_input_embeddings()
+        trainable_head = any(p.requires_grad for p in head.parameters())
+        if trainable_head and type(head) is not nn.Linear:
+            raise UserError(
+                f"differential privacy: the output layer is a {type(head).__name__} (LoRA on"
+                " lm_head?); per-unit gradients need a plain Linear head. Drop lm_head from"
+                " model.lora.target_modules"
+            )
+        vocabulary = {id(p) for m in (head, embedding) for p in m.parameters() if p.requires_grad}
+        owned: set[int] = set(vocabulary)
         self.handles = []
+        # (module, its parameters with per-unit gradients, None where frozen): Linear and
+        # RMSNorm layers, whose probes ride on the module as `privdpo_probes` in `units`
+        # (read through the module, so identical decoder layers share one compiled graph)
+        self.layers: list[tuple[nn.Module, tuple[nn.Parameter | None, ...]]] = []
         unsupported = []
         for name, module in model.named_modules():
             mine = [p for p in module.parameters(recurse=False) if p.requires_grad]
-            if not mine:
+            if not mine or module is head:  # the head's gradients come from its sink
                 continue
-            if isinstance(module, nn.Linear | nn.Embedding):
-                pass
+            if module is embedding:
+                self.handles.append(module.register_forward_hook(self._embedding_hook))
+                continue
+            if isinstance(module, nn.Linear):
+                probed = (module.weight, module.bias)
             elif _is_rmsnorm(module):
                 _check_rmsnorm(module)
+                probed = (module.weight,)
             else:
                 unsupported.append(f"{name} ({type(module).__name__})")
                 continue
-            owned.update(id(p) for p in mine)
-            self.handles.append(module.register_forward_hook(self._forward_hook))
+            probed = tuple(p if p is not None and p.requires_grad else None for p in probed)
+            if any(p is not None and id(p) in owned for p in probed):
+                unsupported.append(f"{name} (a parameter shared with another layer)")
+                continue
+            owned.update(id(p) for p in probed if p is not None)
+            self.layers.append((module, probed))
+            self.handles.append(module.register_forward_hook(self._layer_hook))
         missing = [p for p in self.params if id(p) not in owned]
         if unsupported or missing:
             raise UserError(
@@ -351,34 +412,24 @@ class PerUnitGradients:
                 " supported are Linear, Embedding and RMSNorm. Use LoRA (model.lora.enabled)"
                 " or freeze these layers"
             )
-        self.owned = owned
-        head = model.get_output_embeddings()
-        trainable_head = any(p.requires_grad for p in head.parameters())
-        if trainable_head and type(head) is not nn.Linear:
-            raise UserError(
-                f"differential privacy: the output layer is a {type(head).__name__} (LoRA on"
-                " lm_head?); per-unit gradients need a plain Linear head. Drop lm_head from"
-                " model.lora.target_modules"
-            )
         self.head = head if trainable_head else None
-        embedding = model.get_input_embeddings()
         self.embedding = embedding if id(embedding.weight) in owned else None
         self.ghost = ghost
         self.ghost_params: set[int] = set()
         if ghost:
-            if self.embedding is not None:
-                self.ghost_params.add(id(self.embedding.weight))
-            if self.head is not None:
-                self.ghost_params.add(id(self.head.weight))
-        self.groups = _flat_groups([p for p in self.params if id(p) not in self.ghost_params])
-        self.group_of = {id(p): i for i, group in enumerate(self.groups) for p in group}
-        self.group_columns = [_offsets(group) for group in self.groups]  # per parameter
+            self.ghost_params = {id(m.weight) for m in (self.embedding, self.head) if m}
+        # The vocabulary layers' parameters (the head's, the embedding's), not ghost: their
+        # per-unit gradients are written by sinks into [U, width] buffers (one per
+        # parameter, shared by the tied head and embedding), normed after the backward.
+        self.vocabulary_params = [
+            p for p in self.params if id(p) in vocabulary and id(p) not in self.ghost_params
+        ]
+        self.dtypes = sorted({p.dtype for p in self.params}, key=str)
         self.units_now: _Units | None = None
-        self.samples: dict[int, torch.Tensor] = {}  # id(param) -> [U, *param.shape] view
-        self._flat: list[torch.Tensor | None] = []  # group -> [U, width] buffer, once used
-        self._flat_sum: list[torch.Tensor | None] = [None] * len(self.groups)  # fp32 [width]
-        self._recorded = False  # whether a hook ran inside `units`
-        self.clipped_sum: dict[int, torch.Tensor] = {}  # ghost id(param) -> shape, fp32
+        self.squares: torch.Tensor | None = None  # [U] its gradient: the layers' squares
+        self._vocabulary: dict[int, torch.Tensor] = {}  # id(param) -> [U, width] buffer
+        self._recorded = False  # whether a sink ran inside `units`
+        self._sums: dict[int, torch.Tensor] = {}  # id(param) -> clipped sum so far, fp32
         self._ghost_embeddings: dict[int, _GhostEmbedding] = {}
         self._ghost_heads: dict[int, _GhostHead] = {}
 
@@ -394,26 +445,28 @@ class PerUnitGradients:
 
         Inside, the trainable parameters are switched to requires_grad=False, so autograd
         computes only the gradients flowing back through the layers, not the weight
-        gradients: the hooks compute those per unit instead, and autograd's batch sums
-        would be thrown away (a third of a full fine-tuning backward pass). A module whose
-        output would then need no gradient (the embedding, a LoRA adapter's first matrix)
-        has its output marked as requiring one, so the backward pass reaches it."""
+        gradients: each layer's per-unit gradients are the gradients of its zero probes
+        instead, and autograd's batch sums would be thrown away (a third of a full
+        fine-tuning backward pass)."""
         if batch.unit_tokens is None:
             raise ValueError("a private micro-batch needs unit offsets (item_unit)")
         device = self.params[0].device
-        self.units_now = _Units(batch, device)
-        self._start_samples()
+        units = self.units_now = _Units(batch, device, self.dtypes)
+        self.squares = torch.zeros(units.count, device=device, requires_grad=True)
+        for module, probed in self.layers:
+            module.privdpo_probes = tuple(_probe(p, units.count) for p in probed)
+        self._vocabulary, self._recorded = {}, False
         self._ghost_embeddings, self._ghost_heads = {}, {}
         if self.ghost:
             emb = None
             if self.embedding is not None:
                 weight = self.embedding.weight
-                emb = _GhostEmbedding(batch.input_ids, self.units_now, weight.shape[0])
+                emb = _GhostEmbedding(batch.input_ids, units, weight.shape[0])
                 self._ghost_embeddings[id(weight)] = emb
             if self.head is not None:
                 tied = self.embedding is not None and self.head.weight is self.embedding.weight
                 self._ghost_heads[id(self.head.weight)] = _GhostHead(
-                    self.units_now, device, emb if tied else None
+                    units, device, emb if tied else None
                 )
         for p in self.params:
             p.requires_grad_(False)
@@ -426,55 +479,68 @@ class PerUnitGradients:
     def detach(self) -> None:
         for h in self.handles:
             h.remove()
+        for module, _ in self.layers:
+            module.__dict__.pop("privdpo_probes", None)
 
-    def _start_samples(self) -> None:
-        self.samples, self._recorded = {}, False
-        self._flat = [None] * len(self.groups)
+    def per_unit(self) -> dict[int, torch.Tensor]:
+        """The per-unit gradients recorded so far in `units` ([U, *shape] by id of
+        parameter; a layer that has not run, and the ghost parameters, have none)."""
+        out = {}
+        for module, probed in self.layers:
+            probes = getattr(module, "privdpo_probes", None) or [None] * len(probed)
+            for p, probe in zip(probed, probes, strict=True):
+                if probe is not None and probe.grad is not None:
+                    out[id(p)] = probe.grad
+        for p in self.vocabulary_params:
+            if id(p) in self._vocabulary:
+                out[id(p)] = self._vocabulary[id(p)][:, : p.numel()].view(-1, *p.shape)
+        return out
 
-    def _sample(self, param: nn.Parameter) -> torch.Tensor:
-        """`param`'s [U, *shape] per-unit gradient, a view into its group's buffer (zeroed
-        and viewed for every parameter of the group on first use); hooks add into it."""
-        view = self.samples.get(id(param))
-        if view is None:
-            i = self.group_of[id(param)]
-            group, columns, count = self.groups[i], self.group_columns[i], self.units_now.count
-            width = -(-columns[-1][1] // NORM_CHUNK) * NORM_CHUNK  # a zero tail
+    def _vocabulary_sample(self, param: nn.Parameter) -> torch.Tensor:
+        """`param`'s [U, *shape] per-unit gradient (the head's or the embedding's), a view
+        of a [U, width] buffer zeroed on first use (width rounded up to `NORM_CHUNK`)."""
+        count = self.units_now.count
+        flat = self._vocabulary.get(id(param))
+        if flat is None:
+            width = -(-param.numel() // NORM_CHUNK) * NORM_CHUNK  # a zero tail
             flat = torch.zeros((count, width), dtype=param.dtype, device=param.device)
-            self._flat[i] = flat
-            for p, (a, b) in zip(group, columns, strict=True):
-                self.samples[id(p)] = flat[:, a:b].view(count, *p.shape)
-            view = self.samples[id(param)]
-        return view
+            self._vocabulary[id(param)] = flat
+        return flat[:, : param.numel()].view(count, *param.shape)
 
     # ---- hooks ------------------------------------------------------------------------
-    def _forward_hook(self, module, inputs, output):
+    def _layer_hook(self, module, inputs, output):
+        """Route a Linear's or RMSNorm's output through its per-unit gradient function."""
+        units = self.units_now
+        probes = getattr(module, "privdpo_probes", None)
+        if not torch.is_grad_enabled() or units is None or probes is None:
+            return None
+        x = inputs[0].detach()
+        member = units.membership(output.dtype)
+        if len(probes) == 2:
+            mask = units.padding_mask(x.dtype)
+            weight, bias = probes
+            return _LinearGrads.apply(
+                output, x, weight, bias, self.squares, units.padded_index, mask, member
+            )
+        return _NormGrads.apply(output, x, probes[0], self.squares, member, _rms_eps(module))
+
+    def _embedding_hook(self, module, inputs, output):
         if not torch.is_grad_enabled() or self.units_now is None:
             return None
-        if not output.requires_grad:  # nothing before it is trainable: start the graph here
-            output = output.detach().requires_grad_()
-        return _Tap.apply(output, inputs[0].detach(), partial(self._per_unit, module))
+        output = output.detach().requires_grad_()  # the graph starts here
+        return _Tap.apply(output, inputs[0].detach(), partial(self._embedding_rows, module))
 
-    def _per_unit(self, module, x: torch.Tensor, g: torch.Tensor) -> None:
-        """Add this module's per-unit parameter gradients into their sample views (a
-        parameter shared by two modules gets both)."""
-        units = self.units_now
+    def _embedding_rows(self, module, ids: torch.Tensor, g: torch.Tensor) -> None:
+        """Each token's output gradient, added into row `id` of its unit's gradient (the
+        tied head's per-unit gradient shares the buffer), or into the ghost rows."""
         self._recorded = True
-        g2 = g.reshape(-1, g.shape[-1])  # the flat token axis
-        if isinstance(module, nn.Linear):
-            x2 = x.reshape(-1, x.shape[-1])
-            if id(module.weight) in self.owned:
-                self._unit_outer(g2, x2, units, self._sample(module.weight))
-            if module.bias is not None and id(module.bias) in self.owned:
-                units.add_token_sums(self._sample(module.bias), g2)
-        elif isinstance(module, nn.Embedding):
-            ghost = self._ghost_embeddings.get(id(module.weight))
-            if ghost is not None and module is self.embedding:
-                ghost.add(g2)
-            else:
-                self._embedding(module.weight, x.reshape(-1), g2)
-        else:  # RMSNorm
-            xn = _rms_normalize(module, x).reshape(-1, x.shape[-1])
-            units.add_token_sums(self._sample(module.weight), g2 * xn)
+        g2 = g.reshape(-1, g.shape[-1])
+        ghost = self._ghost_embeddings.get(id(module.weight))
+        if ghost is not None:
+            ghost.add(g2)
+        else:
+            sample = self._vocabulary_sample(module.weight)
+            sample.index_put_((self.units_now.token_unit(), ids.reshape(-1)), g2, accumulate=True)
 
     def _head_tile(self, head: nn.Linear, v0: int, v1: int, d: torch.Tensor, h: torch.Tensor):
         """Vocabulary columns v0..v1 of the head: d [N, v1 - v0] logits gradient of every
@@ -484,38 +550,15 @@ class PerUnitGradients:
         ranges = self.units_now.label_ranges()
         if ghost is not None:
             ghost.add(v0, v1, d, h)
-        elif id(head.weight) in self.owned:
-            out = self._sample(head.weight)
+        else:
+            out = self._vocabulary_sample(head.weight)
             for u, (a, b) in enumerate(ranges):
                 if a < b:
                     out[u, v0:v1].addmm_(d[a:b].t(), h[a:b])
-        if head.bias is not None and id(head.bias) in self.owned:
-            out = self._sample(head.bias)
+        if head.bias is not None:
+            out = self._vocabulary_sample(head.bias)
             for u, (a, b) in enumerate(ranges):
                 out[u, v0:v1] += d[a:b].sum(0)
-
-    @staticmethod
-    def _unit_outer(g2, x2, units: _Units, out: torch.Tensor, in_place=None) -> None:
-        """Add into `out` [U, out, in], for each unit, the sum over its tokens of g x^T (a
-        Linear weight's gradient). One unit alone is one matrix product; several are one
-        batched product over their padded token rows (the input's padding rows are zero, so
-        they add nothing). `in_place` (default: on CUDA, where cuBLAS takes the strided view
-        as it is) accumulates in the product; otherwise (the CPU would loop over units
-        for a strided result) the product is added after."""
-        if units.count == 1:
-            out[0].addmm_(g2.t(), x2)
-            return
-        x3 = units.padded_inputs(x2)  # [U, Tmax, in], padding rows zero
-        g3 = g2[units.padded_index()]  # [U, Tmax, out]
-        if out.is_cuda if in_place is None else in_place:
-            out.baddbmm_(g3.transpose(1, 2), x3)
-        else:
-            out.add_(torch.bmm(g3.transpose(1, 2), x3))
-
-    def _embedding(self, weight: nn.Parameter, ids: torch.Tensor, g2: torch.Tensor) -> None:
-        """Add each token's output gradient into row `id` of its unit's gradient (the
-        tied output layer's per-unit gradient shares the view)."""
-        self._sample(weight).index_put_((self.units_now.token_unit(), ids), g2, accumulate=True)
 
     # ---- clipping ---------------------------------------------------------------------
     def _ghost_squared_norms(self, key: int) -> torch.Tensor:
@@ -537,19 +580,19 @@ class PerUnitGradients:
     def unit_norms(self) -> torch.Tensor:
         """[U] L2 norm of each unit's gradient over all trainable parameters, in float32
         whatever the parameters' dtype."""
-        if not self._recorded:
+        squares = self.squares.grad
+        if squares is None and not self._recorded:
             raise RuntimeError("no per-unit gradient was recorded; was backward called?")
-        total = None
-        for flat in (f for f in self._flat if f is not None):  # untouched groups add 0
+        total = torch.zeros_like(self.squares) if squares is None else squares.clone()
+        for flat in self._vocabulary.values():  # in chunks: one long fp32 sum drifts
             chunks = flat.view(flat.shape[0], -1, NORM_CHUNK)
-            sq = torch.linalg.vector_norm(chunks, dim=2, dtype=torch.float32).square().sum(1)
-            total = sq if total is None else total + sq
+            total += torch.linalg.vector_norm(chunks, dim=2, dtype=torch.float32).square().sum(1)
         for p in self.params:
             if id(p) in self.ghost_params:
                 sq = self._ghost_squared_norms(id(p))
                 if p.dtype in (torch.float16, torch.bfloat16):
                     sq = sq * HALF_GHOST_MARGIN**2
-                total = sq if total is None else total + sq
+                total += sq
         return total.sqrt()
 
     @torch.no_grad()
@@ -558,20 +601,25 @@ class PerUnitGradients:
         (float32); return the unit norms [U]."""
         norms = self.unit_norms()
         scale = (max_norm / (norms + 1e-6)).clamp(max=1.0)
-        for i, flat in enumerate(self._flat):
-            if flat is not None:
-                weights = _round_down(scale, flat.dtype).unsqueeze(0)
-                clipped = torch.mm(weights, flat).squeeze(0).float()
-                total = self._flat_sum[i]
-                self._flat_sum[i] = clipped if total is None else total.add_(clipped)
+        weights = {d: _round_down(scale, d).unsqueeze(0) for d in self.dtypes}
+        keys, parts = [], []
+        for key, g in self.per_unit().items():  # one product per parameter: [1, U] @ [U, n]
+            keys.append(key)
+            parts.append(torch.mm(weights[g.dtype], g.reshape(g.shape[0], -1)).view(g.shape[1:]))
         for p in self.params:
-            key = id(p)
-            if key in self.ghost_params:
-                clipped = self._ghost_clipped_sum(p, scale)
-                self.clipped_sum[key] = (
-                    self.clipped_sum[key] + clipped if key in self.clipped_sum else clipped
-                )
-        self.samples, self._flat = {}, []
+            if id(p) in self.ghost_params:
+                keys.append(id(p))
+                parts.append(self._ghost_clipped_sum(p, scale))
+        old = [k for k in keys if k in self._sums]
+        if old:
+            fresh = dict(zip(keys, parts, strict=True))
+            torch._foreach_add_([self._sums[k] for k in old], [fresh[k] for k in old])
+        for key, part in zip(keys, parts, strict=True):
+            if key not in self._sums:
+                self._sums[key] = part.float()
+        for module, _ in self.layers:
+            module.privdpo_probes = None
+        self._vocabulary, self.squares = {}, None
         self._ghost_embeddings, self._ghost_heads = {}, {}
         self.units_now = None
         return norms
@@ -598,44 +646,23 @@ class PerUnitGradients:
 
     def take_clipped_sum(self) -> dict[int, torch.Tensor]:
         """The clipped sum over every micro-batch since the last call (float32, by id of
-        parameter; a parameter no unit touched gets zeros), and reset it. A parameter's
-        sum is a contiguous view of its group's flat sum."""
-        out = {}
-        for group, columns, flat in zip(
-            self.groups, self.group_columns, self._flat_sum, strict=True
-        ):
-            if flat is None:
-                flat = torch.zeros(columns[-1][1], dtype=torch.float32, device=group[0].device)
-            for p, (a, b) in zip(group, columns, strict=True):
-                out[id(p)] = flat[a:b].view(p.shape)
-        for p in self.params:
-            if id(p) in self.ghost_params:
-                out[id(p)] = self.clipped_sum.get(id(p), torch.zeros_like(p, dtype=torch.float32))
-        self.clipped_sum, self._flat_sum = {}, [None] * len(self.groups)
+        parameter; a parameter no unit touched gets zeros), and reset it."""
+        out = {
+            id(p): self._sums.get(id(p), torch.zeros_like(p, dtype=torch.float32))
+            for p in self.params
+        }
+        self._sums = {}
         return out
 
 
-def _flat_groups(params: list[nn.Parameter]) -> list[list[nn.Parameter]]:
-    """`params` in groups of one dtype and at most `GROUP_VALUES` values (a bigger
-    parameter alone), in reverse order: the order the backward pass reaches them."""
-    groups: list[list[nn.Parameter]] = []
-    open_group: dict[torch.dtype, list[nn.Parameter]] = {}
-    for p in reversed(params):
-        group = open_group.get(p.dtype)
-        if group is None or sum(q.numel() for q in group) + p.numel() > GROUP_VALUES:
-            group = open_group[p.dtype] = []
-            groups.append(group)
-        group.append(p)
-    return groups
-
-
-def _offsets(group: list[nn.Parameter]) -> list[tuple[int, int]]:
-    """Each parameter's column range in its group's flat buffer."""
-    out, offset = [], 0
-    for p in group:
-        out.append((offset, offset + p.numel()))
-        offset += p.numel()
-    return out
+def _probe(param: nn.Parameter | None, count: int) -> torch.Tensor | None:
+    """A zero [count, *param.shape] input whose gradient will be the per-unit gradients
+    of `param`: an expanded scalar, so it takes no memory until the backward pass."""
+    if param is None:
+        return None
+    shape = (count, *param.shape)
+    probe = torch.empty_strided(shape, (0,) * len(shape), dtype=param.dtype, device=param.device)
+    return probe.zero_().requires_grad_()
 
 
 def _round_down(scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

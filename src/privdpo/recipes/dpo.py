@@ -90,8 +90,7 @@ def pair_forward(
 ):
     """Per-pair losses [B] and the per-pair values behind the metrics (detached), for the
     `batch` of `pairs` (on the model's device); `compiled`: compile the head's tile work
-    (`training.use_compile(..., hookless=True)`), the policy's and an adapter-disabled
-    reference's."""
+    (`training.use_compile`), the policy's and an adapter-disabled reference's."""
     attention = cfg.train.attention
     logps, num_tokens = sequence_logps(model, batch, sink, attention, compiled)  # both responses
     chosen, rejected = logps.chunk(2)
@@ -151,7 +150,6 @@ def run_dpo(cfg: DPORunConfig, resume: bool = False, audit=None) -> dict[str, Pa
         hf_logging.disable_progress_bar()
     device = pick_device(cfg.train.device, world)
     compiled = use_compile(cfg, device)
-    head_compiled = use_compile(cfg, device, hookless=True)  # the head's tiles, DP or not
     model, tokenizer = load_model_and_tokenizer(cfg.model, cfg.train.seed)
     train, evals, summary = load_preference_data(cfg.data, tokenizer, cfg.train.seed, cfg.scrub)
     require_user_ids(train, cfg)
@@ -165,7 +163,7 @@ def run_dpo(cfg: DPORunConfig, resume: bool = False, audit=None) -> dict[str, Pa
     # Where this run stands in its lineage, said (or refused) before anything is written.
     unit = None if not cfg.privacy.enabled else ("user" if users is not None else "pair")
     lineage = RunLineage.begin(cfg, "dpo", train, evals, summary, unit)
-    reference = build_reference(cfg, model, device, head_compiled)
+    reference = build_reference(cfg, model, device, compiled)
     if cfg.model.lora.enabled:
         model = add_lora(model, cfg.model.lora)
     if reference.kind == "adapter_disabled":
@@ -241,7 +239,7 @@ def run_dpo(cfg: DPORunConfig, resume: bool = False, audit=None) -> dict[str, Pa
             else:  # the pair (or the user's pairs) is the unit; a user's loss is their mean
                 with dp.micro_batch(host):
                     losses, values = pair_forward(
-                        model, reference, chunk, batch, cfg, dp.head_sink, head_compiled
+                        model, reference, chunk, batch, cfg, dp.head_sink, compiled
                     )
                     (losses * weight.to(device, non_blocking=True)).sum().backward()
             part = metric_sums(losses, values)

@@ -62,7 +62,7 @@ def build_example_batch(examples: list[Example], cfg: SFTRunConfig, pad_id: int,
 def example_losses(model, batch, cfg: SFTRunConfig, sink=None, compiled=False) -> torch.Tensor:
     """[B] each example's token-mean NLL: the per-unit loss under differential privacy
     (a unit's loss may depend on that unit only, so no batch-wide token count).
-    `compiled`: the head's tile work is compiled (`training.use_compile(hookless=True)`)."""
+    `compiled`: the head's tile work is compiled (`training.use_compile`)."""
     logps, num_tokens = sequence_logps(model, batch, sink, cfg.train.attention, compiled)
     return -logps / num_tokens.clamp(min=1)
 
@@ -98,7 +98,6 @@ def run_sft(cfg: SFTRunConfig, resume: bool = False, audit=None) -> dict[str, Pa
         hf_logging.disable_progress_bar()
     device = pick_device(cfg.train.device, world)
     compiled = use_compile(cfg, device)
-    head_compiled = use_compile(cfg, device, hookless=True)  # the head's tiles, DP or not
     model, tokenizer = load_model_and_tokenizer(cfg.model, cfg.train.seed)
     train, evals, summary = load_sft_data(
         cfg.data, tokenizer, cfg.sft.completion_only_loss, cfg.train.seed, cfg.scrub
@@ -178,7 +177,7 @@ def run_sft(cfg: SFTRunConfig, resume: bool = False, audit=None) -> dict[str, Pa
                 loss.backward()
             else:  # each item's loss weighted by 1 / (items of its unit): a unit's mean
                 with dp.micro_batch(host):
-                    losses = example_losses(model, batch, cfg, dp.head_sink, head_compiled)
+                    losses = example_losses(model, batch, cfg, dp.head_sink, compiled)
                     (losses * weight.to(device, non_blocking=True)).sum().backward()
                 loss = losses.sum() / max(1, len(examples))
             loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
