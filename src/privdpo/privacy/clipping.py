@@ -59,17 +59,12 @@ from torch import nn
 
 from privdpo.errors import UserError
 
-# A float32 norm over millions of values is off by up to ~1e-6 of itself (rounding in the
-# reduction): clipping to C / (norm * (1 + NORM_MARGIN)) keeps every clipped unit <= C.
-NORM_MARGIN = 2.0**-18
 # A ghost norm in half precision is computed from rounded values; inflating it by 1/64
 # before clipping keeps every clipped unit gradient at or under C despite that rounding.
 HALF_GHOST_MARGIN = 1 + 2.0**-6
 # A vocabulary layer's per-unit row norm is reduced in chunks of this many columns, then
 # over chunks: one float32 reduction over a row of a million values drifts by 1e-5 (CPU).
 NORM_CHUNK = 4096
-# Columns of a per-unit gradient weighted and summed at a time, eager (float32 products).
-SUM_CHUNK = 2**22
 
 
 def _is_rmsnorm(module: nn.Module) -> bool:
@@ -361,7 +356,7 @@ class PerUnitGradients:
         clipper.clip_and_accumulate(max_norm)
     """
 
-    def __init__(self, model: nn.Module, ghost: bool = False, compiled: bool = False):
+    def __init__(self, model: nn.Module, ghost: bool = False):
         self.params = [p for p in model.parameters() if p.requires_grad]
         # With compiled layers (train.compile), make dynamo check each module's hooks
         # before reusing a graph, so no graph traced without these hooks runs with them
@@ -435,13 +430,6 @@ class PerUnitGradients:
         self._vocabulary: dict[int, torch.Tensor] = {}  # id(param) -> [U, width] buffer
         self._recorded = False  # whether a sink ran inside `units`
         self._sums: dict[int, torch.Tensor] = {}  # id(param) -> clipped sum so far, fp32
-        # On a GPU the weighted sums are one compiled call (a fused kernel per parameter)
-        # instead of a few kernels and a Python dispatch per parameter.
-        self._add_clipped = (
-            torch.compile(_add_clipped, dynamic=True)
-            if compiled
-            else partial(_add_clipped, chunk=SUM_CHUNK)
-        )
         self._ghost_embeddings: dict[int, _GhostEmbedding] = {}
         self._ghost_heads: dict[int, _GhostHead] = {}
 
@@ -507,20 +495,6 @@ class PerUnitGradients:
             if id(p) in self._vocabulary:
                 out[id(p)] = self._vocabulary[id(p)][:, : p.numel()].view(-1, *p.shape)
         return out
-
-    def _start_sums(self) -> None:
-        """Zero running sums for every parameter with per-unit gradients (one float32
-        buffer, viewed per parameter), kept with any sum already running."""
-        params = [p for _, probed in self.layers for p in probed if p is not None]
-        params += self.vocabulary_params
-        flat = torch.zeros(sum(p.numel() for p in params), device=self.params[0].device)
-        offset = 0
-        for p in params:
-            view = flat[offset : offset + p.numel()].view(p.shape)
-            offset += p.numel()
-            if id(p) in self._sums:
-                view.copy_(self._sums[id(p)])
-            self._sums[id(p)] = view
 
     def _vocabulary_sample(self, param: nn.Parameter) -> torch.Tensor:
         """`param`'s [U, *shape] per-unit gradient (the head's or the embedding's), a view
@@ -626,18 +600,23 @@ class PerUnitGradients:
         """Add sum_u min(1, C / ||g_u||) g_u of this micro-batch to the running clipped sum
         (float32); return the unit norms [U]."""
         norms = self.unit_norms()
-        scale = (max_norm / (norms * (1 + NORM_MARGIN) + 1e-6)).clamp(max=1.0)
-        grads, sums = [], []
-        for key, g in self.per_unit().items():
-            if key not in self._sums:  # the layers' sums: views of one float32 buffer
-                self._start_sums()
-            grads.append(g)
-            sums.append(self._sums[key])
-        self._add_clipped(scale, grads, sums)
+        scale = (max_norm / (norms + 1e-6)).clamp(max=1.0)
+        weights = {d: _round_down(scale, d).unsqueeze(0) for d in self.dtypes}
+        keys, parts = [], []
+        for key, g in self.per_unit().items():  # one product per parameter: [1, U] @ [U, n]
+            keys.append(key)
+            parts.append(torch.mm(weights[g.dtype], g.reshape(g.shape[0], -1)).view(g.shape[1:]))
         for p in self.params:
             if id(p) in self.ghost_params:
-                clipped = self._ghost_clipped_sum(p, scale)
-                self._sums[id(p)] = self._sums[id(p)] + clipped if id(p) in self._sums else clipped
+                keys.append(id(p))
+                parts.append(self._ghost_clipped_sum(p, scale))
+        old = [k for k in keys if k in self._sums]
+        if old:
+            fresh = dict(zip(keys, parts, strict=True))
+            torch._foreach_add_([self._sums[k] for k in old], [fresh[k] for k in old])
+        for key, part in zip(keys, parts, strict=True):
+            if key not in self._sums:
+                self._sums[key] = part.float()
         for module, _ in self.layers:
             module.privdpo_probes = None
         self._vocabulary, self.squares = {}, None
@@ -676,18 +655,6 @@ class PerUnitGradients:
         return out
 
 
-def _add_clipped(scale, grads: list[torch.Tensor], sums: list[torch.Tensor], chunk=None):
-    """sums[i] += sum_u scale[u] * grads[i][u], in float32: a half-precision per-unit
-    gradient times its float32 clip factor, so no rounding lifts a unit above the norm.
-    `chunk`: columns at a time (eager, so the float32 products of a [U, vocabulary, hidden]
-    gradient are never whole); compiled, each parameter is one fused kernel."""
-    for g, total in zip(grads, sums, strict=True):
-        g2, t2 = g.reshape(g.shape[0], -1), total.view(-1)
-        step = chunk or t2.numel()
-        for a in range(0, t2.numel(), step):
-            t2[a : a + step].add_((scale[:, None] * g2[:, a : a + step]).sum(0))
-
-
 def _probe(param: nn.Parameter | None, count: int) -> torch.Tensor | None:
     """A zero [count, *param.shape] input whose gradient will be the per-unit gradients
     of `param`: an expanded scalar, so it takes no memory until the backward pass."""
@@ -696,3 +663,13 @@ def _probe(param: nn.Parameter | None, count: int) -> torch.Tensor | None:
     shape = (count, *param.shape)
     probe = torch.empty_strided(shape, (0,) * len(shape), dtype=param.dtype, device=param.device)
     return probe.zero_().requires_grad_()
+
+
+def _round_down(scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`scale` in `dtype`, never above its float32 value: a bfloat16 clip factor rounded up
+    (by up to 2^-9) would let a unit's clipped gradient exceed C."""
+    if dtype == torch.float32:
+        return scale
+    if dtype in (torch.float16, torch.bfloat16):
+        return (scale * (1 - 2.0**-7)).to(dtype)
+    return scale.to(dtype)

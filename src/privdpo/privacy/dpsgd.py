@@ -42,21 +42,14 @@ class DPSGD:
     """The private part of a training step; the recipe keeps its loop."""
 
     def __init__(
-        self,
-        model,
-        plan: PrivacyPlan,
-        cfg: PrivacyConfig,
-        seed: int,
-        groups,
-        world=SINGLE,
-        compiled: bool = False,
+        self, model, plan: PrivacyPlan, cfg: PrivacyConfig, seed: int, groups, world=SINGLE
     ):
         self.plan = plan
         self.world = world  # several ranks: clipped sums are summed over them
         self.groups: list[list[int]] = groups  # unit -> its item indices
         self.secure = cfg.secure_noise
         self.seed = seed
-        self.clipper = PerUnitGradients(model, ghost=cfg.ghost_clipping, compiled=compiled)
+        self.clipper = PerUnitGradients(model, ghost=cfg.ghost_clipping)
         self._epsilon_ahead: EpsilonAhead | None = None
         self.canaries = None  # white-box audit canaries (privacy/audit.py), else None
         self.ledger = PrivacyLedger(
@@ -83,18 +76,10 @@ class DPSGD:
 
     @classmethod
     def from_config(
-        cls,
-        cfg,
-        model,
-        groups: list[list[int]],
-        steps: int,
-        users: UserBound | None,
-        world=SINGLE,
-        compiled: bool = False,
+        cls, cfg, model, groups: list[list[int]], steps: int, users: UserBound | None, world=SINGLE
     ) -> DPSGD | None:
         """The private step of a run's config (printing its plan), or None for a run
-        without privacy; `groups` and `users` as `privacy_units` returned them;
-        `compiled`: the run compiles (`training.use_compile`)."""
+        without privacy; `groups` and `users` as `privacy_units` returned them."""
         if not cfg.privacy.enabled:
             return None
         plan = plan_from_config(cfg, groups, steps, users)
@@ -108,7 +93,7 @@ class DPSGD:
             )
             if note:
                 print(note)
-        return cls(model, plan, cfg.privacy, cfg.train.seed, groups, world, compiled)
+        return cls(model, plan, cfg.privacy, cfg.train.seed, groups, world)
 
     # ---- sample -----------------------------------------------------------------------
     def sample(self, step: int) -> list[int]:

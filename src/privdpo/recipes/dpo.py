@@ -189,7 +189,7 @@ def run_dpo(cfg: DPORunConfig, resume: bool = False, audit=None) -> dict[str, Pa
 
     optimizer = make_optimizer(model, cfg.train)
     scheduler = make_scheduler(optimizer, cfg.train, total_steps)
-    dp = DPSGD.from_config(cfg, model, groups, total_steps, users, world, compiled)
+    dp = DPSGD.from_config(cfg, model, groups, total_steps, users, world)
     if audit is not None and dp is not None:
         audit.attach(dp, model)
     stopper = EarlyStopping(

@@ -128,7 +128,7 @@ def run_sft(cfg: SFTRunConfig, resume: bool = False, audit=None) -> dict[str, Pa
     scheduler = make_scheduler(optimizer, cfg.train, total_steps)
     pad_id = tokenizer.pad_token_id
 
-    dp = DPSGD.from_config(cfg, model, groups, total_steps, users, world, compiled)
+    dp = DPSGD.from_config(cfg, model, groups, total_steps, users, world)
     if audit is not None and dp is not None:
         audit.attach(dp, model)
     stopper = EarlyStopping(
