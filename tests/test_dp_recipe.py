@@ -199,10 +199,10 @@ def test_gradient_checkpointing_leaves_a_private_lora_run_unchanged(tmp_path):
 @pytest.mark.slow  # compiles on the CPU; tests/test_clipping.py has the fast twin
 @pytest.mark.parametrize("lora", [True, False])
 def test_a_private_run_with_compiled_layers_gives_the_eager_model(tmp_path, lora):
-    """train.compile: true on a private run (what auto does on a GPU: the per-unit gradients
-    computed inside each compiled layer's graph, the reference and head tiles compiled):
-    the same model as the eager run, after a compiled non-private run in the same process (whose
-    layer graphs, without the hooks, must not be reused)."""
+    """train.compile: true on a private run (what auto does on a GPU: the per-unit
+    gradients computed inside each compiled layer's graph, the reference and head tiles
+    compiled): the same model as the eager run, after a compiled non-private run in the
+    same process (whose layer graphs, without the hooks, must not be reused)."""
     data = write_jsonl(tmp_path / "pairs.jsonl", marker_pairs(24))
     args = [*SHORT_PRIVATE_RUN, f"model.lora.enabled={str(lora).lower()}"]
     plain = [a for a in args if not a.startswith("privacy.")]
