@@ -449,10 +449,10 @@ def compare(
     return result
 
 
-def dp_compare(name, base, model_dir, data, work, args, eager_runs=None, compile=None) -> dict:
+def dp_compare(name, base, model_dir, data, work, args, eager_runs=None, setting=None) -> dict:
     opts = {"lora": base["options"].get("lora", False)}
-    if compile is not None:  # else privdpo's default, auto
-        opts["compile"] = compile
+    if setting is not None:  # train.compile; else privdpo's default, auto
+        opts["compile"] = setting
     private = [
         "privacy.enabled=true",
         "privacy.noise_multiplier=1.0",
@@ -676,7 +676,7 @@ def main(argv=None) -> dict:
     for name in wanted:
         if name in CONFIGS and not CONFIGS[name][1].get("liger"):
             run_config(name)
-    for name, (base_name, compile) in DP_CONFIGS.items():
+    for name, (base_name, setting) in DP_CONFIGS.items():
         if name not in wanted:
             continue
         base = results["configs"].get(base_name)
@@ -689,7 +689,7 @@ def main(argv=None) -> dict:
         try:
             eager = results["configs"].get(f"{base_name}-eager", {}).get("_privdpo_runs")
             results["dp"][name] = dp_compare(
-                name, base, model_dir, data, work, args, eager, compile
+                name, base, model_dir, data, work, args, eager, setting
             )
         except Exception as e:
             results["dp"][name] = {"error": f"{type(e).__name__}: {e}"[:500]}

@@ -17,8 +17,9 @@ made for the micro-batch (one element of memory, all its strides 0) and carried 
 module as `privdpo_probes`. It also returns the squared per-unit norms as the gradient of
 one [U] input shared by every layer, which autograd sums over the layers. That is all
 tensor work on tensor inputs, so a compiled decoder layer (`train.compile`) traces it into
-its own graph: no Python runs between a layer's kernels in the backward pass, and layers
-that read one input (q/k/v, gate/up) share its gathered rows there. Autograd's own
+its own graph: no Python runs between a layer's kernels in the backward pass. (Layers that
+read one input, q/k/v and gate/up, each gather its rows per unit: eager, that gather is
+repeated; whether the compiler merges the repeats was not checked.) Autograd's own
 batch-summed weight gradients are switched off, as they would be thrown away.
 
 The token embedding (outside the compiled layers) and the head hand their per-unit
@@ -131,7 +132,8 @@ class _Units:
         self._padding_mask = {torch.bool: mask}  # dtype -> [U, Tmax, 1]
         self._membership = {torch.bool: member}  # dtype -> [U, tokens]
         for dtype in dtypes:  # the parameters' dtypes, before a compiled layer reads them
-            self.padding_mask(dtype), self.membership(dtype)
+            self.padding_mask(dtype)
+            self.membership(dtype)
 
     def padding_mask(self, dtype) -> torch.Tensor:
         mask = self._padding_mask.get(dtype)
@@ -303,8 +305,7 @@ class _LinearGrads(torch.autograd.Function):
     zero inputs (`weight_probe` [U, out, in] and `bias_probe` [U, out], None for a frozen
     one), each unit's gradient of the weight and the bias, and, as the gradient of
     `squares` [U], their squared norms (float32). Plain tensor work on tensor inputs, so
-    torch.compile traces it into a compiled decoder layer's backward graph, where the
-    layers that read one input (q/k/v, gate/up) share its gathered rows."""
+    torch.compile traces it into a compiled decoder layer's backward graph."""
 
     @staticmethod
     def forward(ctx, output, x, weight_probe, bias_probe, squares, index, mask, member):
@@ -317,14 +318,14 @@ class _LinearGrads(torch.autograd.Function):
         x, index, mask, member = ctx.saved_tensors
         g2 = grad.reshape(-1, grad.shape[-1])  # the flat token axis
         gw = gb = None
-        squares = torch.zeros(index.shape[0], dtype=torch.float32, device=grad.device)
+        squares = []
         if ctx.weight:
             gw = _unit_outer(g2, x.reshape(-1, x.shape[-1]), index, mask)
-            squares = squares + _squares(gw)
+            squares.append(_squares(gw))
         if ctx.bias:
             gb = member @ g2  # each unit's token sum (the product sums in float32 inside)
-            squares = squares + _squares(gb)
-        return grad, None, gw, gb, squares, None, None, None
+            squares.append(_squares(gb))
+        return grad, None, gw, gb, sum(squares[1:], squares[0]), None, None, None
 
 
 class _NormGrads(torch.autograd.Function):
