@@ -23,7 +23,7 @@ from privdpo.data.batching import pair_batch
 from privdpo.data.preference import PairExample
 from privdpo.logprobs import add_product, sequence_logps
 from privdpo.models import compile_layers
-from privdpo.privacy.clipping import PerUnitGradients
+from privdpo.privacy.clipping import PerUnitGradients, _weighted_sum
 
 
 def model(dtype):
@@ -132,6 +132,18 @@ def main() -> int:
     except Exception as e:
         failures += 1
         print(f"FAIL add_product: {type(e).__name__}: {e}"[:300])
+
+    # the clipped sum's bf16 products, accumulated and written in float32 by cuBLAS
+    # (out_dtype, the sum updated in place as `out`): two micro-batches into one sum
+    into = None
+    expected = torch.zeros(1, 896 * 4864, device="cuda", dtype=torch.float64)
+    for seed in (0, 1):
+        gen = torch.Generator(device="cuda").manual_seed(seed)
+        w = torch.rand(1, 8, device="cuda", generator=gen).bfloat16()
+        g = torch.randn(8, 896 * 4864, device="cuda", generator=gen).bfloat16()
+        into = _weighted_sum(w, g, into)
+        expected += w.double() @ g.double()
+    check("clipped sum, bf16 products into float32, two calls", rel(into, expected), 1e-6)
 
     # DP on the GPU: ghost and per-unit clipped sums agree (fp32)
     m = model(torch.float32)

@@ -245,8 +245,23 @@ def test_per_unit_gradients_take_memory_only_from_the_backward_pass():
     assert {k: tuple(g.shape) for k, g in got.items()} == {
         id(p): (3, *p.shape) for p in sampler.params
     }
-    sampler.clip_and_accumulate(1.0)
+    first = sampler.clip_and_accumulate(1.0)
+    # the per-unit gradients' memory goes with the micro-batch; the probes stay, made once
+    # for each unit count, and a second micro-batch of 3 units gets the same probes back
+    assert all(q.grad is None for q in probes)
+    assert all(q.untyped_storage().nbytes() == q.element_size() for q in probes)
+    assert all(float(q.reshape(-1)[0]) == 0.0 for q in probes)
+    with sampler.units(batch):
+        again = [q for m, _ in sampler.layers for q in m.privdpo_probes if q is not None]
+        assert all(a is b for a, b in zip(again, probes, strict=True))
+        sft_unit_losses(model, examples, batch, sampler.head_sink).sum().backward()
+    assert torch.equal(sampler.clip_and_accumulate(1.0), first)  # no gradient left over
+    sums = sampler.take_clipped_sum()
     sampler.detach()
+    # the same micro-batch twice: twice its clipped sum, which the naive loop gives
+    naive, _ = naive_clipped_sum(model, lambda c: sft_unit_losses(model, c), examples, 1.0)
+    for p, e in zip(sampler.params, naive, strict=True):
+        assert (sums[id(p)] - 2 * e).norm() <= 1e-5 * e.norm() + 1e-9
 
 
 def test_an_unsupported_trainable_layer_is_refused():

@@ -126,7 +126,9 @@ class LabelLogps(torch.autograd.Function):
 def add_product(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     """acc (float32) += a @ b, with the product of half-precision inputs kept in float32
     (not rounded to bf16 before it is added)."""
-    if acc.is_cuda and a.dtype in (torch.float16, torch.bfloat16):
+    if a.dtype == torch.float32:
+        acc.addmm_(a, b)
+    elif acc.is_cuda and a.dtype in (torch.float16, torch.bfloat16):
         torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
     else:
         acc += torch.mm(a, b).float()
