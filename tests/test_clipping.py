@@ -229,7 +229,8 @@ def test_compiled_layers_compile_once_for_every_unit_count():
 def test_per_unit_gradients_take_memory_only_from_the_backward_pass():
     """During the forward pass (when the activations are all alive) each layer's per-unit
     gradient is a zero probe of one element; the backward pass gives every parameter its
-    [U, *shape] gradient."""
+    [U, *shape] gradient, dropped after clipping. The probes are kept for the next
+    micro-batch of as many units."""
     model, tokenizer = tiny(lora=False)
     examples = sft_examples(tokenizer, 3)
     sampler = PerUnitGradients(model)
