@@ -465,10 +465,8 @@ class PerUnitGradients:
             probes = self._probes[units.count] = [
                 tuple(_probe(p, units.count) for p in probed) for _, probed in self.layers
             ]
+        self._drop_probe_grads(units.count)  # a micro-batch cut short by an error left some
         for (module, _), mine in zip(self.layers, probes, strict=True):
-            for probe in mine:
-                if probe is not None:
-                    probe.grad = None  # a micro-batch cut short by an error left one
             module.privdpo_probes = mine
         self._vocabulary, self._recorded = {}, False
         self._ghost_embeddings, self._ghost_heads = {}, {}
@@ -497,6 +495,13 @@ class PerUnitGradients:
         for module, _ in self.layers:
             module.__dict__.pop("privdpo_probes", None)
         self._probes = {}
+
+    def _drop_probe_grads(self, count: int) -> None:
+        """Free the per-unit gradients held by the probes of `count` units."""
+        for mine in self._probes.get(count, ()):
+            for probe in mine:
+                if probe is not None:
+                    probe.grad = None
 
     def per_unit(self) -> dict[int, torch.Tensor]:
         """The per-unit gradients recorded so far in `units` ([U, *shape] by id of
@@ -626,10 +631,7 @@ class PerUnitGradients:
                 part = self._ghost_clipped_sum(p, scale).view(1, -1)
                 old = self._sums.get(id(p))
                 self._sums[id(p)] = part if old is None else old.add_(part)
-        for mine in self._probes.get(self.units_now.count, ()):
-            for probe in mine:
-                if probe is not None:
-                    probe.grad = None  # the per-unit gradients' memory, freed
+        self._drop_probe_grads(self.units_now.count)  # the per-unit gradients' memory
         for module, _ in self.layers:
             module.privdpo_probes = None
         self._vocabulary, self.squares = {}, None
