@@ -26,14 +26,44 @@ def readme_commands() -> list[str]:
     return [line.strip() for block in blocks for line in block.splitlines() if line.strip()]
 
 
-def run(command: str, cwd: Path, timeout: int) -> subprocess.CompletedProcess:
+def environment() -> dict[str, str]:
     # This checkout's code, whatever privdpo is installed (a relative PYTHONPATH=src would
     # not survive the change of directory).
     path = os.pathsep.join(p for p in (str(REPO / "src"), os.environ.get("PYTHONPATH")) if p)
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "PYTHONPATH": path}
+    return {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "PYTHONPATH": path}
+
+
+def run(command: str, cwd: Path, timeout: int) -> subprocess.CompletedProcess:
     return subprocess.run(
-        command, shell=True, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+        command,
+        shell=True,
+        cwd=cwd,
+        env=environment(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
+
+
+def run_privdpo(commands: list[str], cwd: Path, timeout: int) -> list[subprocess.CompletedProcess]:
+    """`privdpo ...` command lines, in order, each in its own process as the console
+    script runs them, forked from one interpreter that imports privdpo once
+    (tests/forked_cli.py); stops after the first that fails."""
+    driver = subprocess.run(
+        [sys.executable, str(Path(__file__).parent / "forked_cli.py"), str(cwd), str(timeout)],
+        input="\n".join(commands),
+        cwd=cwd,
+        env=environment(),
+        capture_output=True,
+        text=True,
+        timeout=timeout * len(commands),
+    )
+    assert driver.returncode == 0, driver.stderr[-3000:]
+    results = [json.loads(line) for line in driver.stdout.splitlines()]
+    return [
+        subprocess.CompletedProcess(r["command"], r["returncode"], r["stdout"], r["stderr"])
+        for r in results
+    ]
 
 
 def test_quickstart_is_exactly_make_demo_and_make_test():
@@ -86,12 +116,14 @@ def test_the_privdpo_commands_in_the_readme_run(tmp_path):
     # Run them literally, in order, in a scratch directory holding the files they name.
     shutil.copytree(REPO / "examples", tmp_path / "examples")
     shutil.copytree(REPO / "src" / "privdpo" / "assets", tmp_path / "src" / "privdpo" / "assets")
-    for command in commands:
-        result = run(command, tmp_path, timeout=600)
+    results = run_privdpo(commands, tmp_path, timeout=600)
+    for result in results:
+        command = result.args
         assert result.returncode == 0, f"{command}\n{result.stderr[-3000:]}"
         if command.startswith("privdpo audit"):  # the README shows its real output
             printed = result.stdout[result.stdout.rindex("\naudit:\n") + 1 :]
             assert printed == readme_audit_output(), printed
+    assert [r.args for r in results] == commands
     assert (tmp_path / "runs" / "sft-tiny" / "model" / "model.safetensors").is_file()
     assert (tmp_path / "runs" / "sft-lora" / "adapter" / "adapter_model.safetensors").is_file()
     assert (tmp_path / "runs" / "sft-lora" / "model" / "model.safetensors").is_file()
@@ -125,10 +157,11 @@ def test_the_scrub_and_inspect_output_in_the_readme_is_what_they_print(tmp_path)
     assert "=" not in scrub  # the first scrub command: placeholders, the default
     shutil.copytree(REPO / "examples", tmp_path / "examples")
     shutil.copytree(REPO / "src" / "privdpo" / "assets", tmp_path / "src" / "privdpo" / "assets")
-    for command, first in ((scrub, "scrubbed "), (inspect, "inspect ")):
-        result = run(command, tmp_path, timeout=300)
-        assert result.returncode == 0, f"{command}\n{result.stderr[-3000:]}"
-        assert result.stdout == shown(first), command
+    results = run_privdpo([scrub, inspect], tmp_path, timeout=300)
+    assert [r.args for r in results] == [scrub, inspect]
+    for result, first in zip(results, ("scrubbed ", "inspect "), strict=True):
+        assert result.returncode == 0, f"{result.args}\n{result.stderr[-3000:]}"
+        assert result.stdout == shown(first), result.args
     rows = shown('{"prompt"')
     output = tmp_path / scrub.split()[3]
     lines = output.read_text(encoding="utf-8").splitlines(keepends=True)
