@@ -17,6 +17,7 @@ import json
 import os
 import pkgutil
 import shlex
+import shutil
 import signal
 import sys
 import tempfile
@@ -74,37 +75,37 @@ def wait(pid: int, timeout: float) -> int:
 
 def run_all(commands: list[str], cwd: str, timeout: float) -> None:
     preload()
-    scratch = tempfile.mkdtemp(prefix="forked-cli-")
-    for i, command in enumerate(commands):
-        if shlex.split(command)[0] != "privdpo":
-            raise SystemExit(f"not a privdpo command: {command}")
-        out, err = (os.path.join(scratch, f"{i}.{name}") for name in ("out", "err"))
-        sys.stdout.flush()
-        sys.stderr.flush()
-        pid = os.fork()
-        if pid == 0:
-            child(command, cwd, out, err)  # never returns
-        code = wait(pid, timeout)
-        texts = []
-        for path in (out, err):
-            with open(path, encoding="utf-8", errors="replace") as f:
-                texts.append(f.read())
-        if code == -signal.SIGKILL:
-            texts[1] += f"\n(killed after {timeout} s)"
-        print(
-            json.dumps(
-                dict(
-                    zip(
-                        ("command", "returncode", "stdout", "stderr"),
-                        (command, code, *texts),
-                        strict=True,
-                    )
-                )
-            ),
-            flush=True,
-        )
-        if code != 0:
-            break
+    scratch, parent = tempfile.mkdtemp(prefix="forked-cli-"), os.getpid()
+    try:
+        for i, command in enumerate(commands):
+            code = run_one(command, cwd, timeout, os.path.join(scratch, str(i)))
+            if code != 0:
+                break
+    finally:  # a child's exit passes through here too: only this process cleans up
+        if os.getpid() == parent:
+            shutil.rmtree(scratch)
+
+
+def run_one(command: str, cwd: str, timeout: float, stem: str) -> int:
+    """Fork, run `command` in the child, print its JSON line; its exit status."""
+    if shlex.split(command)[0] != "privdpo":
+        raise SystemExit(f"not a privdpo command: {command}")
+    out, err = stem + ".out", stem + ".err"
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:
+        child(command, cwd, out, err)  # never returns
+    code = wait(pid, timeout)
+    texts = []
+    for path in (out, err):
+        with open(path, encoding="utf-8", errors="replace") as f:
+            texts.append(f.read())
+    if code == -signal.SIGKILL:
+        texts[1] += f"\n(killed after {timeout} s)"
+    line = {"command": command, "returncode": code, "stdout": texts[0], "stderr": texts[1]}
+    print(json.dumps(line), flush=True)
+    return code
 
 
 if __name__ == "__main__":
