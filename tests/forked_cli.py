@@ -39,14 +39,14 @@ def preload() -> None:
             pass
 
 
-def child(command: str, cwd: str, out: str, err: str) -> None:
-    """Run one command line here (the forked child) and exit with its status."""
+def child(argv: list[str], cwd: str, out: str, err: str) -> None:
+    """Run one command (its words, `privdpo` first) here, the forked child, and exit with
+    its status."""
     os.chdir(cwd)
     for fd, path in ((1, out), (2, err)):
         handle = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
         os.dup2(handle, fd)
         os.close(handle)
-    argv = shlex.split(command)
     sys.argv = argv
     from privdpo.cli import main
 
@@ -88,14 +88,15 @@ def run_all(commands: list[str], cwd: str, timeout: float) -> None:
 
 def run_one(command: str, cwd: str, timeout: float, stem: str) -> int:
     """Fork, run `command` in the child, print its JSON line; its exit status."""
-    if shlex.split(command)[0] != "privdpo":
+    argv = shlex.split(command)
+    if argv[0] != "privdpo":
         raise SystemExit(f"not a privdpo command: {command}")
     out, err = stem + ".out", stem + ".err"
     sys.stdout.flush()
     sys.stderr.flush()
     pid = os.fork()
     if pid == 0:
-        child(command, cwd, out, err)  # never returns
+        child(argv, cwd, out, err)  # never returns
     code = wait(pid, timeout)
     texts = []
     for path in (out, err):
