@@ -6,6 +6,8 @@ leaves its process group."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import re
@@ -68,23 +70,42 @@ def launch(
         "output.progress_bar=false",
         *overrides,
     ]
-    target = [str(script)] if script else ["-m", "privdpo"]
     if procs == 1:
-        cmd = [sys.executable, *target, *args]
-    else:
-        cmd = [
-            str(TORCHRUN),
-            "--nproc_per_node",
-            str(procs),
-            "--master_port",
-            str(free_port()),
-            *target,
-            *args,
-        ]
+        assert script is None
+        return in_this_process(tmp_path, args)
+    target = [str(script)] if script else ["-m", "privdpo"]
+    cmd = [
+        str(TORCHRUN),
+        "--nproc_per_node",
+        str(procs),
+        "--master_port",
+        str(free_port()),
+        *target,
+        *args,
+    ]
     env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"}
     return subprocess.run(
         cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=tmp_path
     )
+
+
+def in_this_process(cwd: Path, args: list[str]) -> subprocess.CompletedProcess:
+    """The one-process run, as `python -m privdpo` would make it (no torchrun, so no process
+    group), in this interpreter: a fresh one spends most of a tiny run importing torch. One
+    thread, as each torchrun rank has (`OMP_NUM_THREADS=1`)."""
+    threads = torch.get_num_threads()
+    out, err = io.StringIO(), io.StringIO()
+    torch.set_num_threads(1)
+    try:
+        with (
+            contextlib.chdir(cwd),
+            contextlib.redirect_stdout(out),
+            contextlib.redirect_stderr(err),
+        ):
+            code = cli.main(args)
+    finally:
+        torch.set_num_threads(threads)
+    return subprocess.CompletedProcess(["privdpo", *args], code, out.getvalue(), err.getvalue())
 
 
 def weights(run: Path) -> dict:
