@@ -4,14 +4,12 @@ import json
 import math
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import dp_accounting
-import numpy as np
 import pytest
 
-from privdpo.privacy import accounting, els_accounting
+from privdpo.privacy import els_accounting
 from privdpo.privacy.accounting import calibrate_noise, epsilon
 from privdpo.privacy.contributions import cap_contributions, units_per_user
 from privdpo.privacy.els_accounting import (
@@ -418,43 +416,6 @@ def test_format_plan_is_a_fixed_width_table_with_the_defaults_marked():
     end = header.index("sigma") + len("sigma")
     assert [line[end - 4 : end] for line in body] == ["1.25", " 2.5", "1.25"]
     assert "default" in legend
-
-
-def zipf_counts(users, units):
-    """Units per user proportional to 1 / rank (at least 1 each), summing to `units`."""
-    weights = 1.0 / np.arange(1, users + 1)
-    counts = np.floor(weights / weights.sum() * (units - users)).astype(int) + 1
-    counts[: units - counts.sum()] += 1
-    return [int(c) for c in counts]
-
-
-def test_plan_for_100k_units_of_5k_users_is_fast():
-    counts = zipf_counts(5000, 100_000)
-    assert sum(counts) == 100_000 and len(counts) == 5000
-    # Cold: nothing in memory (the disk cache is this test's empty directory).
-    accounting._calibrate_noise.cache_clear()
-    accounting._composed_epsilon.cache_clear()
-    els_accounting._calibrate_els_noise.cache_clear()
-    els_accounting._els_composed_epsilon.cache_clear()
-    els_accounting._els_step_pld.cache_clear()
-    start = time.perf_counter()
-    rows = plan_user_level(counts, 64, 1000, 8.0, 1e-5)
-    seconds = time.perf_counter() - start
-    print(f"plan_user_level on 5,000 users / 100,000 units: {seconds:.1f} s")
-    assert seconds < 40
-    candidates = default_candidates(counts)
-    assert len(candidates) <= 12
-    assert [r.k for r in rows] == candidates * 2
-    assert sum(r.is_default for r in rows) == 2
-    els_default = next(r for r in rows if r.algorithm == "els" and r.is_default)
-    assert els_default.k == default_bound_els(counts)
-    assert (
-        0.99 * 8
-        <= els_epsilon(
-            els_default.sampling_rate, els_default.noise_multiplier, els_default.k, 1000, 1e-5
-        )
-        <= 8
-    )
 
 
 def test_default_bound_uls_keeps_half_of_the_units_within_the_measured_range():

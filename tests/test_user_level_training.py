@@ -20,10 +20,18 @@ from privdpo.config import PrivacyConfig
 from privdpo.data.batching import pair_batch
 from privdpo.data.preference import PairExample
 from privdpo.models import build_preset
+from privdpo.privacy import accounting, els_accounting
 from privdpo.privacy.accounting import epsilon
+from privdpo.privacy.contributions import units_per_user
 from privdpo.privacy.dpsgd import DPSGD
 from privdpo.privacy.els_accounting import els_epsilon, els_group_epsilon
-from privdpo.privacy.planning import PrivacyPlan, UserBound
+from privdpo.privacy.planning import (
+    PrivacyPlan,
+    UserBound,
+    default_bound_els,
+    default_candidates,
+    plan_user_level,
+)
 from test_clipping import dpo_unit_losses, pairs
 from test_dp_recipe import run
 from test_dpo import marker_pairs
@@ -208,10 +216,16 @@ def test_user_level_privacy_plan_shows_bounds_for_both_algorithms(tmp_path, caps
     assert not (tmp_path / "never").exists()
 
 
-def test_privacy_plan_on_100k_rows_of_5k_users_answers_within_a_minute(tmp_path, capsys):
+def test_privacy_plan_on_100k_rows_of_5k_users_answers_within_a_minute(
+    tmp_path, capsys, monkeypatch
+):
     """The acceptance bound of the planner: 100,000 pairs of 5,000 users (Zipf-skewed),
-    the whole command (reading and tokenizing the data included) under 60 s here."""
+    the whole command (reading and tokenizing the data included) under 60 s here, cold
+    (no accounting result in memory or in the disk cache). Then its table's rows: at most
+    12 candidate bounds k for each algorithm, one default each, the ELS default the
+    median rule's, its epsilon within 1% under the target."""
     import random
+    import re
     import time
 
     rng = random.Random(0)
@@ -236,6 +250,15 @@ def test_privacy_plan_on_100k_rows_of_5k_users_answers_within_a_minute(tmp_path,
         "privacy: {enabled: true, unit: user, target_epsilon: 8}\n"
         f"output: {{dir: {tmp_path / 'never'}}}\n"
     )
+    monkeypatch.setenv(els_accounting.CACHE_DIR_ENV, str(tmp_path / "empty-cache"))
+    for cached in (
+        accounting._calibrate_noise,
+        accounting._composed_epsilon,
+        els_accounting._calibrate_els_noise,
+        els_accounting._els_composed_epsilon,
+        els_accounting._els_step_pld,
+    ):
+        cached.cache_clear()
     started = time.perf_counter()
     assert main(["privacy", "plan", str(config)]) == 0
     seconds = time.perf_counter() - started
@@ -243,3 +266,18 @@ def test_privacy_plan_on_100k_rows_of_5k_users_answers_within_a_minute(tmp_path,
     assert "5000 users, 100000 pairs" in out
     assert out.count("*") >= 2  # both defaults marked
     assert seconds < 60, f"privacy plan took {seconds:.1f} s"
+
+    # The rows it printed, from the same call (its results are in memory now).
+    delta = float(re.search(r"\(delta ([0-9.e-]+)\), 5000 users", out).group(1))
+    counts = list(units_per_user([f"u{u}" for u in users]).values())
+    rows = plan_user_level(counts, 64, 1000, 8.0, delta)
+    candidates = default_candidates(counts)
+    assert len(candidates) <= 12
+    assert [r.k for r in rows] == candidates * 2
+    assert sum(r.is_default for r in rows) == 2
+    els_default = next(r for r in rows if r.algorithm == "els" and r.is_default)
+    assert els_default.k == default_bound_els(counts)
+    els = els_epsilon(
+        els_default.sampling_rate, els_default.noise_multiplier, els_default.k, 1000, delta
+    )
+    assert 0.99 * 8 <= els <= 8
