@@ -30,6 +30,7 @@ from privdpo.privacy.planning import (
     UserBound,
     default_bound_els,
     default_candidates,
+    format_plan,
     plan_user_level,
 )
 from test_clipping import dpo_unit_losses, pairs
@@ -267,10 +268,11 @@ def test_privacy_plan_on_100k_rows_of_5k_users_answers_within_a_minute(
     assert out.count("*") >= 2  # both defaults marked
     assert seconds < 60, f"privacy plan took {seconds:.1f} s"
 
-    # The rows it printed, from the same call (its results are in memory now).
+    # The planner's rows for these counts (its results in memory now) are the table printed.
     delta = float(re.search(r"\(delta ([0-9.e-]+)\), 5000 users", out).group(1))
     counts = list(units_per_user([f"u{u}" for u in users]).values())
     rows = plan_user_level(counts, 64, 1000, 8.0, delta)
+    assert format_plan(rows) in out
     candidates = default_candidates(counts)
     assert len(candidates) <= 12
     assert [r.k for r in rows] == candidates * 2
